@@ -1,0 +1,71 @@
+"""Autograd functions that place quantization on both sides of an op.
+
+Wrapping an op's operands and output this way makes autograd run all three
+GEMMs of a matmul layer in the planned formats with no custom backward per
+op:
+
+* ``cast_operand(w)``: forward uses the quantized weight; its gradient
+  (the weight-gradient GEMM's result) is quantized by the ``grad_weight``
+  recipe on the way back.
+* ``cast_operand(x)``: forward uses the quantized activation; the gradient
+  passes straight through (the previous layer quantizes it as its own
+  output gradient).
+* ``cast_grad(y)``: identity forward; the output gradient is quantized
+  before the input-gradient and weight-gradient GEMMs read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Cast = Callable[[torch.Tensor], torch.Tensor]
+Observer = Callable[[torch.Tensor], None] | None
+
+__all__ = ["cast_operand", "cast_grad"]
+
+
+class _CastOperand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fwd: Cast, bwd: Cast | None, observe_bwd: Observer):  # type: ignore[override]
+        ctx.bwd = bwd
+        ctx.observe_bwd = observe_bwd
+        y = fwd(x).to(x.dtype)
+        return x.view_as(x) if y is x else y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if ctx.observe_bwd is not None:
+            ctx.observe_bwd(grad)
+        if ctx.bwd is not None:
+            grad = ctx.bwd(grad).to(grad.dtype)
+        return grad, None, None, None
+
+
+class _CastGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, bwd: Cast, observe_bwd: Observer):  # type: ignore[override]
+        ctx.bwd = bwd
+        ctx.observe_bwd = observe_bwd
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if ctx.observe_bwd is not None:
+            ctx.observe_bwd(grad)
+        return ctx.bwd(grad).to(grad.dtype), None, None
+
+
+def cast_operand(x: torch.Tensor, fwd: Cast, bwd: Cast | None = None, observe_bwd: Observer = None) -> torch.Tensor:
+    """Quantize ``x`` for the forward op; optionally quantize its gradient."""
+    if not x.requires_grad:
+        return fwd(x).to(x.dtype)
+    return _CastOperand.apply(x, fwd, bwd, observe_bwd)
+
+
+def cast_grad(y: torch.Tensor, bwd: Cast, observe_bwd: Observer = None) -> torch.Tensor:
+    """Identity forward; quantize the gradient that flows back into ``y``."""
+    if not y.requires_grad:
+        return y
+    return _CastGrad.apply(y, bwd, observe_bwd)

@@ -1,0 +1,78 @@
+"""Apply one TensorRecipe to one tensor: format, rounding and scaling.
+
+The engine owns one :class:`RecipeCaster` per (module, role) so that delayed
+scaling keeps its amax history where the tensor lives. Scales are powers of
+two, so scaling itself adds no rounding error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from adaprec.formats import get, quantize
+from adaprec.plan import TensorRecipe
+
+__all__ = ["RecipeCaster", "pow2_scale", "stream_seed"]
+
+_MASK31 = 0x7FFFFFFF
+
+
+def stream_seed(*parts: int) -> int:
+    """Mix integers into one 31-bit seed (deterministic, platform independent)."""
+    h = 0x345678
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFF)) * 0x01000193 + 0x9E37) & 0xFFFFFFFF
+        h ^= h >> 13
+    return h & _MASK31
+
+
+def pow2_scale(amax: torch.Tensor, max_finite: float, margin: int = 0) -> torch.Tensor:
+    """Largest power of two s with amax * s <= max_finite (1 where amax is 0 or not finite)."""
+    safe = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
+    exp = torch.floor(torch.log2(max_finite / safe)) - margin
+    return torch.exp2(torch.clamp(exp, -126, 126))
+
+
+class RecipeCaster:
+    """Casts tensors by one recipe; holds the delayed-scaling amax history."""
+
+    def __init__(self, history: int = 16) -> None:
+        self.history_len = history
+        self.amax_history: list[float] = []
+        self.last_scale: float = 1.0
+
+    def __call__(self, x: torch.Tensor, recipe: TensorRecipe, seed: int) -> torch.Tensor:
+        if recipe.is_fp32:
+            return x
+        fmt = get(recipe.format)
+        rounding = recipe.rounding
+        if recipe.scaling == "none":
+            return quantize(x, fmt, rounding, seed=seed)
+        if recipe.scaling == "block":
+            from adaprec.formats.scaling import quantize_mx
+
+            return quantize_mx(x, fmt, block_size=recipe.block_size, rounding=rounding, seed=seed)
+        amax = x.detach().abs().amax().float()
+        if recipe.scaling == "tensor":
+            scale = pow2_scale(amax, fmt.max_finite)
+        else:  # delayed: scale from the history before this tensor, then remember it
+            if self.amax_history:
+                past = torch.tensor(max(self.amax_history), dtype=torch.float32)
+                scale = pow2_scale(past, fmt.max_finite)
+            else:
+                scale = pow2_scale(amax, fmt.max_finite)
+            value = float(amax)
+            if math.isfinite(value):
+                self.amax_history = (self.amax_history + [value])[-self.history_len :]
+        self.last_scale = scale
+        return quantize(x.float() * scale, fmt, rounding, seed=seed, saturate=True) / scale
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history_len": self.history_len, "amax_history": list(self.amax_history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history_len = int(state["history_len"])
+        self.amax_history = [float(v) for v in state["amax_history"]]

@@ -1,0 +1,111 @@
+"""Native execution: run a module's ops in a hardware dtype instead of emulating.
+
+bf16/fp16 run the op on operands cast to the dtype (what a torch.autocast
+region does for that op), and cast the result back so that the rest of the
+model sees the dtype it expects. fp8 Linear runs through
+``torch._scaled_mm`` with per-tensor power-of-two scales, all three GEMMs:
+E4M3 forward, the chosen gradient format backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adaprec.engine.cast import pow2_scale
+from adaprec.formats import get
+from adaprec.plan import ModulePrecision
+
+__all__ = ["native_dtype_for", "fp8_linear", "can_run_native"]
+
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def native_dtype_for(mp: ModulePrecision) -> torch.dtype | None:
+    """The dtype a module can run in natively under ``mp``, or None if only emulation fits."""
+    w, a, g = mp.weight, mp.activation, mp.grad_output
+    plain = all(r.rounding == "nearest" for r in (w, a, g))
+    if not plain:
+        return None  # stochastic rounding has no native cast
+    if w.format == a.format == g.format and w.format in _HALF and w.scaling == a.scaling == "none":
+        return _HALF[w.format]
+    if (
+        w.format == a.format == "fp8_e4m3"
+        and g.format in _FP8
+        and w.scaling == a.scaling == g.scaling == "tensor"
+    ):
+        return torch.float8_e4m3fn
+    return None
+
+
+def can_run_native(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether this device has fast arithmetic for ``dtype`` (and why not)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            ok = (major, minor) >= (8, 9)
+            return ok, "" if ok else f"fp8 GEMMs need compute capability 8.9+, this GPU has {major}.{minor}"
+        if dtype == torch.bfloat16:
+            ok = torch.cuda.is_bf16_supported()
+            return ok, "" if ok else "this GPU has no bf16 support"
+        return True, ""
+    return False, (
+        f"{device.type} has no {str(dtype).removeprefix('torch.')} arithmetic units here: native "
+        "execution would be slower than fp32, so the plan is emulated (backend='native' forces it)"
+    )
+
+
+def _to_fp8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    fmt = get("fp8_e4m3" if dtype == torch.float8_e4m3fn else "fp8_e5m2")
+    scale = pow2_scale(x.detach().abs().amax().float(), fmt.max_finite)
+    xs = torch.clamp(x.float() * scale, -fmt.max_finite, fmt.max_finite)
+    return xs.to(dtype), scale
+
+
+def _col_major(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous().t()
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, grad_dtype):  # type: ignore[override]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x8, sx = _to_fp8(x2, torch.float8_e4m3fn)
+        w8, sw = _to_fp8(weight, torch.float8_e4m3fn)
+        out = torch._scaled_mm(
+            x8, _col_major(w8.t()), scale_a=(1.0 / sx), scale_b=(1.0 / sw), out_dtype=torch.float32
+        )
+        if bias is not None:
+            out = out + bias.float()
+        ctx.save_for_backward(x8, sx, w8, sw)
+        ctx.shape = shape
+        ctx.grad_dtype = grad_dtype
+        ctx.has_bias = bias is not None
+        return out.reshape(*shape[:-1], weight.shape[0]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x8, sx, w8, sw = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        g8, sg = _to_fp8(g2, ctx.grad_dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._scaled_mm(
+                g8, _col_major(w8), scale_a=(1.0 / sg), scale_b=(1.0 / sw), out_dtype=torch.float32
+            ).reshape(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch._scaled_mm(
+                g8.t().contiguous(), _col_major(x8), scale_a=(1.0 / sg), scale_b=(1.0 / sx),
+                out_dtype=torch.float32,
+            )
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.float().sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mp: ModulePrecision
+) -> torch.Tensor:
+    """Linear layer on fp8 tensor cores (``torch._scaled_mm``), per-tensor scaled."""
+    return _Fp8Linear.apply(x, weight, bias, _FP8[mp.grad_output.format])
