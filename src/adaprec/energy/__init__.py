@@ -1,0 +1,38 @@
+"""The energy ledger: the cost of every training step under its precision plan.
+
+Counting (:class:`MacCounter`) sees the GEMMs and bytes a step runs; a
+device profile (:func:`load_profile`) prices them per format; the ledger
+(:class:`EnergyLedger`) keeps per-step and cumulative figures against fp32
+and bf16 counterfactuals; meters (:func:`detect_meter`) add measured joules
+where the machine has a counter. Modeled and measured figures are always
+labelled as such. See docs/energy.md.
+"""
+
+from adaprec.energy.bitops import bitops
+from adaprec.energy.calibrate import calibrate
+from adaprec.energy.counting import GemmCost, MacCounter, ModuleCost, StepCost
+from adaprec.energy.ledger import EnergyLedger
+from adaprec.energy.meters import MeasurementWindow, Meter, NvmlMeter, RaplMeter, ZeusMeter, detect_meter
+from adaprec.energy.model import PricedStep, price_step
+from adaprec.energy.profiles import Profile, list_profiles, load_profile
+
+__all__ = [
+    "MacCounter",
+    "StepCost",
+    "ModuleCost",
+    "GemmCost",
+    "EnergyLedger",
+    "load_profile",
+    "Profile",
+    "list_profiles",
+    "detect_meter",
+    "Meter",
+    "RaplMeter",
+    "NvmlMeter",
+    "ZeusMeter",
+    "MeasurementWindow",
+    "bitops",
+    "calibrate",
+    "price_step",
+    "PricedStep",
+]

@@ -1,0 +1,229 @@
+"""The energy ledger: every step's work, its modeled cost, and what a meter saw.
+
+Each step is priced three times: under the plan it ran with, and under the
+two baselines a reader compares against (every module fp32; every module
+static bf16), so a saving needs no second run. Modeled and measured joules
+are kept apart and labelled; a step without a meter reading has
+``measured_j = None`` and the reason, never 0.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from adaprec.energy.counting import StepCost
+from adaprec.energy.model import PricedStep, price_step
+from adaprec.energy.profiles import Profile, load_profile
+from adaprec.errors import CheckpointError
+from adaprec.plan import PrecisionPlan
+
+__all__ = ["EnergyLedger"]
+
+_CACHE_SIZE = 128
+_STATE_KEYS = ("version", "profile", "grid_intensity_g_per_kwh", "rows", "modules", "macs_by_format", "assumptions")
+_TOTALS = ("macs", "bitops", "bytes_moved", "compute_j", "memory_j", "modeled_j", "fp32_modeled_j", "bf16_modeled_j")
+
+
+class EnergyLedger:
+    """Records the cost of every training step under its precision plan.
+
+    Args:
+        profile: a bundled profile name (``"7nm"``, ``"45nm"``, ``"h100-sxm"``),
+            a path to a TOML profile, or a :class:`Profile`.
+        grid_intensity_g_per_kwh: grams CO2e per kWh of the electricity used;
+            when given, summaries add ``co2e_g``.
+    """
+
+    def __init__(
+        self, profile: str | Path | Profile = "7nm", grid_intensity_g_per_kwh: float | None = None
+    ) -> None:
+        self.profile = load_profile(profile)
+        self.grid_intensity_g_per_kwh = grid_intensity_g_per_kwh
+        self._cache: OrderedDict[tuple, PricedStep] = OrderedDict()
+        self._baselines: dict[tuple[str, tuple[str, ...]], PrecisionPlan] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rows: list[dict[str, Any]] = []
+        self._index: dict[int, int] = {}
+        self._modules: dict[str, dict[str, float]] = {}
+        self._macs_by_format: dict[str, int] = {}
+        self._assumptions: set[str] = set()
+
+    # --- pricing -----------------------------------------------------------
+    def _price(self, plan: PrecisionPlan, cost: StepCost, sig: tuple) -> PricedStep:
+        key = (plan, sig)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        priced = price_step(cost, plan, self.profile)
+        self._cache[key] = priced
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return priced
+
+    def _baseline(self, preset: str, names: Iterable[str]) -> PrecisionPlan:
+        key = (preset, tuple(sorted(names)))
+        plan = self._baselines.get(key)
+        if plan is None:
+            plan = self._baselines[key] = PrecisionPlan.uniform(key[1], preset)
+        return plan
+
+    # --- recording -----------------------------------------------------------
+    def record(
+        self,
+        step: int,
+        plan: PrecisionPlan,
+        cost: StepCost,
+        measured_j: float | None = None,
+        measured_reason: str | None = None,
+        meter: str | None = None,
+    ) -> dict[str, Any]:
+        """Price ``cost`` under ``plan`` (and the fp32/bf16 baselines) and append a row.
+
+        ``measured_j`` is a meter's reading for this step, if any; otherwise
+        say why in ``measured_reason``. Returns the row.
+        """
+        sig = cost.signature()
+        actual = self._price(plan, cost, sig)
+        fp32 = self._price(self._baseline("fp32", cost.modules), cost, sig)
+        bf16 = self._price(self._baseline("bf16", cost.modules), cost, sig)
+        by_fmt = actual.macs_by_format()
+        row: dict[str, Any] = {
+            "step": int(step),
+            "plan": plan.summary(),
+            "profile": self.profile.name,
+            "macs": int(actual.total("macs")),
+            "bitops": int(actual.total("bitops")),
+            "bytes_moved": float(actual.total("bytes_moved")),
+            "compute_j": actual.total("compute_j"),
+            "memory_j": actual.total("memory_j"),
+            "modeled_j": actual.modeled_j,
+            "fp32_modeled_j": fp32.modeled_j,
+            "bf16_modeled_j": bf16.modeled_j,
+            "macs_by_format": by_fmt,
+            "measured_j": None if measured_j is None else float(measured_j),
+            "measured_reason": measured_reason
+            if measured_j is None
+            else (measured_reason or f"measured ({meter or 'meter'})"),
+        }
+        if measured_j is None and not measured_reason:
+            row["measured_reason"] = "no meter reading was given for this step"
+        self._index[row["step"]] = len(self._rows)
+        self._rows.append(row)
+        for f, n in by_fmt.items():
+            self._macs_by_format[f] = self._macs_by_format.get(f, 0) + n
+        for name, pm in actual.modules.items():
+            acc = self._modules.setdefault(name, dict.fromkeys(("macs", "bitops", "bytes_moved", "modeled_j"), 0))
+            acc["macs"] += pm.macs
+            acc["bitops"] += pm.bitops
+            acc["bytes_moved"] += pm.bytes_moved
+            acc["modeled_j"] += pm.modeled_j
+        self._assumptions |= actual.assumptions
+        self._assumptions |= {f"(fp32/bf16 counterfactuals) {a}" for a in (fp32.assumptions | bf16.assumptions) - actual.assumptions}
+        return row
+
+    def attribute_measured(self, allocations: Iterable[tuple[int, float]], meter: str) -> None:
+        """Fill in measured joules for recorded steps (from a :class:`MeasurementWindow`)."""
+        for step, joules in allocations:
+            i = self._index.get(int(step))
+            if i is None:
+                continue
+            self._rows[i]["measured_j"] = float(joules)
+            self._rows[i]["measured_reason"] = f"measured ({meter}), window share by step time"
+
+    # --- reading -------------------------------------------------------------
+    def steps(self) -> list[dict[str, Any]]:
+        """One plain dict per recorded step, for a result store."""
+        return [dict(r, macs_by_format=dict(r["macs_by_format"])) for r in self._rows]
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over every step so far, with labels saying what is modeled and what measured."""
+        rows = self._rows
+        tot = {k: sum(r[k] for r in rows) for k in _TOTALS}
+        measured = [r for r in rows if r["measured_j"] is not None]
+        p = self.profile
+        label = f"modeled (profile {p.name})"
+        out: dict[str, Any] = {
+            "profile": p.name,
+            "profile_sources": list(p.sources),
+            "uncertainty": p.uncertainty,
+            "steps": len(rows),
+            "macs": int(tot["macs"]),
+            "macs_by_format": dict(self._macs_by_format),
+            "bitops": int(tot["bitops"]),
+            "bytes_moved": tot["bytes_moved"],
+            "compute_j": tot["compute_j"],
+            "memory_j": tot["memory_j"],
+            "modeled_j": tot["modeled_j"],
+            "fp32_modeled_j": tot["fp32_modeled_j"],
+            "bf16_modeled_j": tot["bf16_modeled_j"],
+            "saving_vs_fp32": _saving(tot["modeled_j"], tot["fp32_modeled_j"]),
+            "saving_vs_bf16": _saving(tot["modeled_j"], tot["bf16_modeled_j"]),
+            "modules": {n: dict(v) for n, v in self._modules.items()},
+            "measured_j": sum(r["measured_j"] for r in measured) if measured else None,
+            "measured_steps": len(measured),
+            "modeled_j_on_measured_steps": sum(r["modeled_j"] for r in measured) if measured else None,
+            "measured_reason": _measured_reason(rows, measured),
+            "kind": {
+                "modeled_j": label,
+                "fp32_modeled_j": f"modeled counterfactual: every module fp32 (profile {p.name})",
+                "bf16_modeled_j": f"modeled counterfactual: every module static bf16 (profile {p.name})",
+                "measured_j": "measured" if measured else "not measured",
+            },
+            "assumptions": sorted(self._assumptions),
+        }
+        if self.grid_intensity_g_per_kwh is not None:
+            full = bool(rows) and len(measured) == len(rows)
+            joules = out["measured_j"] if full else tot["modeled_j"]
+            out["co2e_g"] = joules / 3.6e6 * self.grid_intensity_g_per_kwh
+            out["co2e_basis"] = "measured" if full else label
+        return out
+
+    # --- state -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values only: loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "version": 1,
+            "profile": self.profile.name,
+            "grid_intensity_g_per_kwh": self.grid_intensity_g_per_kwh,
+            "rows": self.steps(),
+            "modules": {n: dict(v) for n, v in self._modules.items()},
+            "macs_by_format": dict(self._macs_by_format),
+            "assumptions": sorted(self._assumptions),
+        }
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        missing = [k for k in _STATE_KEYS if k not in d]
+        if missing:
+            raise CheckpointError(f"energy ledger state is missing keys {missing}; was it written by EnergyLedger.state_dict()?")
+        if d["profile"] != self.profile.name:
+            raise CheckpointError(
+                f"energy ledger state was priced with profile {d['profile']!r}, this ledger uses "
+                f"{self.profile.name!r}; build EnergyLedger(profile=...) with the same profile"
+            )
+        self._reset()
+        self.grid_intensity_g_per_kwh = d["grid_intensity_g_per_kwh"]
+        self._rows = [dict(r, macs_by_format=dict(r["macs_by_format"])) for r in d["rows"]]
+        self._index = {r["step"]: i for i, r in enumerate(self._rows)}
+        self._modules = {n: dict(v) for n, v in d["modules"].items()}
+        self._macs_by_format = dict(d["macs_by_format"])
+        self._assumptions = set(d["assumptions"])
+
+
+def _saving(x: float, base: float) -> float:
+    return 1.0 - x / base if base > 0 else 0.0
+
+
+def _measured_reason(rows: list[dict[str, Any]], measured: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no steps recorded"
+    if not measured:
+        return rows[-1]["measured_reason"]
+    if len(measured) < len(rows):
+        return f"measured on {len(measured)} of {len(rows)} steps; compare with modeled_j_on_measured_steps"
+    return "measured on every step"

@@ -1,0 +1,210 @@
+"""Profiles, BitOPs, the energy model and the ledger, checked against hand arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import adaprec.energy.ledger as ledger_mod
+from adaprec.energy import EnergyLedger, MacCounter, StepCost, bitops, list_profiles, load_profile, price_step
+from adaprec.errors import CheckpointError, ProfileError
+from adaprec.formats import get
+from adaprec.plan import ModulePrecision, PrecisionPlan, TensorRecipe
+
+NAMES = ["0", "1"]
+B, D0, D1, D2 = 5, 8, 16, 4
+
+
+def _step_cost() -> StepCost:
+    """One training step of a pure-matmul model: x(B,D0) -> W1 -> W2, no bias, x without grad."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D0, D1, bias=False), nn.Linear(D1, D2, bias=False))
+    with MacCounter(model, NAMES) as c:
+        model(torch.randn(B, D0)).sum().backward()
+        return c.pop_step_cost()
+
+
+def _by_hand(profile_name: str, mac_pj: dict[str, float], fmt_bytes: dict[str, float]) -> float:
+    """Joules of the step above, priced from the profile's per-op and per-byte figures.
+
+    ``mac_pj`` maps the GEMM formats (w/a/go) to the pJ of one MAC;
+    ``fmt_bytes`` the bytes per element of each role.
+    """
+    p = load_profile(profile_name)
+    m1, m2 = B * D0 * D1, B * D1 * D2
+    # layer 1: forward + weight grad (its input needs no grad); layer 2: all three
+    compute_pj = (2 * m1 + 3 * m2) * mac_pj["gemm"]
+    w, a, go, gw, opt = (fmt_bytes[k] for k in ("weight", "activation", "grad_output", "grad_weight", "opt"))
+    n_w1, n_w2 = D0 * D1, D1 * D2
+    x, h, y = B * D0, B * D1, B * D2
+    bytes_l1 = n_w1 * w + (x + h) * a + h * go + x * a + n_w1 * gw + 4 * n_w1 * opt
+    # layer 2 also re-reads W2 for the input grad and writes the grad of h
+    bytes_l2 = 2 * n_w2 * w + (h + y) * a + (y + h) * go + h * a + n_w2 * gw + 4 * n_w2 * opt
+    return (compute_pj + (bytes_l1 + bytes_l2) * p.pj_per_byte) * 1e-12
+
+
+@pytest.mark.parametrize("profile_name", ["7nm", "45nm"])
+def test_modeled_saving_of_bf16_and_fp8_plans_matches_hand_computation(profile_name: str) -> None:
+    p = load_profile(profile_name)
+    cost = _step_cost()
+    mac = {f: p.op_energy(f)[0].mult + p.op_energy(f)[0].add for f in ("fp32", "bf16", "fp8_e4m3")}
+    assert mac["fp32"] == p.ops["fp32"].mult + p.ops["fp32"].add  # a table row, not the rule
+    e32 = _by_hand(profile_name, {"gemm": mac["fp32"]}, dict(weight=4, activation=4, grad_output=4, grad_weight=4, opt=4))
+    e16 = _by_hand(profile_name, {"gemm": mac["bf16"]}, dict(weight=2, activation=2, grad_output=2, grad_weight=2, opt=4))
+    # fp8 preset: w/a/go in E4M3 (1 byte), weight grad kept in bf16, optimizer state fp32
+    e8 = _by_hand(profile_name, {"gemm": mac["fp8_e4m3"]}, dict(weight=1, activation=1, grad_output=1, grad_weight=2, opt=4))
+    got = {}
+    for preset in ("fp32", "bf16", "fp8"):
+        got[preset] = price_step(cost, PrecisionPlan.uniform(NAMES, preset), p).modeled_j
+    assert got["fp32"] == pytest.approx(e32, rel=1e-12)
+    assert 1 - got["bf16"] / got["fp32"] == pytest.approx(1 - e16 / e32, rel=1e-12)
+    assert 1 - got["fp8"] / got["fp32"] == pytest.approx(1 - e8 / e32, rel=1e-12)
+    assert got["fp8"] < got["bf16"] < got["fp32"]
+
+
+def test_scaling_rule_for_uncovered_formats_by_hand() -> None:
+    p = load_profile("7nm")
+    floats = [("fp32", 24, 32), ("bf16", 8, 16), ("fp16", 11, 16)]  # (name, mantissa+1, bits)
+    c_mult = sum(p.ops[n].mult / s**2 for n, s, _ in floats) / 3
+    c_add = sum(p.ops[n].add / b for n, _, b in floats) / 3
+    op, assumed = p.op_energy("fp8_e4m3")
+    assert assumed
+    assert op.mult == pytest.approx(c_mult * 4**2) and op.add == pytest.approx(c_add * 8)
+    # cross-check: an fp8 MAC costs 1.5-2.8x an int8 MAC in hardware studies
+    assert 1.5 <= op.mac / p.mac_pj("int8") <= 2.8
+    # table formats are not assumed; int4 scales from int8 by bits^2 / bits
+    assert p.op_energy("bf16") == (p.ops["bf16"], False)
+    int4, assumed4 = p.op_energy("int4")
+    assert assumed4 and int4.mult == pytest.approx(p.ops["int8"].mult / 4) and int4.add == pytest.approx(p.ops["int8"].add / 2)
+
+
+def test_cpt_bitops_formula() -> None:
+    bw, ba, bg = 8, 6, 16
+    mp = ModulePrecision(weight="int8", activation="fp6_e3m2", grad_output="bf16")
+    assert (get("int8").bits, get("fp6_e3m2").bits, get("bf16").bits) == (bw, ba, bg)
+    model = nn.Linear(12, 7)
+    with MacCounter(model, [""]) as c:
+        model(torch.randn(3, 12, requires_grad=True)).sum().backward()
+        cost = c.pop_step_cost()
+    assert {g.gemm for g in cost.modules[""].gemms} == {"forward", "input_grad", "weight_grad"}
+    macs = cost.modules[""].gemms[0].macs
+    plan = PrecisionPlan({"": mp})
+    assert bitops(cost, plan) / (3 * macs * 32 * 32) == pytest.approx((bw * ba + bw * bg + ba * bg) / (3 * 32**2))
+    assert bitops(cost, PrecisionPlan.uniform([""], "fp32")) == 3 * macs * 32 * 32
+
+
+def test_roofline_profile_by_hand() -> None:
+    h = load_profile("h100-sxm")
+    cost = _step_cost()
+    priced = price_step(cost, PrecisionPlan.uniform(NAMES, "bf16"), h)
+    for name, mc in cost.modules.items():
+        pm = priced.modules[name]
+        t_compute = 2 * mc.macs / h.peak_flops["bf16"]
+        t_memory = pm.bytes_moved / h.bandwidth_bytes_s
+        assert pm.modeled_j == pytest.approx(max(t_compute, t_memory) * h.board_power_w)
+    assert h.peak("fp4_e2m1") == (h.peak_flops["fp8_e4m3"], True)
+    assert any("upper-bound" in a for a in priced.assumptions)
+
+
+def test_bundled_profiles_state_sources_and_uncertainty() -> None:
+    assert {"7nm", "45nm", "h100-sxm"} <= set(list_profiles())
+    for name in list_profiles():
+        p = load_profile(name)
+        assert p.sources and 0.3 <= p.uncertainty <= 0.5
+    assert load_profile("7nm").pj_per_byte == pytest.approx((250 + 450) / 2 / 8)
+
+
+_GOOD = """
+name = "mine"
+kind = "energy_table"
+uncertainty = 0.4
+sources = ["my lab bench"]
+[ops]
+fp32 = { mult = 2.0, add = 1.0 }
+[memory]
+traffic_level = "dram"
+access_bits = 64
+[memory.levels]
+dram = [800.0, 800.0]
+"""
+
+
+def test_user_profile_path_and_validation(tmp_path) -> None:
+    good = tmp_path / "mine.toml"
+    good.write_text(_GOOD)
+    p = load_profile(good)
+    assert p.name == "mine" and p.mac_pj("fp32") == 3.0 and p.pj_per_byte == 100.0
+    bad = tmp_path / "bad.toml"
+    bad.write_text(_GOOD.replace('traffic_level = "dram"', ""))
+    with pytest.raises(ProfileError, match=r"bad\.toml.*memory\.traffic_level"):
+        load_profile(bad)
+    bad.write_text(_GOOD.replace("add = 1.0", "plus = 1.0"))
+    with pytest.raises(ProfileError, match=r"ops\.fp32\.add"):
+        load_profile(bad)
+    bad.write_text(_GOOD.replace('sources = ["my lab bench"]', ""))
+    with pytest.raises(ProfileError, match="sources"):
+        load_profile(bad)
+    bad.write_text("name = ")
+    with pytest.raises(ProfileError, match="not valid TOML"):
+        load_profile(bad)
+    with pytest.raises(ProfileError, match="7nm"):
+        load_profile("no-such-profile")
+
+
+def test_ledger_summary_counterfactuals_and_labels() -> None:
+    cost = _step_cost()
+    ledger = EnergyLedger("7nm", grid_intensity_g_per_kwh=400.0)
+    plan = PrecisionPlan.uniform(NAMES, "fp8")
+    for step in range(3):
+        ledger.record(step, plan, cost, measured_reason="no meter: test machine")
+    s = ledger.summary()
+    p = load_profile("7nm")
+    one = price_step(cost, plan, p).modeled_j
+    assert s["modeled_j"] == pytest.approx(3 * one)
+    assert s["fp32_modeled_j"] == pytest.approx(3 * price_step(cost, PrecisionPlan.uniform(NAMES, "fp32"), p).modeled_j)
+    assert s["bf16_modeled_j"] == pytest.approx(3 * price_step(cost, PrecisionPlan.uniform(NAMES, "bf16"), p).modeled_j)
+    assert s["saving_vs_fp32"] == pytest.approx(1 - s["modeled_j"] / s["fp32_modeled_j"])
+    assert s["macs_by_format"] == {"fp8_e4m3": 3 * cost.macs}
+    assert s["bitops"] == 3 * bitops(cost, plan)
+    assert s["measured_j"] is None and s["measured_reason"] == "no meter: test machine"
+    assert s["kind"]["modeled_j"] == "modeled (profile 7nm)"
+    assert any("fp8_e4m3" in a and "rule" in a for a in s["assumptions"])
+    assert s["co2e_g"] == pytest.approx(s["modeled_j"] / 3.6e6 * 400.0)
+    assert s["co2e_basis"] == "modeled (profile 7nm)"
+    assert [r["step"] for r in ledger.steps()] == [0, 1, 2]
+
+
+def test_mixed_operands_are_attributed_to_the_wider_format() -> None:
+    cost = _step_cost()
+    mixed = ModulePrecision(weight="fp8_e4m3", activation="bf16", grad_output="fp8_e5m2")
+    plan = PrecisionPlan({"0": mixed, "1": mixed})
+    s = EnergyLedger().record(0, plan, cost)
+    by = s["macs_by_format"]
+    # forward (a=bf16, w=fp8) and weight grad (go=e5m2, a=bf16) -> bf16; input grad (e5m2 x e4m3) -> e4m3
+    m1, m2 = B * D0 * D1, B * D1 * D2
+    assert by == {"bf16": 2 * m1 + 2 * m2, "fp8_e4m3": m2}
+    assert s["measured_j"] is None and s["measured_reason"]
+
+
+def test_ledger_caches_pricing_and_round_trips_state(tmp_path, monkeypatch) -> None:
+    calls = []
+    real = ledger_mod.price_step
+    monkeypatch.setattr(ledger_mod, "price_step", lambda *a: calls.append(1) or real(*a))
+    cost = _step_cost()
+    ledger = EnergyLedger("45nm")
+    plan = PrecisionPlan.uniform(NAMES, "bf16").with_role("1", "weight", TensorRecipe("fp8_e4m3"))
+    for step in range(5):
+        ledger.record(step, plan, cost, measured_j=0.5 if step % 2 else None, measured_reason="window not closed")
+    assert len(calls) == 3  # actual, fp32, bf16 priced once each
+    path = tmp_path / "ledger.pt"
+    torch.save(ledger.state_dict(), path)
+    other = EnergyLedger("45nm")
+    other.load_state_dict(torch.load(path, weights_only=True))
+    assert other.summary() == ledger.summary()
+    assert other.summary()["measured_j"] == pytest.approx(1.0)
+    assert other.summary()["measured_steps"] == 2
+    with pytest.raises(CheckpointError, match="45nm"):
+        EnergyLedger("7nm").load_state_dict(ledger.state_dict())
+    with pytest.raises(CheckpointError, match="missing"):
+        EnergyLedger("45nm").load_state_dict({"rows": []})
