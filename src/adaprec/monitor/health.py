@@ -1,0 +1,340 @@
+"""The health monitor: per-layer numerical statistics gathered on sampled steps.
+
+The engine calls :meth:`HealthMonitor.observe_tensor` for every tensor it
+casts on a sampled step; the controller adds gradients and the loss, then
+asks for a :class:`Snapshot`. Observations only accumulate tensors on the
+device; the one host sync happens in :meth:`snapshot`, so the hot path
+never waits on the GPU. Under ``torch.distributed`` the accumulated sums
+are all-reduced first (:meth:`reduce_distributed`) so every rank sees the
+same snapshot and its policy takes the same decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from adaprec.errors import CheckpointError, PolicyError
+from adaprec.formats import get
+from adaprec.monitor.snapshot import Snapshot, TensorStats
+from adaprec.monitor.stats import (
+    DEFAULT_CANDIDATES,
+    MAX_SAMPLE,
+    formats_for,
+    measure,
+    sample,
+    stats_from_sums,
+)
+from adaprec.plan import PrecisionPlan, TensorRecipe
+
+__all__ = ["HealthMonitor", "ReduceFn"]
+
+# reduce_fn(tensor, op) reduces ``tensor`` in place across ranks; op is "sum", "max" or "mean".
+ReduceFn = Callable[[torch.Tensor, str], None]
+
+
+def _dist_reduce(t: torch.Tensor, op: str) -> None:
+    import torch.distributed as dist
+
+    if op == "max":
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            t.div_(dist.get_world_size())
+
+
+class HealthMonitor:
+    """Measures quantization health, gradient statistics and the loss trend.
+
+    Args:
+        every: sample tensor statistics every ``every`` steps (step 0 included).
+        candidates: formats measured for every tensor besides its current one;
+            a policy can only choose among measured formats.
+        loss_window: how many recent losses the snapshot carries.
+        ema_beta: decay of the loss trend EMA (closer to 1 = slower trend).
+        diversity_window: number of observed minibatch gradients per module
+            over which gradient diversity (MuPPET) is computed; the sums reset
+            after each window.
+        max_sample: elements per tensor used for the format statistics.
+        grad_sample: gradient coordinates kept for the diversity sums (the
+            running sum costs that much memory per module).
+    """
+
+    def __init__(
+        self,
+        every: int = 10,
+        candidates: Sequence[str] = DEFAULT_CANDIDATES,
+        loss_window: int = 50,
+        ema_beta: float = 0.95,
+        diversity_window: int = 8,
+        max_sample: int = MAX_SAMPLE,
+        grad_sample: int = 65536,
+    ) -> None:
+        for key, v in (("every", every), ("loss_window", loss_window), ("diversity_window", diversity_window),
+                       ("max_sample", max_sample), ("grad_sample", grad_sample)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise PolicyError(f"HealthMonitor {key} must be a positive int, got {v!r}")
+        if diversity_window < 2:
+            raise PolicyError("HealthMonitor diversity_window must be >= 2 (diversity compares several gradients)")
+        if not 0.0 < ema_beta < 1.0:
+            raise PolicyError(f"HealthMonitor ema_beta must be in (0, 1), got {ema_beta!r}")
+        self.every = every
+        self.candidates = tuple(get(c).name for c in candidates)
+        self.loss_window = loss_window
+        self.ema_beta = float(ema_beta)
+        self.diversity_window = diversity_window
+        self.max_sample = max_sample
+        self.grad_sample = grad_sample
+        # tensor statistics of the current sampled step: (module, role) -> [formats, scalings, current, amax, sums]
+        self._pending: dict[tuple[str, str], list[Any]] = {}
+        self._pending_losses: list[torch.Tensor | float] = []
+        self._grad_norm: dict[str, torch.Tensor | float] = {}
+        # gradient diversity window per module: running sum of sampled gradients, sum of squared norms, count
+        self._gsum: dict[str, torch.Tensor] = {}
+        self._gsq: dict[str, torch.Tensor] = {}
+        self._gcount: dict[str, int] = {}
+        self._div: dict[str, tuple[Any, Any]] = {}  # last completed window: (sum ||g||^2, ||sum g||^2)
+        self._shadow: dict[str, tuple[float, float]] = {}
+        self.loss_ema: float | None = None
+        self.loss_count = 0
+        self.loss_history: list[float] = []
+        self.last_loss: float | None = None
+        self.epoch_losses: list[float] = []
+        self._epoch_sum = 0.0
+        self._epoch_count = 0
+
+    # --- what the engine and controller call -----------------------------------
+    def should_sample(self, step: int) -> bool:
+        """Whether tensor statistics are measured at ``step``."""
+        return step % self.every == 0
+
+    def observe_tensor(self, module: str, role: str, x: torch.Tensor, recipe: TensorRecipe) -> None:
+        """Measure ``x`` (the fp32 tensor before its cast) under ``recipe`` and every candidate."""
+        formats = formats_for(recipe, self.candidates)
+        amax, sums, scalings = measure(x, recipe, formats, self.max_sample)
+        key = (module, role)
+        prev = self._pending.get(key)
+        if prev is not None and prev[0] == formats and prev[1] == scalings:
+            # the same tensor role seen again this step (shared module, several calls): pool
+            prev[3] = torch.maximum(prev[3], amax)
+            prev[4] = prev[4] + sums
+        else:
+            self._pending[key] = [formats, scalings, recipe.format, amax, sums]
+
+    def observe_grads(self, module: str, grad: torch.Tensor | None) -> None:
+        """Record the gradient norm and feed the gradient diversity window of ``module``."""
+        if grad is None:
+            return
+        with torch.no_grad():
+            g = grad.detach().to(torch.float32)
+            self._grad_norm[module] = torch.linalg.vector_norm(g)
+            gs = torch.nan_to_num(sample(g, self.grad_sample), nan=0.0, posinf=0.0, neginf=0.0).to(torch.float64)
+            if module in self._gsum and self._gsum[module].shape == gs.shape:
+                self._gsum[module] += gs
+                self._gsq[module] += gs.square().sum()
+                self._gcount[module] += 1
+            else:
+                self._gsum[module] = gs.clone()
+                self._gsq[module] = gs.square().sum()
+                self._gcount[module] = 1
+            if self._gcount[module] >= self.diversity_window:
+                self._div[module] = (self._gsq[module], self._gsum[module].square().sum())
+                del self._gsum[module], self._gsq[module], self._gcount[module]
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Record this step's loss (a tensor is kept on device until the snapshot)."""
+        self._pending_losses.append(loss.detach().float().reshape(()) if torch.is_tensor(loss) else float(loss))
+
+    def observe_shadow(self, audit: Mapping[str, tuple[float, float]]) -> None:
+        """Record a shadow audit: per module (cosine, relative error) of the gradient against fp32."""
+        self._shadow = {m: (float(c), float(r)) for m, (c, r) in audit.items()}
+
+    def end_epoch(self) -> None:
+        """Close the current epoch: its mean loss joins ``epoch_losses``."""
+        self._fold_losses()
+        self._close_epoch()
+
+    # --- distributed ---------------------------------------------------------------
+    def reduce_distributed(self, reduce_fn: ReduceFn | None = None) -> bool:
+        """All-reduce the pending statistics so every rank builds the same snapshot.
+
+        Amax takes the max over ranks; signal, error and counts are summed
+        (so the SQNR is that of all ranks' samples together); pending losses
+        are averaged. Gradient statistics are not reduced: under DDP the
+        gradients are already identical on every rank. Returns False (and
+        does nothing) when torch.distributed is not initialized and no
+        ``reduce_fn`` is given. Every rank must have observed the same
+        (module, role) pairs, as they do when they run the same model.
+        """
+        if reduce_fn is None:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                return False
+            reduce_fn = _dist_reduce
+        keys = sorted(self._pending)
+        if keys:
+            amaxes = torch.stack([self._pending[k][3].to(torch.float32).reshape(()) for k in keys])
+            sums = torch.cat([self._pending[k][4] for k in keys])
+            reduce_fn(amaxes, "max")
+            reduce_fn(sums, "sum")
+            off = 0
+            for i, k in enumerate(keys):
+                n = self._pending[k][4].numel()
+                self._pending[k][3] = amaxes[i]
+                self._pending[k][4] = sums[off : off + n]
+                off += n
+        if self._pending_losses:
+            losses = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self._pending_losses])
+            reduce_fn(losses, "mean")
+            self._pending_losses = list(losses.unbind())
+        return True
+
+    # --- the snapshot ---------------------------------------------------------------
+    def snapshot(
+        self,
+        step: int,
+        epoch: int,
+        plan: PrecisionPlan,
+        nonfinite: bool = False,
+        overflowed: Iterable[str] = (),
+    ) -> Snapshot:
+        """Freeze what was observed since the last snapshot into plain data (one host sync)."""
+        ema_before, latest = self._fold_losses()
+        while epoch > len(self.epoch_losses) and self._epoch_count:
+            self._close_epoch()  # the controller did not call end_epoch(): close on the boundary
+        keys = list(self._pending)
+        norm_keys = list(self._grad_norm)
+        div_keys = list(self._div)
+        flat: list[torch.Tensor] = []
+        for k in keys:
+            _, _, _, a, s = self._pending[k]
+            flat += [a.to(torch.float64).reshape(1).cpu(), s.to(torch.float64).cpu()]
+        for m in norm_keys:
+            flat.append(torch.as_tensor(self._grad_norm[m], dtype=torch.float64).reshape(1).cpu())
+        for m in div_keys:
+            num, den = self._div[m]
+            flat.append(torch.as_tensor(num, dtype=torch.float64).reshape(1).cpu())
+            flat.append(torch.as_tensor(den, dtype=torch.float64).reshape(1).cpu())
+        vals = torch.cat(flat).tolist() if flat else []
+        pos = 0
+        modules: dict[str, dict[str, TensorStats]] = {}
+        for k in keys:
+            formats, scalings, current, _, s = self._pending[k]
+            n = s.numel()
+            a, sums = vals[pos], vals[pos + 1 : pos + 1 + n]
+            pos += 1 + n
+            modules.setdefault(k[0], {})[k[1]] = stats_from_sums(formats, scalings, current, a, sums)
+        grad_norm = {}
+        for m in norm_keys:
+            grad_norm[m] = vals[pos]
+            self._grad_norm[m] = vals[pos]
+            pos += 1
+        diversity: dict[str, float] = {}
+        tot_num = tot_den = 0.0
+        for m in div_keys:
+            num, den = vals[pos], vals[pos + 1]
+            pos += 2
+            self._div[m] = (num, den)
+            tot_num += num
+            tot_den += den
+            if den > 0:
+                diversity[m] = num / den
+        self._pending.clear()
+        shadow, self._shadow = self._shadow, {}
+        loss_nonfinite = latest is not None and not math.isfinite(latest)
+        return Snapshot(
+            step=int(step),
+            epoch=int(epoch),
+            plan=plan,
+            loss=latest,
+            loss_ema=ema_before,
+            loss_history=tuple(self.loss_history),
+            epoch_losses=tuple(self.epoch_losses),
+            nonfinite=bool(nonfinite) or loss_nonfinite,
+            overflowed=tuple(overflowed),
+            modules=modules,
+            grad_norm=grad_norm,
+            grad_diversity=diversity,
+            model_grad_diversity=(tot_num / tot_den) if tot_den > 0 else None,
+            shadow=shadow,
+        )
+
+    # --- loss bookkeeping --------------------------------------------------------------
+    def _fold_losses(self) -> tuple[float | None, float | None]:
+        """Move pending losses into the trend; returns (EMA before the latest loss, latest loss)."""
+        if not self._pending_losses:
+            return self.loss_ema, None
+        tensors = [v for v in self._pending_losses if torch.is_tensor(v)]
+        if tensors:
+            floats = iter(torch.stack([t.cpu() for t in tensors]).tolist())
+            values = [next(floats) if torch.is_tensor(v) else v for v in self._pending_losses]
+        else:
+            values = list(self._pending_losses)
+        self._pending_losses = []
+        ema_before = self.loss_ema
+        for v in values:
+            ema_before = self.loss_ema
+            self.last_loss = v
+            if not math.isfinite(v):
+                continue  # a nonfinite loss is an incident, not part of the trend
+            b = self.ema_beta
+            self.loss_ema = v if self.loss_ema is None else b * self.loss_ema + (1 - b) * v
+            self.loss_count += 1
+            self.loss_history.append(v)
+            self._epoch_sum += v
+            self._epoch_count += 1
+        del self.loss_history[: -self.loss_window]
+        return ema_before, values[-1]
+
+    def _close_epoch(self) -> None:
+        if self._epoch_count:
+            self.epoch_losses.append(self._epoch_sum / self._epoch_count)
+        self._epoch_sum = 0.0
+        self._epoch_count = 0
+
+    # --- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Loss trend, epoch losses and the gradient diversity windows (tensors only for the windows)."""
+        self._fold_losses()
+        return {
+            "loss_ema": self.loss_ema,
+            "loss_count": self.loss_count,
+            "loss_history": list(self.loss_history),
+            "last_loss": self.last_loss,
+            "epoch_losses": list(self.epoch_losses),
+            "epoch_sum": self._epoch_sum,
+            "epoch_count": self._epoch_count,
+            "grad_norm": {m: float(v) for m, v in self._grad_norm.items()},
+            "div_window": {
+                m: {"sum": self._gsum[m].cpu().clone(), "sq": float(self._gsq[m]), "count": self._gcount[m]}
+                for m in self._gsum
+            },
+            "div_last": {m: [float(a), float(b)] for m, (a, b) in self._div.items()},
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        try:
+            self.loss_ema = d["loss_ema"]
+            self.loss_count = int(d["loss_count"])
+            self.loss_history = [float(v) for v in d["loss_history"]]
+            self.last_loss = d["last_loss"]
+            self.epoch_losses = [float(v) for v in d["epoch_losses"]]
+            self._epoch_sum = float(d["epoch_sum"])
+            self._epoch_count = int(d["epoch_count"])
+            self._grad_norm = {m: float(v) for m, v in d["grad_norm"].items()}
+            self._gsum = {m: w["sum"].to(torch.float64).clone() for m, w in d["div_window"].items()}
+            self._gsq = {m: torch.tensor(float(w["sq"]), dtype=torch.float64) for m, w in d["div_window"].items()}
+            self._gcount = {m: int(w["count"]) for m, w in d["div_window"].items()}
+            self._div = {m: (float(a), float(b)) for m, (a, b) in d["div_last"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(
+                f"health monitor state is missing or has a malformed entry ({e!r}); "
+                "pass the dict written by HealthMonitor.state_dict()"
+            ) from None
+        self._pending.clear()
+        self._pending_losses = []

@@ -1,0 +1,303 @@
+"""Quantization health of one tensor, measured cheaply.
+
+The pure helpers (:func:`sqnr_db`, :func:`overflow_frac`,
+:func:`underflow_frac`, :func:`amax`) answer one question each and return a
+float. :func:`measure` is what the monitor runs on sampled steps: it casts a
+strided sample of the tensor to the current format and to every candidate
+format, under the scaling that format would be used with, and returns all
+the sums in one tensor so the whole observation costs a single host sync
+(at snapshot time), or none at all while statistics are only accumulated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from adaprec.formats import Format, get, quantize
+from adaprec.monitor.snapshot import TensorStats
+from adaprec.plan import TensorRecipe
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "FIXED_POINT_CANDIDATES",
+    "MAX_SAMPLE",
+    "sqnr_db",
+    "overflow_frac",
+    "underflow_frac",
+    "amax",
+    "pow2_scale",
+    "candidate_scaling",
+    "sample",
+    "measure",
+    "stats_from_sums",
+    "evaluate",
+]
+
+# Float ladder measured by default, narrowest first.
+DEFAULT_CANDIDATES: tuple[str, ...] = ("fp4_e2m1", "fp6_e3m2", "fp8_e5m2", "fp8_e4m3", "fp16", "bf16", "fp32")
+# Fixed-point rungs the CPT / FracTrain / MuPPET policies use.
+FIXED_POINT_CANDIDATES: tuple[str, ...] = ("int4", "int6", "int8", "int12", "int14", "int16")
+MAX_SAMPLE = 4096
+# Per (format) slot in the sums vector: squared error, overflow count, underflow count.
+_PER_FORMAT = 3
+# Leading slots: element count, nonzero count, signal power.
+_HEAD = 3
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    if math.isnan(signal) or math.isnan(noise):
+        return math.nan
+    return 10.0 * math.log10(signal / noise)
+
+
+def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> float:
+    """10*log10(sum x^2 / sum (x-q)^2) in dB; ``inf`` when ``q`` equals ``x`` exactly."""
+    with torch.no_grad():
+        x64 = x.detach().to(torch.float64)
+        sig = float(x64.square().sum())
+        err = float((x64 - q.detach().to(torch.float64)).square().sum())
+    return _db(sig, err)
+
+
+def amax(x: torch.Tensor) -> float:
+    """Largest finite magnitude in ``x`` (0 for an empty or all-nonfinite tensor)."""
+    return float(_amax_t(x))
+
+
+def _amax_t(x: torch.Tensor) -> torch.Tensor:
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    a = x.detach().abs().to(torch.float32)
+    return torch.nan_to_num(a, nan=0.0, posinf=0.0).amax()
+
+
+def pow2_scale(amax_: torch.Tensor | float, fmt: str | Format) -> torch.Tensor:
+    """The power-of-two scale 2^floor(log2(max_finite / amax)) that fits ``amax`` into ``fmt``.
+
+    A power of two, so scaling itself adds no rounding error. 1 where amax is
+    0 or not finite. Works elementwise (per-block amax).
+    """
+    f = get(fmt)
+    a = torch.as_tensor(amax_, dtype=torch.float64)
+    ok = torch.isfinite(a) & (a > 0)
+    safe = torch.where(ok, a, torch.ones_like(a))
+    e = torch.floor(torch.log2(f.max_finite / safe)).clamp(-126, 126)
+    return torch.where(ok, torch.exp2(e), torch.ones_like(e)).to(torch.float32)
+
+
+def overflow_frac(x: torch.Tensor, fmt: str | Format, scale: float | torch.Tensor = 1.0) -> float:
+    """Fraction of elements whose magnitude (times ``scale``) exceeds the format's largest finite value.
+
+    These are the values a saturating cast clips (or an IEEE cast turns to inf).
+    """
+    f = get(fmt)
+    if x.numel() == 0:
+        return 0.0
+    with torch.no_grad():
+        y = x.detach().to(torch.float32) * scale
+        return float((y.abs() > f.max_finite).sum()) / x.numel()
+
+
+def underflow_frac(x: torch.Tensor, fmt: str | Format, scale: float | torch.Tensor = 1.0) -> float:
+    """Fraction of the nonzero elements that round to zero in ``fmt`` (after ``scale``)."""
+    with torch.no_grad():
+        y = x.detach().to(torch.float32) * scale
+        nz = y != 0
+        n = int(nz.sum())
+        if n == 0:
+            return 0.0
+        q = quantize(y, fmt, rounding="nearest", saturate=True)
+        return float(((q == 0) & nz).sum()) / n
+
+
+def candidate_scaling(fmt: str | Format, current_scaling: str = "none") -> str:
+    """The scaling a tensor in ``fmt`` is measured (and should be run) with.
+
+    16 bits and wider have the range to run unscaled; narrower formats and
+    fixed point need a scale, so they keep the tensor's own scaling when it
+    has one (``tensor``, ``delayed``, ``block``) and get ``tensor`` otherwise.
+    """
+    f = get(fmt)
+    if f.kind == "float" and f.bits >= 16:
+        return "none"
+    return current_scaling if current_scaling in ("tensor", "delayed", "block") else "tensor"
+
+
+def sample(x: torch.Tensor, max_elems: int = MAX_SAMPLE) -> torch.Tensor:
+    """At most ``max_elems`` elements of ``x`` picked by a fixed stride (deterministic, no RNG)."""
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    if n <= max_elems:
+        return flat
+    stride = -(-n // max_elems)
+    return flat[::stride]
+
+
+def _sample_blocks(x: torch.Tensor, block_size: int, max_elems: int) -> torch.Tensor:
+    """Whole blocks along the last dimension (zero padded), a strided subset of them."""
+    last = x.shape[-1] if x.dim() else 1
+    x2 = x.detach().reshape(-1, last)
+    pad = (-last) % block_size
+    if pad:
+        x2 = F.pad(x2, (0, pad))
+    blocks = x2.reshape(-1, block_size)
+    max_blocks = max(1, max_elems // block_size)
+    if blocks.shape[0] > max_blocks:
+        blocks = blocks[:: -(-blocks.shape[0] // max_blocks)]
+    return blocks
+
+
+def _quantize_block(blocks: torch.Tensor, f: Format, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dequantized blocks, overflow mask) under per-block power-of-two scales.
+
+    Uses the MX quantizer of ``adaprec.formats.scaling`` when it exists (E8M0
+    scale 2^(floor(log2 amax) - emax), values beyond the element range
+    saturate); before it exists, a per-block 2^floor(log2(max/amax)) scale,
+    which never overflows.
+    """
+    bamax = _amax_t_rows(blocks)
+    try:
+        from adaprec.formats.scaling import quantize_mx  # written beside formats; optional here
+    except ImportError:
+        quantize_mx = None
+    if quantize_mx is not None and f.kind == "float":
+        q = quantize_mx(blocks, f.name, block_size=block_size, rounding="nearest")
+        safe = torch.where(bamax > 0, bamax, torch.ones_like(bamax))
+        s = torch.exp2(torch.floor(torch.log2(safe)) - f.emax)
+        over = (blocks.abs() / s) > f.max_finite
+        return q, over
+    s = pow2_scale(bamax, f)
+    q = quantize(blocks * s, f, rounding="nearest", saturate=True) / s
+    return q, torch.zeros_like(blocks, dtype=torch.bool)
+
+
+def _amax_t_rows(blocks: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(blocks.abs(), nan=0.0, posinf=0.0).amax(dim=-1, keepdim=True)
+
+
+def _one_format(xs: torch.Tensor, full_amax: torch.Tensor, f: Format, scaling: str) -> torch.Tensor:
+    """[squared error, overflow count, underflow count] of casting sample ``xs`` to ``f``."""
+    if f.kind == "float" and f.ebits >= 8 and f.mbits >= 23:
+        return torch.zeros(_PER_FORMAT, dtype=torch.float64, device=xs.device)
+    if scaling in ("tensor", "delayed"):
+        s = pow2_scale(full_amax, f).to(xs.device)
+    else:
+        s = torch.ones((), dtype=torch.float32, device=xs.device)
+    y = xs * s
+    over = (y.abs() > f.max_finite).sum()
+    q = quantize(y, f, rounding="nearest", saturate=True)
+    under = ((q == 0) & (y != 0)).sum()
+    err = ((y - q).to(torch.float64) / s.to(torch.float64)).square().sum()
+    return torch.stack([err, over.to(torch.float64), under.to(torch.float64)])
+
+
+def measure(
+    x: torch.Tensor,
+    recipe: TensorRecipe,
+    formats: Sequence[str],
+    max_elems: int = MAX_SAMPLE,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Raw sums for casting ``x`` to each of ``formats``; no host sync.
+
+    Returns ``(amax, sums, scalings)``: ``amax`` a 0-dim tensor over the whole
+    tensor (the value per-tensor scaling uses); ``sums`` a float64 vector
+    ``[n, nonzero, signal, (err, overflow, underflow) per format]``;
+    ``scalings[i]`` the scaling ``formats[i]`` was measured under (the
+    recipe's own for its format, :func:`candidate_scaling` for the others).
+    Sums from several tensors (or ranks) add up; :func:`stats_from_sums`
+    turns them into :class:`TensorStats`.
+    """
+    with torch.no_grad():
+        full_amax = _amax_t(x)
+        scalings = tuple(
+            recipe.scaling if name == recipe.format else candidate_scaling(name, recipe.scaling)
+            for name in formats
+        )
+        parts: list[torch.Tensor] = []
+        if any(s == "block" for s in scalings):
+            blocks = _sample_blocks(x.to(torch.float32), recipe.block_size, max_elems)
+            blocks = torch.where(torch.isfinite(blocks), blocks, torch.zeros_like(blocks))
+        xs = sample(x, max_elems).to(torch.float32)
+        xs = torch.where(torch.isfinite(xs), xs, torch.zeros_like(xs))
+        x64 = xs.to(torch.float64)
+        head = torch.stack(
+            [
+                torch.tensor(float(xs.numel()), dtype=torch.float64, device=xs.device),
+                (xs != 0).sum().to(torch.float64),
+                x64.square().sum(),
+            ]
+        )
+        parts.append(head)
+        for name, scaling in zip(formats, scalings, strict=True):
+            f = get(name)
+            if scaling == "block" and not (f.kind == "float" and f.bits >= 16):
+                # block figures come from whole blocks; rescale counts to the strided sample's size
+                q, over = _quantize_block(blocks, f, recipe.block_size)
+                ratio = xs.numel() / max(1, blocks.numel())
+                b64 = blocks.to(torch.float64)
+                bsig = b64.square().sum()
+                berr = (b64 - q.to(torch.float64)).square().sum()
+                # express the block error relative to the block signal, on the sample's signal
+                err = torch.where(bsig > 0, berr / bsig * head[2], berr)
+                under = ((q == 0) & (blocks != 0)).sum().to(torch.float64) * ratio
+                parts.append(torch.stack([err, over.sum().to(torch.float64) * ratio, under]))
+            else:
+                parts.append(_one_format(xs, full_amax, f, scaling))
+        return full_amax, torch.cat(parts), scalings
+
+
+def stats_from_sums(
+    formats: Sequence[str],
+    scalings: Sequence[str],
+    current: str,
+    amax_: float,
+    sums: Sequence[float],
+) -> TensorStats:
+    """Turn the (possibly summed over tensors and ranks) raw sums into :class:`TensorStats`."""
+    n, nonzero, signal = sums[0], sums[1], sums[2]
+    sq, ov, un = {}, {}, {}
+    for i, name in enumerate(formats):
+        err, over, under = sums[_HEAD + _PER_FORMAT * i : _HEAD + _PER_FORMAT * (i + 1)]
+        sq[name] = _db(signal, err)
+        ov[name] = over / n if n else 0.0
+        un[name] = under / nonzero if nonzero else 0.0
+    return TensorStats(
+        amax=float(amax_),
+        sqnr_db=sq,
+        overflow_frac=ov,
+        underflow_frac=un,
+        scaling=dict(zip(formats, scalings, strict=True)),
+        current=current,
+        numel=int(n),
+    )
+
+
+def formats_for(recipe: TensorRecipe, candidates: Sequence[str]) -> tuple[str, ...]:
+    """The current format first, then the candidates (canonical names, no repeats)."""
+    out = [recipe.format]
+    for c in candidates:
+        name = get(c).name
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def evaluate(
+    x: torch.Tensor,
+    recipe: TensorRecipe,
+    candidates: Sequence[str] = DEFAULT_CANDIDATES,
+    max_elems: int = MAX_SAMPLE,
+) -> TensorStats:
+    """Measure ``x`` under its recipe and every candidate format (one host sync)."""
+    formats = formats_for(recipe, candidates)
+    a, sums, scalings = measure(x, recipe, formats, max_elems)
+    vals = torch.cat([a.to(torch.float64).reshape(1), sums]).tolist()
+    return stats_from_sums(formats, scalings, recipe.format, vals[0], vals[1:])

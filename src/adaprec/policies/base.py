@@ -1,0 +1,92 @@
+"""The policy contract: a pure decision from a monitor snapshot to a plan.
+
+A policy never touches modules or tensors. Given the same snapshot, step and
+state it returns the same plan, which is what makes decisions testable,
+replayable and identical on every distributed rank. ``last_reasons`` says,
+for every (module, role) the last decision changed, why (with the measured
+figure), so the controller can write the timeline.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from adaprec.errors import CheckpointError, UsageError
+from adaprec.monitor.snapshot import Snapshot
+from adaprec.plan import ModulePrecision, PrecisionPlan, preset
+
+__all__ = ["Policy", "resolve_precision"]
+
+
+def resolve_precision(spec: str | ModulePrecision | Mapping[str, Any]) -> ModulePrecision:
+    """A preset name, a ModulePrecision or its dict -> ModulePrecision (PlanError if invalid)."""
+    if isinstance(spec, ModulePrecision):
+        return spec
+    if isinstance(spec, str):
+        return preset(spec)
+    return ModulePrecision.from_dict(spec)
+
+
+class Policy(ABC):
+    """Base class of every precision policy.
+
+    Subclasses implement :meth:`decide` (and :meth:`initial_plan` when they
+    do not start from the template as is), keep all state that decisions
+    depend on in :meth:`state_dict`, and fill ``last_reasons``.
+    """
+
+    name: str = "policy"
+
+    def __init__(self) -> None:
+        self.template: PrecisionPlan | None = None
+        self.total_steps: int | None = None
+        self.steps_per_epoch: int | None = None
+        self.last_reasons: dict[tuple[str, str], str] = {}
+
+    def setup(
+        self, template: PrecisionPlan, total_steps: int | None = None, steps_per_epoch: int | None = None
+    ) -> PrecisionPlan:
+        """Learn the modules (``template``: every quantizable module, pins included) and the run length.
+
+        Returns the plan to start training with.
+        """
+        self.template = template
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.last_reasons = {}
+        return self.initial_plan(template)
+
+    def initial_plan(self, template: PrecisionPlan) -> PrecisionPlan:
+        return template
+
+    @abstractmethod
+    def decide(self, snapshot: Snapshot, step: int) -> PrecisionPlan:
+        """The plan to use from ``step`` on (pure given the snapshot, step and state)."""
+
+    def on_guard_raise(self, modules: Iterable[str]) -> None:  # noqa: B027 - optional hook
+        """The guard widened ``modules`` after an incident; a policy may treat them as sensitive."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"{self.name} policy state must be a dict, got {type(d).__name__}")
+
+    # --- helpers for subclasses ---------------------------------------------------
+    def _template(self) -> PrecisionPlan:
+        if self.template is None:
+            raise UsageError(f"policy {self.name!r}: call setup(template, total_steps, steps_per_epoch) before decide()")
+        return self.template
+
+    def _explain(self, old: PrecisionPlan, new: PrecisionPlan, reason: str) -> None:
+        """Set ``last_reasons`` to ``reason`` for every (module, role) that changes."""
+        self.last_reasons = {(c.module, c.role): reason for c in old.diff(new)}
+
+
+def _check_keys(d: Mapping[str, Any], keys: Iterable[str], who: str) -> None:
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise CheckpointError(f"{who} policy state lacks {missing}; pass the dict its state_dict() wrote")

@@ -1,0 +1,236 @@
+"""Error budget (adaprec's default): the narrowest format whose measured error stays within budget.
+
+Per module and tensor role, the monitor measures what casting that tensor
+to each candidate format would cost in SQNR, overflow and underflow. This
+policy picks the narrowest format that meets the role's SQNR target and
+range limits, narrows only after the condition held for several sampled
+snapshots in a row (hysteresis, so formats do not flap), and widens at once
+when the format in force breaks the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from adaprec.errors import PlanError, PolicyError, UnknownFormatError
+from adaprec.formats import get
+from adaprec.monitor.snapshot import Snapshot, TensorStats
+from adaprec.plan import ROLES, PrecisionPlan, preset
+from adaprec.policies.base import Policy, _check_keys
+from adaprec.policies.ladder import recipe_for, width_rank
+
+__all__ = ["ErrorBudgetPolicy", "DEFAULT_TARGETS", "DEFAULT_LADDERS"]
+
+FORWARD_LADDER = ("fp4_e2m1", "fp6_e3m2", "fp8_e4m3", "bf16", "fp32")
+DEFAULT_LADDERS: dict[str, tuple[str, ...]] = {
+    "weight": FORWARD_LADDER,
+    "activation": FORWARD_LADDER,
+    # gradients need range more than mantissa: E5M2, never E4M3 or fp4
+    "grad_output": ("fp8_e5m2", "bf16", "fp32"),
+    # the weight gradient is a GEMM output accumulated wide; store it in bf16 at least
+    "grad_weight": ("bf16", "fp32"),
+}
+# dB. Gradients tolerate more noise: they are rounded stochastically (unbiased)
+# and averaged over many steps by the optimizer.
+DEFAULT_TARGETS: dict[str, float] = {"weight": 20.0, "activation": 20.0, "grad_output": 12.0, "grad_weight": 12.0}
+
+
+class ErrorBudgetPolicy(Policy):
+    """Closed-loop format choice from measured SQNR and range.
+
+    Args:
+        targets: minimum SQNR (dB) per role; missing roles keep the defaults
+            (weight 20, activation 20, grad_output 12, grad_weight 12).
+        ladders: candidate formats per role, narrowest first; missing roles
+            keep the defaults. A role with an empty ladder is never changed.
+        max_overflow: largest tolerated fraction of values that saturate.
+        max_underflow: largest tolerated fraction of nonzero values flushed to zero.
+        patience: consecutive sampled snapshots a narrower format must pass
+            before the policy narrows to it.
+        warmup_steps: steps run in ``warmup_format`` before any measurement counts.
+        warmup_format: a preset name for the warm-up (``bf16`` or ``fp32``).
+        sensitive_extra_db: added to the target of sensitive modules (the
+            first and last module in plan order when ``sensitive_edges``, and
+            any module that overflowed or that the guard raised).
+        early_extra_db: added to every target right after warm-up, decaying
+            linearly to 0 over ``mature_steps`` (default: half of
+            ``total_steps``, or 10 x warmup_steps when unknown): young weights
+            get more precision, mature ones less.
+    """
+
+    name = "error-budget"
+
+    def __init__(
+        self,
+        targets: Mapping[str, float] | None = None,
+        ladders: Mapping[str, Sequence[str]] | None = None,
+        max_overflow: float = 1e-4,
+        max_underflow: float = 0.1,
+        patience: int = 3,
+        warmup_steps: int = 100,
+        warmup_format: str = "bf16",
+        sensitive_extra_db: float = 15.0,
+        sensitive_edges: bool = True,
+        early_extra_db: float = 6.0,
+        mature_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.targets = dict(DEFAULT_TARGETS)
+        for role, v in (targets or {}).items():
+            if role not in ROLES:
+                raise PolicyError(f"error-budget policy: unknown role {role!r} in targets; roles are {', '.join(ROLES)}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise PolicyError(f"error-budget policy: target for {role} must be a number of dB, got {v!r}")
+            self.targets[role] = float(v)
+        self.ladders: dict[str, tuple[str, ...]] = dict(DEFAULT_LADDERS)
+        for role, ladder in (ladders or {}).items():
+            if role not in ROLES:
+                raise PolicyError(f"error-budget policy: unknown role {role!r} in ladders; roles are {', '.join(ROLES)}")
+            try:
+                names = tuple(get(f).name for f in ladder)
+            except UnknownFormatError as e:
+                raise PolicyError(f"error-budget policy: ladder for {role}: {e}") from None
+            if len(set(names)) != len(names):
+                raise PolicyError(f"error-budget policy: ladder for {role} repeats a format: {list(names)}")
+            self.ladders[role] = tuple(sorted(names, key=width_rank))
+        if not 0 <= max_overflow <= 1 or not 0 <= max_underflow <= 1:
+            raise PolicyError("error-budget policy: max_overflow and max_underflow are fractions in [0, 1]")
+        if not isinstance(patience, int) or patience < 1:
+            raise PolicyError(f"error-budget policy: patience must be a positive int, got {patience!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise PolicyError(f"error-budget policy: warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        try:
+            self._warm_mp = preset(warmup_format)
+        except PlanError as e:
+            raise PolicyError(f"error-budget policy: warmup_format: {e}") from None
+        if mature_steps is not None and (not isinstance(mature_steps, int) or mature_steps < 1):
+            raise PolicyError(f"error-budget policy: mature_steps must be a positive int, got {mature_steps!r}")
+        self.max_overflow, self.max_underflow = float(max_overflow), float(max_underflow)
+        self.patience, self.warmup_steps, self.warmup_format = patience, warmup_steps, warmup_format
+        self.sensitive_extra_db, self.sensitive_edges = float(sensitive_extra_db), bool(sensitive_edges)
+        self.early_extra_db, self.mature_steps = float(early_extra_db), mature_steps
+        self.sensitive: set[str] = set()
+        # (module, role) -> [consecutive passing checks, most conservative ladder index seen in the streak]
+        self._streak: dict[tuple[str, str], list[int]] = {}
+
+    # --- targets ----------------------------------------------------------------------
+    def _mature(self) -> int:
+        if self.mature_steps is not None:
+            return self.mature_steps
+        if self.total_steps:
+            return max(1, self.total_steps // 2)
+        return max(1, 10 * self.warmup_steps)
+
+    def target(self, module: str, role: str, step: int) -> float:
+        """The SQNR target (dB) for ``role`` of ``module`` at ``step``."""
+        t = self.targets[role]
+        age = max(0, step - self.warmup_steps)
+        t += self.early_extra_db * max(0.0, 1.0 - age / self._mature())
+        if self._is_sensitive(module):
+            t += self.sensitive_extra_db
+        return t
+
+    def _is_sensitive(self, module: str) -> bool:
+        if module in self.sensitive:
+            return True
+        if self.sensitive_edges and self.template is not None and len(self.template) > 2:
+            names = list(self.template.modules)
+            return module in (names[0], names[-1])
+        return False
+
+    def on_guard_raise(self, modules: Iterable[str]) -> None:
+        self.sensitive.update(modules)
+
+    # --- the rule -----------------------------------------------------------------------
+    def _check(self, stats: TensorStats, fmt: str, target: float) -> tuple[bool, str]:
+        """Does ``fmt`` meet the budget? With the figure that decided it."""
+        if fmt == "fp32":
+            return True, "fp32 is exact"
+        sq = stats.sqnr_db.get(fmt)
+        if sq is None:
+            return False, f"{fmt} not measured"
+        if math.isnan(sq) or sq < target:
+            return False, f"sqnr {sq:.1f} dB < {target:.1f} dB"
+        ov = stats.overflow_frac.get(fmt, 0.0)
+        if ov > self.max_overflow:
+            return False, f"overflow {ov:.3%} > {self.max_overflow:.3%}"
+        un = stats.underflow_frac.get(fmt, 0.0)
+        if un > self.max_underflow:
+            return False, f"underflow {un:.2%} > {self.max_underflow:.2%}"
+        return True, f"sqnr {sq:.1f} dB >= {target:.1f} dB"
+
+    def _position(self, ladder: tuple[str, ...], fmt: str) -> int:
+        if fmt in ladder:
+            return ladder.index(fmt)
+        rank = width_rank(fmt)
+        for i, f in enumerate(ladder):
+            if width_rank(f) >= rank:
+                return i
+        return len(ladder) - 1
+
+    def decide(self, snapshot: Snapshot, step: int) -> PrecisionPlan:
+        template = self._template()
+        self.last_reasons = {}
+        if step < self.warmup_steps:
+            plan = template.map(lambda _n, _old: self._warm_mp)
+            self._explain(snapshot.plan, plan, f"warm-up in {self.warmup_format} until step {self.warmup_steps}")
+            return plan
+        plan = snapshot.plan
+        if snapshot.nonfinite:
+            return plan  # a failed step measures nothing trustworthy; the guard handles it
+        self.sensitive.update(m for m in snapshot.overflowed if m in template)
+        reasons: dict[tuple[str, str], str] = {}
+        for module in template:
+            if module in template.pinned:
+                continue
+            mp = plan.get(module)
+            for role in ROLES:
+                ladder = self.ladders[role]
+                stats = snapshot.stats(module, role)
+                if not ladder or stats is None:
+                    continue
+                target = self.target(module, role, step)
+                current = mp.recipe(role)
+                verdicts = [self._check(stats, f, target) for f in ladder]
+                best = next(i for i, (ok, _) in enumerate(verdicts + [(True, "")]) if ok)
+                best = min(best, len(ladder) - 1)
+                cur_ok, cur_why = self._check(stats, current.format, target)
+                key = (module, role)
+                new_fmt = None
+                if not cur_ok:
+                    self._streak.pop(key, None)
+                    new_fmt = ladder[best]
+                    why = f"{current.format}: {cur_why}; widened to {new_fmt} ({verdicts[best][1]})"
+                elif best < self._position(ladder, current.format):
+                    streak = self._streak.setdefault(key, [0, best])
+                    streak[0] += 1
+                    streak[1] = max(streak[1], best)
+                    if streak[0] >= self.patience:
+                        new_fmt = ladder[streak[1]]
+                        _, fig = self._check(stats, new_fmt, target)
+                        why = f"{new_fmt}: {fig} for {streak[0]} checks"
+                        del self._streak[key]
+                else:
+                    self._streak.pop(key, None)
+                if new_fmt is not None and new_fmt != current.format:
+                    mp = mp.with_role(role, recipe_for(new_fmt, role, current))
+                    reasons[key] = why
+            if mp != plan.get(module):
+                plan = plan.with_module(module, mp)
+        self.last_reasons = reasons
+        return plan
+
+    # --- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sensitive": sorted(self.sensitive),
+            "streak": [[m, r, n, i] for (m, r), (n, i) in sorted(self._streak.items())],
+        }
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        super().load_state_dict(d)
+        _check_keys(d, ["sensitive", "streak"], self.name)
+        self.sensitive = set(d["sensitive"])
+        self._streak = {(str(m), str(r)): [int(n), int(i)] for m, r, n, i in d["streak"]}

@@ -1,0 +1,197 @@
+"""The guard: overrides any policy when training goes unstable.
+
+On a nonfinite loss or gradient, an overflow storm, or a loss spike, the
+guard raises the offending modules one rung wider and asks the controller
+to roll back and retry the step. It keeps them at least that wide until
+``quiet_steps`` pass without incident, then hands control back to the
+wrapped policy. When every module is fp32 and training still fails, it
+stops with :class:`TrainingUnstableError` instead of looping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from adaprec.errors import CheckpointError, PolicyError, TrainingUnstableError
+from adaprec.monitor.snapshot import Snapshot
+from adaprec.plan import ROLES, ModulePrecision, PrecisionPlan, preset
+from adaprec.policies.base import Policy, _check_keys
+from adaprec.policies.ladder import widen_module, width_rank
+
+__all__ = ["Guard"]
+
+
+class Guard(Policy):
+    """Wraps ``policy``; read ``rollback_requested`` (alias ``retry``) after each ``decide``.
+
+    Args:
+        policy: the policy to protect.
+        spike_factor: a loss above ``spike_factor`` x the loss trend (EMA) is an incident.
+        quiet_steps: steps without incident before raised modules may narrow again.
+        max_retries: consecutive incidents (retries of a step) tolerated before
+            the guard puts every module in fp32 at once.
+        overflow_storm: a module whose tensor in its current format saturates
+            in more than this fraction of values is an incident.
+        min_history: losses the trend must have seen before spikes count.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        spike_factor: float = 3.0,
+        quiet_steps: int = 200,
+        max_retries: int = 3,
+        overflow_storm: float = 0.01,
+        min_history: int = 10,
+    ) -> None:
+        super().__init__()
+        if not isinstance(policy, Policy):
+            raise PolicyError(f"Guard wraps a Policy, got {type(policy).__name__}")
+        if not spike_factor > 1:
+            raise PolicyError(f"guard: spike_factor must be > 1, got {spike_factor!r}")
+        for key, v in (("quiet_steps", quiet_steps), ("max_retries", max_retries), ("min_history", min_history)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise PolicyError(f"guard: {key} must be an int >= 0, got {v!r}")
+        if not 0 < overflow_storm <= 1:
+            raise PolicyError(f"guard: overflow_storm is a fraction in (0, 1], got {overflow_storm!r}")
+        self.policy = policy
+        self.spike_factor, self.quiet_steps, self.max_retries = float(spike_factor), quiet_steps, max_retries
+        self.overflow_storm, self.min_history = float(overflow_storm), min_history
+        self.floor: dict[str, ModulePrecision] = {}
+        self.last_incident_step: int | None = None
+        self.consecutive = 0
+        self.rollback_requested = False
+        self.incident: str | None = None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"guard({self.policy.name})"
+
+    @property
+    def retry(self) -> bool:
+        """Alias of ``rollback_requested``: restore weights and optimizer, run the step again."""
+        return self.rollback_requested
+
+    def setup(
+        self, template: PrecisionPlan, total_steps: int | None = None, steps_per_epoch: int | None = None
+    ) -> PrecisionPlan:
+        super().setup(template, total_steps, steps_per_epoch)
+        return self.policy.setup(template, total_steps, steps_per_epoch)
+
+    # --- detection -----------------------------------------------------------------------
+    def detect(self, snapshot: Snapshot) -> tuple[str | None, list[str]]:
+        """(what went wrong or None, modules named as offenders)."""
+        plan_mods = set(snapshot.plan.modules)
+        named = [m for m in snapshot.overflowed if m in plan_mods]
+        storms = []
+        for module, roles in snapshot.modules.items():
+            for role, st in roles.items():
+                frac = st.overflow_frac.get(st.current, 0.0)
+                if frac > self.overflow_storm:
+                    storms.append((module, role, frac))
+        if snapshot.nonfinite:
+            return "nonfinite loss or gradients", named
+        if storms:
+            m, r, f = max(storms, key=lambda s: s[2])
+            offenders = sorted({s[0] for s in storms if s[0] in plan_mods} | set(named))
+            return f"overflow storm ({m}.{r}: {f:.2%} of values saturate)", offenders
+        loss, ema = snapshot.loss, snapshot.loss_ema
+        if (
+            loss is not None and ema is not None and math.isfinite(loss) and ema > 0
+            and len(snapshot.loss_history) >= self.min_history and loss > self.spike_factor * ema
+        ):
+            return f"loss spike ({loss:.4g} > {self.spike_factor:g} x trend {ema:.4g})", named
+        return None, []
+
+    # --- decision -------------------------------------------------------------------------
+    def decide(self, snapshot: Snapshot, step: int) -> PrecisionPlan:
+        template = self._template()
+        self.rollback_requested = False
+        self.incident, offenders = self.detect(snapshot)
+        if self.incident is not None:
+            return self._raise(snapshot, step, offenders)
+        self.consecutive = 0
+        plan = self.policy.decide(snapshot, step)
+        reasons = dict(self.policy.last_reasons)
+        if self.floor and self.last_incident_step is not None:
+            if step - self.last_incident_step < self.quiet_steps:
+                for module, floor in self.floor.items():
+                    mp = plan.get(module)
+                    merged = mp
+                    for role in ROLES:
+                        if width_rank(floor.recipe(role)) > width_rank(mp.recipe(role)):
+                            merged = merged.with_role(role, floor.recipe(role))
+                    if merged != mp and module not in template.pinned:
+                        plan = plan.with_module(module, merged)
+                # the wrapped policy's reasons hold only for what survived the floor
+                changed = {(c.module, c.role) for c in snapshot.plan.diff(plan)}
+                reasons = {k: v for k, v in reasons.items() if k in changed}
+                for k in changed - set(reasons):
+                    reasons[k] = f"guard: held wide until step {self.last_incident_step + self.quiet_steps}"
+            else:
+                for k in reasons:
+                    reasons[k] = f"{reasons[k]} (guard quiet for {self.quiet_steps} steps)"
+                self.floor = {}
+        self.last_reasons = reasons
+        return plan
+
+    def _raise(self, snapshot: Snapshot, step: int, offenders: list[str]) -> PrecisionPlan:
+        current = snapshot.plan
+        self.consecutive += 1
+        self.last_incident_step = step
+        free = [m for m in current.modules if m not in current.pinned]
+        if self.consecutive > self.max_retries:
+            plan = current.map(lambda _n, _mp: preset("fp32"))
+            why = f"{self.incident}: {self.consecutive - 1} retries failed, every module to fp32"
+        else:
+            targets = [m for m in (offenders or free) if m not in current.pinned]
+            plan = self._widen(current, targets)
+            if plan == current:  # the named modules were fp32 already: the culprit is elsewhere
+                plan = self._widen(current, free)
+            why = f"{self.incident}: raised one rung (retry {self.consecutive}/{self.max_retries})"
+        if plan == current:
+            pinned_narrow = sorted(m for m in current.pinned if not current.get(m).is_fp32)
+            extra = (f" Pinned modules {pinned_narrow} are not fp32; unpin them or pin them to fp32."
+                     if pinned_narrow else "")
+            raise TrainingUnstableError(
+                f"training is unstable at step {step} ({self.incident}) with every adjustable module "
+                f"already in fp32, so higher precision cannot help.{extra} Lower the learning rate, clip "
+                "gradients, or check the data and loss for inf/NaN."
+            )
+        raised = [c.module for c in current.diff(plan)]
+        for module in dict.fromkeys(raised):
+            self.floor[module] = plan.get(module)
+        self.policy.on_guard_raise(dict.fromkeys(raised))
+        self.rollback_requested = True
+        self.last_reasons = {(c.module, c.role): f"guard at step {step}: {why}" for c in current.diff(plan)}
+        return plan
+
+    @staticmethod
+    def _widen(plan: PrecisionPlan, modules: list[str]) -> PrecisionPlan:
+        for m in modules:
+            wider = widen_module(plan.get(m))
+            if wider is not None:
+                plan = plan.with_module(m, wider)
+        return plan
+
+    # --- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict(),
+            "floor": {m: mp.to_dict() for m, mp in self.floor.items()},
+            "last_incident_step": self.last_incident_step,
+            "consecutive": self.consecutive,
+        }
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        super().load_state_dict(d)
+        _check_keys(d, ["policy", "floor", "last_incident_step", "consecutive"], "guard")
+        try:
+            self.floor = {m: ModulePrecision.from_dict(v) for m, v in d["floor"].items()}
+        except Exception as e:
+            raise CheckpointError(f"guard state has a malformed floor plan: {e}") from None
+        self.last_incident_step = d["last_incident_step"]
+        self.consecutive = int(d["consecutive"])
+        self.policy.load_state_dict(d["policy"])
