@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaprec.energy import EnergyLedger, MacCounter, detect_meter
+from adaprec.energy import EnergyLedger, MacCounter, MeasurementWindow, detect_meter
 from adaprec.engine import PrecisionEngine
 from adaprec.errors import CheckpointError, UsageError
 from adaprec.formats import get, quantize
@@ -156,8 +156,10 @@ class AdaptivePrecision:
         self.loss_scaling = loss_scaling
         self.loss_scaler = DynamicLossScaler()
         self.timeline = Timeline()
+        self.timeline.set_initial(self.engine.plan)
         self.energy = EnergyLedger(profile=energy_profile)
         self.meter, self.meter_reason = detect_meter()
+        self._window = MeasurementWindow(self.meter) if self.meter is not None else None
         self._counter = MacCounter(model, list(self.engine.kinds))
         self._counter.attach()
         self.shadow_every = shadow_every
@@ -170,7 +172,6 @@ class AdaptivePrecision:
         self._phase = "ready"
         self._loss: torch.Tensor | None = None
         self._scale = 1.0
-        self._meter_start: float | None = None
 
     # --- reading --------------------------------------------------------
     @property
@@ -194,8 +195,8 @@ class AdaptivePrecision:
             raise UsageError("autocast() entered again before step(): call ap.step() after ap.backward(loss)")
         sampling = enabled and self.monitor.should_sample(self._step)
         self.engine.begin_step(self._step, sampling)
-        if self.meter is not None and self._meter_start is None:
-            self._meter_start = self.meter.read_j()
+        if self._window is not None and self._step == 0:
+            self._window.start()
         with self.engine.activate(enabled):
             yield
         self._phase = "forward"
@@ -335,16 +336,23 @@ class AdaptivePrecision:
     def end_epoch(self) -> None:
         """Tell epoch-based policies (progressive, gradient-diversity) that an epoch ended."""
         self._epoch += 1
+        self.monitor.end_epoch()
 
     # --- parts of step ----------------------------------------------------
     def _account(self, step: int, plan: PrecisionPlan) -> None:
         cost = self._counter.pop_step_cost()
-        measured = None
-        if self.meter is not None and self._meter_start is not None:
-            now = self.meter.read_j()
-            measured = now - self._meter_start
-            self._meter_start = None
-        self.energy.record(step, plan, cost, measured_j=measured, measured_reason=None if measured is not None else self.meter_reason)
+        self.energy.record(step, plan, cost, measured_reason=self.meter_reason if self._window is None else None)
+        if self._window is not None:
+            closed = self._window.step_done(step)
+            if closed:
+                self.energy.attribute_measured(closed, self.meter.name)
+
+    def flush_energy(self) -> None:
+        """Close a partial measurement window so the last steps get measured figures too."""
+        if self._window is not None:
+            closed = self._window.flush()
+            if closed:
+                self.energy.attribute_measured(closed, self.meter.name)
 
     def _quantize_optimizer_state(self) -> None:
         for m, params in self._owners.items():
@@ -382,13 +390,14 @@ class AdaptivePrecision:
     # --- reporting --------------------------------------------------------
     def report(self) -> str:
         """A short human-readable account: plan, changes, energy."""
+        self.flush_energy()
         s = self.energy.summary()
         lines = [
             f"adaprec: {self._step} steps, policy {self.policy.name}",
             f"plan now: {self.plan.summary()}",
             f"precision changes recorded: {len(self.timeline.events)}",
-            f"energy ({s.get('kind', 'modeled')}): {s['modeled_j']:.4g} J vs fp32 {s['fp32_modeled_j']:.4g} J"
-            f" (saving {100 * (1 - s['modeled_j'] / s['fp32_modeled_j']) if s['fp32_modeled_j'] else 0:.1f}%)",
+            f"energy, {s['kind']['modeled_j']}: {s['modeled_j']:.4g} J; fp32 would be {s['fp32_modeled_j']:.4g} J"
+            f" (saving {100 * (s['saving_vs_fp32'] or 0):.1f}%), static bf16 {s['bf16_modeled_j']:.4g} J",
             "measured: "
             + (f"{s['measured_j']:.4g} J" if s.get("measured_j") is not None else f"n/a ({s.get('measured_reason')})"),
         ]

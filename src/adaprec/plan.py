@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 ROLES = ("weight", "activation", "grad_output", "grad_weight")
-SCALINGS = ("none", "tensor", "delayed", "block")
+SCALINGS = ("none", "tensor", "row", "delayed", "block")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class TensorRecipe:
     """How one tensor is cast: format, rounding and scaling.
 
     ``scaling``: ``"none"`` (cast as is), ``"tensor"`` (per-tensor scale from
-    this tensor's amax), ``"delayed"`` (per-tensor scale from an amax
+    this tensor's amax), ``"row"`` (a scale per row: per index of every
+    dimension but the last, as fp8 row-wise GEMMs use), ``"delayed"`` (per-tensor scale from an amax
     history), ``"block"`` (MX: a power-of-two scale per ``block_size``
     elements along the last dimension).
     """

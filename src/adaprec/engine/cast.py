@@ -15,7 +15,25 @@ import torch
 from adaprec.formats import get, quantize
 from adaprec.plan import TensorRecipe
 
-__all__ = ["RecipeCaster", "pow2_scale", "stream_seed"]
+__all__ = ["RecipeCaster", "pow2_scale", "stream_seed", "fast_quantize"]
+
+_NATIVE_FLOAT = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fast_quantize(x: torch.Tensor, fmt, rounding: str, seed: int, saturate: bool | None = None) -> torch.Tensor:
+    """``quantize`` with torch's own cast for nearest rounding where a dtype exists.
+
+    The round trip through the native dtype is bit-identical to
+    :func:`adaprec.quantize` (property-tested), and one fused kernel instead
+    of a dozen elementwise passes: this is the engine's hot path.
+    """
+    dtype = fmt.torch_dtype
+    if rounding == "nearest" and dtype in _NATIVE_FLOAT and (saturate is None or (saturate and fmt.has_inf) or (saturate and dtype == torch.float8_e4m3fn)):
+        x32 = x.detach().float()
+        if saturate and fmt.has_inf:
+            x32 = torch.clamp(x32, -fmt.max_finite, fmt.max_finite)
+        return x32.to(dtype).float()
+    return quantize(x, fmt, rounding, seed=seed, saturate=saturate)
 
 _MASK31 = 0x7FFFFFFF
 
@@ -50,11 +68,15 @@ class RecipeCaster:
         fmt = get(recipe.format)
         rounding = recipe.rounding
         if recipe.scaling == "none":
-            return quantize(x, fmt, rounding, seed=seed)
+            return fast_quantize(x, fmt, rounding, seed)
         if recipe.scaling == "block":
             from adaprec.formats.scaling import quantize_mx
 
             return quantize_mx(x, fmt, block_size=recipe.block_size, rounding=rounding, seed=seed)
+        if recipe.scaling == "row":
+            row_amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+            scale = pow2_scale(row_amax, fmt.max_finite)
+            return fast_quantize(x.float() * scale, fmt, rounding, seed, saturate=True) / scale
         amax = x.detach().abs().amax().float()
         if recipe.scaling == "tensor":
             scale = pow2_scale(amax, fmt.max_finite)
@@ -68,7 +90,7 @@ class RecipeCaster:
             if math.isfinite(value):
                 self.amax_history = (self.amax_history + [value])[-self.history_len :]
         self.last_scale = scale
-        return quantize(x.float() * scale, fmt, rounding, seed=seed, saturate=True) / scale
+        return fast_quantize(x.float() * scale, fmt, rounding, seed, saturate=True) / scale
 
     def state_dict(self) -> dict[str, Any]:
         return {"history_len": self.history_len, "amax_history": list(self.amax_history)}

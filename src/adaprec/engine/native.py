@@ -32,7 +32,9 @@ def native_dtype_for(mp: ModulePrecision) -> torch.dtype | None:
     if (
         w.format == a.format == "fp8_e4m3"
         and g.format in _FP8
-        and w.scaling == a.scaling == g.scaling == "tensor"
+        and w.scaling == a.scaling
+        and w.scaling in ("tensor", "row")
+        and g.scaling == "tensor"
     ):
         return torch.float8_e4m3fn
     return None
@@ -55,9 +57,11 @@ def can_run_native(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]
     )
 
 
-def _to_fp8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_fp8(x: torch.Tensor, dtype: torch.dtype, rowwise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 copy of ``x`` and its power-of-two scale (one per tensor, or one per row)."""
     fmt = get("fp8_e4m3" if dtype == torch.float8_e4m3fn else "fp8_e5m2")
-    scale = pow2_scale(x.detach().abs().amax().float(), fmt.max_finite)
+    amax = x.detach().abs().amax(dim=-1, keepdim=True) if rowwise else x.detach().abs().amax()
+    scale = pow2_scale(amax.float(), fmt.max_finite)
     xs = torch.clamp(x.float() * scale, -fmt.max_finite, fmt.max_finite)
     return xs.to(dtype), scale
 
@@ -67,14 +71,19 @@ def _col_major(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Fp8Linear(torch.autograd.Function):
+    """Three fp8 GEMMs. With row-wise forward scales, the scales of the operand
+    that the backward GEMMs contract over are folded into the gradient before
+    it is cast, so every ``_scaled_mm`` keeps scales on its outer dimensions."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, grad_dtype):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, grad_dtype, rowwise):  # type: ignore[override]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        x8, sx = _to_fp8(x2, torch.float8_e4m3fn)
-        w8, sw = _to_fp8(weight, torch.float8_e4m3fn)
+        x8, sx = _to_fp8(x2, torch.float8_e4m3fn, rowwise)
+        w8, sw = _to_fp8(weight, torch.float8_e4m3fn, rowwise)
         out = torch._scaled_mm(
-            x8, _col_major(w8.t()), scale_a=(1.0 / sx), scale_b=(1.0 / sw), out_dtype=torch.float32
+            x8, _col_major(w8.t()), scale_a=(1.0 / sx), scale_b=(1.0 / sw).reshape(1, -1) if rowwise else 1.0 / sw,
+            out_dtype=torch.float32,
         )
         if bias is not None:
             out = out + bias.float()
@@ -82,30 +91,38 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.shape = shape
         ctx.grad_dtype = grad_dtype
         ctx.has_bias = bias is not None
+        ctx.rowwise = rowwise
         return out.reshape(*shape[:-1], weight.shape[0]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x8, sx, w8, sw = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        g8, sg = _to_fp8(g2, ctx.grad_dtype)
+        g2 = grad.reshape(-1, grad.shape[-1]).float()
+        one = torch.ones((), dtype=torch.float32, device=g2.device)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
+            # dgrad = g @ W, W = w8 / sw: contraction over output features
+            gx = g2 / sw.reshape(1, -1) if ctx.rowwise else g2
+            g8, sg = _to_fp8(gx, ctx.grad_dtype)
             grad_x = torch._scaled_mm(
-                g8, _col_major(w8), scale_a=(1.0 / sg), scale_b=(1.0 / sw), out_dtype=torch.float32
+                g8, _col_major(w8), scale_a=(1.0 / sg), scale_b=one if ctx.rowwise else 1.0 / sw,
+                out_dtype=torch.float32,
             ).reshape(ctx.shape)
         if ctx.needs_input_grad[1]:
+            # wgrad = g^T @ X, X = x8 / sx: contraction over tokens
+            gw = g2 / sx if ctx.rowwise else g2
+            g8, sg = _to_fp8(gw, ctx.grad_dtype)
             grad_w = torch._scaled_mm(
-                g8.t().contiguous(), _col_major(x8), scale_a=(1.0 / sg), scale_b=(1.0 / sx),
+                g8.t().contiguous(), _col_major(x8), scale_a=(1.0 / sg), scale_b=one if ctx.rowwise else 1.0 / sx,
                 out_dtype=torch.float32,
             )
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.float().sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mp: ModulePrecision
 ) -> torch.Tensor:
     """Linear layer on fp8 tensor cores (``torch._scaled_mm``), per-tensor scaled."""
-    return _Fp8Linear.apply(x, weight, bias, _FP8[mp.grad_output.format])
+    return _Fp8Linear.apply(x, weight, bias, _FP8[mp.grad_output.format], mp.weight.scaling == "row")

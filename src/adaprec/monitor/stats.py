@@ -128,7 +128,7 @@ def candidate_scaling(fmt: str | Format, current_scaling: str = "none") -> str:
     f = get(fmt)
     if f.kind == "float" and f.bits >= 16:
         return "none"
-    return current_scaling if current_scaling in ("tensor", "delayed", "block") else "tensor"
+    return current_scaling if current_scaling in ("tensor", "delayed", "block", "row") else "tensor"
 
 
 def sample(x: torch.Tensor, max_elems: int = MAX_SAMPLE) -> torch.Tensor:
@@ -187,7 +187,7 @@ def _one_format(xs: torch.Tensor, full_amax: torch.Tensor, f: Format, scaling: s
     """[squared error, overflow count, underflow count] of casting sample ``xs`` to ``f``."""
     if f.kind == "float" and f.ebits >= 8 and f.mbits >= 23:
         return torch.zeros(_PER_FORMAT, dtype=torch.float64, device=xs.device)
-    if scaling in ("tensor", "delayed"):
+    if scaling in ("tensor", "delayed", "row"):  # row is at least as fine as tensor: a safe lower bound
         s = pow2_scale(full_amax, f).to(xs.device)
     else:
         s = torch.ones((), dtype=torch.float32, device=xs.device)
