@@ -161,7 +161,7 @@ class AdaptivePrecision:
         self.meter, self.meter_reason = detect_meter()
         self._window = MeasurementWindow(self.meter) if self.meter is not None else None
         self._counter = MacCounter(model, list(self.engine.kinds))
-        self._counter.attach()
+        self._counter.attach(watch_sdpa=False)
         self.shadow_every = shadow_every
         self.shadow: dict[int, dict[str, tuple[float, float]]] = {}
         self._owners = _param_owners(model, list(self.engine.kinds))
@@ -197,7 +197,9 @@ class AdaptivePrecision:
         self.engine.begin_step(self._step, sampling)
         if self._window is not None and self._step == 0:
             self._window.start()
-        with self.engine.activate(enabled):
+        # the counter's mode goes on top: its handler pops it, so the engine's
+        # quantization code below runs with no mode in the way
+        with self.engine.activate(enabled), self._counter.watching_sdpa():
             yield
         self._phase = "forward"
 

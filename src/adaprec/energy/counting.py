@@ -8,15 +8,19 @@ ones autograd computes: the input-gradient GEMM only if the input requires
 grad, the weight-gradient GEMM only if the weight does.
 
 Attention written as ``F.scaled_dot_product_attention`` inside a named
-module is seen by a ``TorchFunctionMode`` that is active between
-:meth:`MacCounter.attach` and :meth:`MacCounter.detach`; modes stack, so the
-engine's own mode keeps working underneath or above it.
+module is seen by a ``TorchFunctionMode``, active only inside
+:meth:`MacCounter.watching_sdpa` (the controller enters it around each
+forward pass), and only when some module calls SDPA at all: a mode
+intercepts every torch call, so it must never outlive the forward pass.
+Standalone use (``with MacCounter(...):``) keeps it on between attach and
+detach.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,6 +211,7 @@ class MacCounter:
         self._modules = {n: mods[n] for n in self.module_names}
         self._handles: list[Any] = []
         self._mode: _SdpaMode | None = None
+        self._watch = any(_kind(m) == "other" for m in self._modules.values())
         self._stack: list[str] = []
         self._cost = StepCost()
 
@@ -215,8 +220,17 @@ class MacCounter:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def attach(self) -> MacCounter:
-        """Register the hooks and enter the SDPA-watching mode. Idempotent."""
+    @contextlib.contextmanager
+    def watching_sdpa(self) -> Iterator[None]:
+        """Count SDPA calls inside this block (a no-op when no module calls SDPA)."""
+        if not self._watch or self._mode is not None:
+            yield
+            return
+        with _SdpaMode(self):
+            yield
+
+    def attach(self, watch_sdpa: bool = True) -> MacCounter:
+        """Register the hooks; with ``watch_sdpa``, also enter the SDPA-watching mode until detach. Idempotent."""
         if self.attached:
             return self
         for name, module in self._modules.items():
@@ -224,8 +238,9 @@ class MacCounter:
             self._handles.append(
                 module.register_forward_hook(self._post(name), with_kwargs=True, always_call=True)
             )
-        self._mode = _SdpaMode(self)
-        self._mode.__enter__()
+        if watch_sdpa:
+            self._mode = _SdpaMode(self)
+            self._mode.__enter__()
         return self
 
     def detach(self) -> None:

@@ -1,6 +1,35 @@
 """Number formats and their emulation: registry, rounding, scaling, loss scaling."""
 
+from adaprec.formats.loss_scaling import DynamicLossScaler
 from adaprec.formats.quantize import ROUNDING_MODES, compiled, quantize
 from adaprec.formats.registry import Format, get, is_registered, names, register
+from adaprec.formats.scaling import (
+    MX_FORMATS,
+    CurrentScaler,
+    DelayedScaler,
+    ScalingError,
+    mx_formats,
+    pow2_scale,
+    quantize_mx,
+)
+from adaprec.formats.table import format_table
 
-__all__ = ["Format", "get", "names", "register", "is_registered", "quantize", "compiled", "ROUNDING_MODES"]
+__all__ = [
+    "Format",
+    "get",
+    "names",
+    "register",
+    "is_registered",
+    "quantize",
+    "compiled",
+    "ROUNDING_MODES",
+    "CurrentScaler",
+    "DelayedScaler",
+    "ScalingError",
+    "pow2_scale",
+    "quantize_mx",
+    "mx_formats",
+    "MX_FORMATS",
+    "DynamicLossScaler",
+    "format_table",
+]

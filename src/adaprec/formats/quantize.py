@@ -10,7 +10,8 @@ half the smallest subnormal need a separate rule.
 
 The same function body runs eagerly or fused by ``torch.compile``
 (:func:`compiled`); both give identical bits because every step is integer
-arithmetic or an exact power-of-two scaling.
+arithmetic or an exact power-of-two scaling. The stochastic-rounding seed
+enters as a tensor, so a new seed every step does not recompile.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -30,6 +31,7 @@ __all__ = ["quantize", "compiled", "ROUNDING_MODES"]
 ROUNDING_MODES = ("nearest", "stochastic")
 
 _MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
 _use_compiled: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "adaprec_compiled_quantize", default=False
 )
@@ -39,8 +41,9 @@ _use_compiled: contextvars.ContextVar[bool] = contextvars.ContextVar(
 def compiled(enabled: bool = True) -> Iterator[None]:
     """Within this block, :func:`quantize` runs as one fused ``torch.compile`` kernel.
 
-    The first call per format costs a compile (seconds); results are
-    bit-identical to the eager path.
+    The first call per format and rounding mode costs a compile (seconds);
+    later calls with any shape or seed reuse it. Results are bit-identical
+    to the eager path.
     """
     token = _use_compiled.set(enabled)
     try:
@@ -49,108 +52,129 @@ def compiled(enabled: bool = True) -> Iterator[None]:
         _use_compiled.reset(token)
 
 
-def _hash32(index: torch.Tensor, seed: int) -> torch.Tensor:
-    """Counter-based hash of (element index, seed) to 32 random bits.
+def _seed_keys(seed: int) -> tuple[int, int]:
+    """Two 32-bit round keys from a seed (splitmix64 finaliser, pure Python)."""
+    z = (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z & _MASK32, z >> 32
 
-    int64 arithmetic masked to 32 bits after each multiply: the multipliers
-    are below 2^31, so no product leaves int64 and the bits are the same on
-    every machine, eager or compiled.
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """One xorshift-multiply avalanche round on values in [0, 2^32) held as int64.
+
+    Multipliers are odd and below 2^31, so no product leaves int64 and the
+    bits are the same on every machine, eager or compiled.
     """
-    h = (index * 0x27D4EB2D + (seed & _MASK32) * 0x165667B1 + 0x3C6EF372) & _MASK32
-    h = h ^ (h >> 15)
-    h = (h * 0x2C1B3C6D) & _MASK32
-    h = h ^ (h >> 12)
-    h = (h * 0x297A2D39) & _MASK32
-    h = h ^ (h >> 15)
+    # in place where possible: eagerly, each fresh 16M-element int64 temporary costs more than the math
+    h ^= h >> 16
+    h.mul_(0x21F0AAAD).bitwise_and_(_MASK32)
+    h ^= h >> 15
+    h.mul_(0x735A2D97).bitwise_and_(_MASK32)
+    h ^= h >> 15
     return h
+
+
+def _hash32(index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Counter-based hash of (element index, seed keys) to 32 uniform random bits.
+
+    The second key enters after a full mixing round, so streams of different
+    seeds are not shifted copies of each other.
+    """
+    h = _mix32((index + keys[0]).bitwise_and_(_MASK32))
+    h ^= keys[1]
+    return _mix32(h)
+
+
+def _random_bits(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
+    return _hash32(index, keys)
 
 
 def _pow2(e: int) -> float:
     return float(2.0**e)
 
 
-def _scale_exact(x: torch.Tensor, e: int) -> torch.Tensor:
-    """x * 2^e without overflowing the float32 constant (split in two steps)."""
-    if abs(e) <= 126:
-        return x * _pow2(e)
-    half = e // 2
-    return (x * _pow2(half)) * _pow2(e - half)
-
-
-def _quantize_float(
-    x: torch.Tensor,
-    mbits: int,
-    emin: int,
-    max_finite: float,
-    overflow: str,
-    stochastic: bool,
-    seed: int,
+def _round_float(
+    x: torch.Tensor, keys: torch.Tensor, ip: torch.Tensor, fp: torch.Tensor, stochastic: bool
 ) -> torch.Tensor:
-    """Core of float rounding on a contiguous float32 tensor (compile-friendly)."""
+    """Round a flat float32 tensor to a float format (compile-friendly).
+
+    The format arrives as tensors, so one compiled graph serves every format:
+    ``ip`` = (23 - mbits, biased emin, bits of the smallest subnormal),
+    ``fp`` = (two factors whose product is 1 / min_subnormal, max_finite,
+    the value that replaces an overflow: max_finite, inf or NaN).
+    """
     bits = x.view(torch.int32)
     sign = bits & -0x80000000
     mag = bits & 0x7FFFFFFF
     exp_field = torch.clamp(mag >> 23, min=1)
-    emin_field = emin + 127
-    extra = torch.clamp(emin_field - exp_field, min=0)
-    shift = (23 - mbits) + extra
-    small = shift > 23  # below half the smallest subnormal's spacing boundary
+    shift = ip[0] + torch.clamp(ip[1] - exp_field, min=0)
+    small = shift > 23  # below the smallest subnormal: rounds to 0 or min_sub
     shift_c = torch.clamp(shift, max=23)
-    one = torch.ones_like(mag)
+    ratio = torch.abs(x) * fp[0] * fp[1]  # |x| / min_sub, exact (powers of two)
     if stochastic:
-        index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
-        r64 = _hash32(index, seed)
-        rnd = (r64 & ((one.to(torch.int64) << shift_c) - 1)).to(torch.int32)
-        mag_r = ((mag + rnd) >> shift_c) << shift_c
-        # tiny values: up to the smallest subnormal with probability |x| / min_sub
-        u = (r64 >> 8).to(torch.float32) * (2.0**-24)
-        ratio = _scale_exact(torch.abs(x), mbits - emin)
-        tiny_up = u < ratio
+        r = _random_bits(x, keys)
+        rnd = (r & ((1 << shift_c.to(torch.int64)) - 1)).to(torch.int32)
+        # up with probability |x| / min_sub (24 random bits)
+        tiny_up = (r >> 8).to(torch.float32) * (2.0**-24) < ratio
     else:
-        half = (one << (shift_c - 1)) - 1
-        lsb = (mag >> shift_c) & 1
-        mag_r = ((mag + half + lsb) >> shift_c) << shift_c
-        # exactly half the smallest subnormal ties to even (zero)
-        ratio = _scale_exact(torch.abs(x), mbits - emin)
-        tiny_up = ratio > 0.5
-    min_sub_bits = torch.tensor(
-        _pow2(emin - mbits), dtype=torch.float32, device=x.device
-    ).view(torch.int32)
-    mag_r = torch.where(small, torch.where(tiny_up, min_sub_bits, 0), mag_r)
+        # half an ulp minus one, plus the kept lsb: ties go to even
+        rnd = torch.clamp(((1 << shift_c) >> 1) - 1 + ((mag >> shift_c) & 1), min=0)
+        tiny_up = ratio > 0.5  # exactly half of min_sub ties to even (zero)
+    mag_r = ((mag + rnd) >> shift_c) << shift_c
+    mag_r = torch.where(small, tiny_up.to(torch.int32) * ip[2], mag_r)
     q = (mag_r | sign).view(torch.float32)
-    over = torch.abs(q) > max_finite
-    if overflow == "saturate":
-        repl = torch.copysign(torch.full_like(q, max_finite), x)
-    elif overflow == "inf":
-        repl = torch.copysign(torch.full_like(q, float("inf")), x)
-    else:  # "nan"
-        repl = torch.full_like(q, float("nan"))
-    q = torch.where(over, repl, q)
+    q = torch.where(torch.abs(q) > fp[2], torch.copysign(fp[3], x), q)
     return torch.where(torch.isnan(x), x, q)
 
 
-def _quantize_int(
-    x: torch.Tensor, scale: float, qmax: int, stochastic: bool, seed: int
-) -> torch.Tensor:
-    y = x / scale
+def _round_int(x: torch.Tensor, keys: torch.Tensor, fp: torch.Tensor, stochastic: bool) -> torch.Tensor:
+    """Round a flat float32 tensor to fixed point; ``fp`` = (scale, qmax, saturate 1/0)."""
+    y = x / fp[0]  # exact: scale is a power of two
     if stochastic:
-        index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
-        u = (_hash32(index, seed) >> 8).to(torch.float32) * (2.0**-24)
-        y = torch.floor(y + u)
+        u = (_random_bits(x, keys) >> 8).to(torch.float32) * (2.0**-24)
+        lo = torch.floor(y)
+        y = lo + (u < (y - lo)).to(torch.float32)  # y - lo is exact
     else:
         y = torch.round(y)  # half to even
-    q = torch.clamp(y, -qmax, qmax) * scale
+    over = torch.abs(y) > fp[1]
+    q = torch.where(over & (fp[2] == 0), float("nan"), torch.clamp(y, -fp[1], fp[1]) * fp[0])
     return torch.where(torch.isnan(x), x, q)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_float():  # pragma: no cover - exercised by the compile test and bench
-    return torch.compile(_quantize_float, dynamic=False)
+@functools.cache
+def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    return torch.compile(fn, dynamic=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_int():  # pragma: no cover
-    return torch.compile(_quantize_int, dynamic=False)
+@functools.lru_cache(maxsize=256)
+def _float_params(mbits: int, emin: int, max_finite: float, overflow: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    e = mbits - emin
+    min_sub_bits = int(torch.tensor(_pow2(emin - mbits), dtype=torch.float32).view(torch.int32).item())
+    repl = {"saturate": max_finite, "inf": float("inf"), "nan": float("nan")}[overflow]
+    return (23 - mbits, emin + 127, min_sub_bits), (_pow2(e // 2), _pow2(e - e // 2), max_finite, repl)
+
+
+#: Eager nearest rounding to a format torch can cast to uses the cast (one fast
+#: kernel). The tests prove cast and bit kernel agree on every float32 pattern
+#: with this switch off and on.
+NATIVE_FAST_PATH = True
+
+
+def _native_cast(f: Format, stochastic: bool, saturate: bool | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A torch cast that gives exactly quantize()'s bits, or None where there is none."""
+    if not NATIVE_FAST_PATH or stochastic or f.kind != "float" or f.torch_dtype is None:
+        return None
+    dtype, limit = f.torch_dtype, f.max_finite
+    if f.has_inf:  # IEEE casts overflow to inf: exactly saturate=None/False; clamp for True
+        if saturate:
+            return lambda t: torch.clamp(t.to(dtype).to(torch.float32), -limit, limit)
+        return lambda t: t.to(dtype).to(torch.float32)
+    if saturate is False:  # torch's E4M3FN cast saturates; quantize gives NaN here
+        return None
+    return lambda t: t.to(dtype).to(torch.float32)
 
 
 def _draw_seed() -> int:
@@ -173,8 +197,10 @@ def quantize(
             (round up with probability equal to the distance from the lower
             neighbour, in ulps: unbiased).
         seed: stochastic rounding seed. The same seed gives bit-identical
-            output on every run and machine. ``None`` draws one from torch's
-            global generator (so ``torch.manual_seed`` makes it reproducible).
+            output on every run and machine; element ``i`` of the flattened
+            tensor always draws the same random bits for one seed. ``None``
+            draws one from torch's global generator (so ``torch.manual_seed``
+            makes it reproducible).
         saturate: what happens to finite values beyond the largest finite
             value. ``None`` follows the format: formats with inf overflow to
             inf (as IEEE and torch casts do), formats without inf (E4M3FN,
@@ -198,20 +224,35 @@ def quantize(
             seed = _draw_seed()
         elif not isinstance(seed, int) or isinstance(seed, bool):
             raise RoundingError(f"stochastic rounding seed must be an int, got {seed!r}")
+        keys = torch.tensor(_seed_keys(seed), dtype=torch.int64, device=x.device)
     else:
-        seed = 0
+        keys = torch.zeros(2, dtype=torch.int64, device=x.device)
     x32 = x.detach().to(torch.float32).contiguous()
-    use_compiled = _use_compiled.get()
-    if f.kind == "int":
-        fn = _compiled_int() if use_compiled else _quantize_int
-        return fn(x32, f.scale, f.qmax, stochastic, seed)
-    if f.mbits >= 23 and f.ebits >= 8:
+    if f.kind == "float" and f.mbits >= 23 and f.ebits >= 8:
         return x32.clone()  # fp32 holds itself
-    if saturate is None:
-        overflow = "inf" if f.has_inf else "saturate"
-    elif saturate:
-        overflow = "saturate"
+    native = _native_cast(f, stochastic, saturate)
+    if native is not None and not _use_compiled.get():
+        return native(x32)
+    if x32.numel() == 0:
+        return x32.clone()
+    dev = x32.device
+    if f.kind == "int":
+        fn: Callable[..., torch.Tensor] = _round_int
+        sat = 0.0 if saturate is False else 1.0
+        args: tuple = (torch.tensor([f.scale, float(f.qmax), sat], dtype=torch.float32, device=dev),)
     else:
-        overflow = "inf" if f.has_inf else "nan"
-    fn = _compiled_float() if use_compiled else _quantize_float
-    return fn(x32, f.mbits, f.emin, f.max_finite, overflow, stochastic, seed)
+        if saturate is None:
+            overflow = "inf" if f.has_inf else "saturate"
+        elif saturate:
+            overflow = "saturate"
+        else:
+            overflow = "inf" if f.has_inf else "nan"
+        ip, fp = _float_params(f.mbits, f.emin, f.max_finite, overflow)
+        fn = _round_float
+        args = (
+            torch.tensor(ip, dtype=torch.int32, device=dev),
+            torch.tensor(fp, dtype=torch.float32, device=dev),
+        )
+    if _use_compiled.get():
+        fn = _compiled(fn)
+    return fn(x32.view(-1), keys, *args, stochastic).view(x32.shape)

@@ -11,6 +11,7 @@ stops with :class:`TrainingUnstableError` instead of looping.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,9 @@ class Guard(Policy):
 
     Args:
         policy: the policy to protect.
-        spike_factor: a loss above ``spike_factor`` x the loss trend (EMA) is an incident.
+        spike_factor: a loss above ``spike_factor`` x the loss trend (EMA) is an
+            incident, if it is also ``spike_sigmas`` standard deviations of the
+            recent losses above the trend (minibatch noise is not a spike).
         quiet_steps: steps without incident before raised modules may narrow again.
         max_retries: consecutive incidents (retries of a step) tolerated before
             the guard puts every module in fp32 at once.
@@ -45,6 +48,7 @@ class Guard(Policy):
         max_retries: int = 3,
         overflow_storm: float = 0.01,
         min_history: int = 10,
+        spike_sigmas: float = 6.0,
     ) -> None:
         super().__init__()
         if not isinstance(policy, Policy):
@@ -59,6 +63,9 @@ class Guard(Policy):
         self.policy = policy
         self.spike_factor, self.quiet_steps, self.max_retries = float(spike_factor), quiet_steps, max_retries
         self.overflow_storm, self.min_history = float(overflow_storm), min_history
+        if not spike_sigmas > 0:
+            raise PolicyError(f"guard: spike_sigmas must be > 0, got {spike_sigmas!r}")
+        self.spike_sigmas = float(spike_sigmas)
         self.floor: dict[str, ModulePrecision] = {}
         self.last_incident_step: int | None = None
         self.consecutive = 0
@@ -101,6 +108,8 @@ class Guard(Policy):
         if (
             loss is not None and ema is not None and math.isfinite(loss) and ema > 0
             and len(snapshot.loss_history) >= self.min_history and loss > self.spike_factor * ema
+            and loss > ema + self.spike_sigmas * statistics.pstdev(snapshot.loss_history[:-1])
+            and not all(snapshot.plan.get(m).is_fp32 for m in plan_mods)  # precision is not to blame
         ):
             return f"loss spike ({loss:.4g} > {self.spike_factor:g} x trend {ema:.4g})", named
         return None, []
