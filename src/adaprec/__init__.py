@@ -1,8 +1,37 @@
-"""adaprec: adaptive precision training for PyTorch."""
+"""adaprec: adaptive precision training for PyTorch.
 
-from adaprec import formats
+Per-layer number formats for weights, activations and gradients, decided
+during training from measured numerical health, with an energy ledger that
+says what the choice saved (modeled from a named device profile, or
+measured where a meter exists).
+"""
+
+from typing import Any
+
+from adaprec import formats, plan
 from adaprec.errors import AdaprecError
 from adaprec.formats import quantize
+from adaprec.plan import ModulePrecision, PrecisionPlan, TensorRecipe
 
 __version__ = "0.1.0"
-__all__ = ["AdaprecError", "formats", "quantize", "__version__"]
+__all__ = [
+    "AdaprecError",
+    "AdaptivePrecision",
+    "ModulePrecision",
+    "PrecisionPlan",
+    "StepResult",
+    "TensorRecipe",
+    "formats",
+    "plan",
+    "quantize",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The controller pulls in every part; import it on first use only.
+    if name in ("AdaptivePrecision", "StepResult"):
+        from adaprec import controller
+
+        return getattr(controller, name)
+    raise AttributeError(f"module 'adaprec' has no attribute {name!r}")

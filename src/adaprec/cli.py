@@ -1,0 +1,73 @@
+"""The ``adaprec`` command: formats, run, report.
+
+Heavy imports happen inside each command, so ``adaprec formats`` starts fast
+and a missing optional extra only matters to the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from adaprec.errors import AdaprecError
+
+
+def _cmd_formats(args: argparse.Namespace) -> int:
+    from adaprec.formats.table import format_table
+
+    print(format_table())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from adaprec.experiments.config import load_config
+    from adaprec.experiments.runner import run_experiment
+
+    config = load_config(args.config)
+    result = run_experiment(config, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    if result is not None:
+        print(result)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from adaprec.experiments.report import write_report
+
+    paths = write_report(args.run_dir)
+    for p in paths if isinstance(paths, (list, tuple)) else paths.values():
+        print(p)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaprec",
+        description="Adaptive precision training: compare precision policies against fp32, with an energy ledger.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("formats", help="print the table of number formats and their ranges")
+    p.set_defaults(func=_cmd_formats)
+    p = sub.add_parser("run", help="train a task under several policies and the fp32 baseline; write a report")
+    p.add_argument("config", help="experiment config (YAML), e.g. examples/quickstart.yaml")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (CI)")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("report", help="(re)write the report of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AdaprecError as e:
+        print(f"adaprec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
