@@ -7,15 +7,15 @@ two, so scaling itself adds no rounding error.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from adaprec.formats import get, quantize
+from adaprec.formats.scaling import pow2_scale
 from adaprec.plan import TensorRecipe
 
-__all__ = ["RecipeCaster", "pow2_scale", "stream_seed", "fast_quantize"]
+__all__ = ["RecipeCaster", "stream_seed", "fast_quantize"]
 
 _NATIVE_FLOAT = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -47,20 +47,13 @@ def stream_seed(*parts: int) -> int:
     return h & _MASK31
 
 
-def pow2_scale(amax: torch.Tensor, max_finite: float, margin: int = 0) -> torch.Tensor:
-    """Largest power of two s with amax * s <= max_finite (1 where amax is 0 or not finite)."""
-    safe = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
-    exp = torch.floor(torch.log2(max_finite / safe)) - margin
-    return torch.exp2(torch.clamp(exp, -126, 126))
-
-
 class RecipeCaster:
     """Casts tensors by one recipe; holds the delayed-scaling amax history."""
 
     def __init__(self, history: int = 16) -> None:
         self.history_len = history
-        self.amax_history: list[float] = []
-        self.last_scale: float = 1.0
+        self.amax_history: list[torch.Tensor] = []
+        self.last_scale: torch.Tensor | float = 1.0
 
     def __call__(self, x: torch.Tensor, recipe: TensorRecipe, seed: int) -> torch.Tensor:
         if recipe.is_fp32:
@@ -75,26 +68,22 @@ class RecipeCaster:
             return quantize_mx(x, fmt, block_size=recipe.block_size, rounding=rounding, seed=seed)
         if recipe.scaling == "row":
             row_amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
-            scale = pow2_scale(row_amax, fmt.max_finite)
+            scale = pow2_scale(row_amax, fmt)
             return fast_quantize(x.float() * scale, fmt, rounding, seed, saturate=True) / scale
         amax = x.detach().abs().amax().float()
         if recipe.scaling == "tensor":
-            scale = pow2_scale(amax, fmt.max_finite)
-        else:  # delayed: scale from the history before this tensor, then remember it
-            if self.amax_history:
-                past = torch.tensor(max(self.amax_history), dtype=torch.float32)
-                scale = pow2_scale(past, fmt.max_finite)
-            else:
-                scale = pow2_scale(amax, fmt.max_finite)
-            value = float(amax)
-            if math.isfinite(value):
-                self.amax_history = (self.amax_history + [value])[-self.history_len :]
+            scale = pow2_scale(amax, fmt)
+        else:  # delayed: scale from the history before this tensor, then remember it (no host sync)
+            past = torch.stack(self.amax_history).amax() if self.amax_history else amax
+            scale = pow2_scale(past, fmt)
+            finite = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+            self.amax_history = (self.amax_history + [finite])[-self.history_len :]
         self.last_scale = scale
         return fast_quantize(x.float() * scale, fmt, rounding, seed, saturate=True) / scale
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history_len": self.history_len, "amax_history": list(self.amax_history)}
+        return {"history_len": self.history_len, "amax_history": [float(a) for a in self.amax_history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history_len = int(state["history_len"])
-        self.amax_history = [float(v) for v in state["amax_history"]]
+        self.amax_history = [torch.tensor(float(v)) for v in state["amax_history"]]

@@ -31,6 +31,7 @@ from adaprec.engine.autograd import cast_grad, cast_operand
 from adaprec.engine.cast import RecipeCaster, stream_seed
 from adaprec.engine.native import can_run_native, fp8_linear, native_dtype_for
 from adaprec.errors import ModuleNotSupportedError, PlanError
+from adaprec.formats import compiled
 from adaprec.plan import ROLES, ModulePrecision, PrecisionPlan
 
 __all__ = ["PrecisionEngine", "find_quantizable", "BACKENDS"]
@@ -119,8 +120,13 @@ class PrecisionEngine:
             units for that dtype.
         module_filter: ``(module, fqn) -> bool``; False keeps a module out of
             every plan (it runs in fp32).
-        observer: called as ``observer(module, role, tensor, recipe)`` on
-            sampled steps, before each cast (the health monitor).
+        seed: seed of the stochastic-rounding streams (mixed with step, module, role, call).
+        compile: run the casts as fused ``torch.compile`` kernels (identical
+            bits; a one-off compile of seconds, then much faster stochastic
+            rounding than eager).
+
+    Attribute ``observer``, when set, is called as ``observer(module, role,
+    tensor, recipe)`` on sampled steps before each cast (the health monitor).
     """
 
     def __init__(
@@ -129,12 +135,14 @@ class PrecisionEngine:
         backend: str = "auto",
         module_filter: ModuleFilter | None = None,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise PlanError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.model = model
         self.backend = backend
         self.seed = int(seed)
+        self.compile = bool(compile)
         self.kinds, self.unsupported = find_quantizable(model, module_filter)
         self.module_index = {n: i for i, n in enumerate(self.kinds)}
         self.plan = PrecisionPlan.uniform(self.kinds)
@@ -234,11 +242,13 @@ class PrecisionEngine:
             caster = self._casters[key] = RecipeCaster()
         seed = stream_seed(self.seed, self.step, self.module_index[name], _ROLE_INDEX[role], call)
         observer = self.observer if self.sampling else None
+        fused = self.compile
 
         def cast(x: torch.Tensor) -> torch.Tensor:
             if observer is not None:
                 observer(name, role, x.detach(), recipe)
-            return caster(x, recipe, seed)
+            with compiled(fused):
+                return caster(x, recipe, seed)
 
         return cast
 

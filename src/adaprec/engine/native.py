@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from adaprec.engine.cast import pow2_scale
 from adaprec.formats import get
+from adaprec.formats.scaling import pow2_scale
 from adaprec.plan import ModulePrecision
 
 __all__ = ["native_dtype_for", "fp8_linear", "can_run_native"]
@@ -61,7 +61,7 @@ def _to_fp8(x: torch.Tensor, dtype: torch.dtype, rowwise: bool = False) -> tuple
     """fp8 copy of ``x`` and its power-of-two scale (one per tensor, or one per row)."""
     fmt = get("fp8_e4m3" if dtype == torch.float8_e4m3fn else "fp8_e5m2")
     amax = x.detach().abs().amax(dim=-1, keepdim=True) if rowwise else x.detach().abs().amax()
-    scale = pow2_scale(amax.float(), fmt.max_finite)
+    scale = pow2_scale(amax.float(), fmt)
     xs = torch.clamp(x.float() * scale, -fmt.max_finite, fmt.max_finite)
     return xs.to(dtype), scale
 
