@@ -323,7 +323,8 @@ class AdaptivePrecision:
         if new_plan != plan_used:
             changes = tuple(plan_used.diff(new_plan))
             reasons = dict(getattr(self.policy, "last_reasons", {}) or {})
-            self.timeline.record_plan_change(step, plan_used, new_plan, self.policy.name, reasons)
+            who = "guard" if getattr(self.policy, "incident", None) else self.policy.name
+            self.timeline.record_plan_change(step, plan_used, new_plan, who, reasons)
             self.engine.set_plan(new_plan)
         self._account(step, plan_used)
         self._step += 1

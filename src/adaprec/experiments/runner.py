@@ -1,0 +1,251 @@
+"""Runner: every policy (fp32 baseline first) x every seed, into one run directory.
+
+Each run checkpoints itself every ``checkpoint_every`` steps (atomically),
+so ``resume=True`` skips finished runs and continues a killed one from its
+last checkpoint with the same results an uninterrupted run gives: the data
+order of every epoch is a function of (seed, epoch), and the checkpoint
+holds model, optimizer, controller state and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaprec.errors import CheckpointError, ConfigError, TaskError, TrainingUnstableError
+from adaprec.experiments.config import ExperimentConfig, PolicySpec
+from adaprec.experiments.store import ResultStore
+from adaprec.experiments.tasks import Task, get_task
+
+__all__ = ["run_experiment", "run_id_for", "epoch_seed"]
+
+CONFIG_NAME = "config.json"
+
+
+def run_id_for(spec: PolicySpec, seed: int) -> str:
+    return f"{spec.label}-seed{seed}"
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of one epoch: distinct per (seed, epoch), so any epoch can be replayed."""
+    return seed * 1_000_003 + epoch
+
+
+def _is_baseline(spec: PolicySpec) -> bool:
+    return spec.name == "fp32" and not spec.kwargs
+
+
+def _slug(run_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", run_id)
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: never half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _prepare_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> ResultStore:
+    """Create or reopen the run directory; refuse to mix results of two configs."""
+    saved = run_dir / CONFIG_NAME
+    text = json.dumps(config.model_dump(mode="json", exclude={"out", "quiet"}), indent=2, sort_keys=True)
+    if saved.exists():
+        if not resume:
+            raise ConfigError(
+                f"run directory {run_dir} already holds results; pass --resume (resume=True) to continue it, "
+                "or choose another --out"
+            )
+        if saved.read_text(encoding="utf-8") != text:
+            raise ConfigError(
+                f"run directory {run_dir} was started with a different config ({saved}); "
+                "resume with the same config, or choose another --out"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not saved.exists():
+        _atomic(saved, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    return ResultStore(run_dir)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    report: bool = True,
+) -> Path:
+    """Train ``config.task`` under each policy and seed; write the store (and the report).
+
+    Args:
+        config: a validated :class:`ExperimentConfig` (see :func:`load_config`).
+        out_dir: run directory; default ``config.out``, else ``runs/<task>``.
+        resume: continue an existing run directory: finished runs are
+            skipped, a killed run continues from its last checkpoint.
+        progress: a progress bar per run (also off when ``config.quiet``).
+        report: write report.html / report.md at the end.
+
+    Returns the run directory.
+    """
+    run_dir = Path(out_dir or config.out or Path("runs") / _slug(config.task))
+    task = get_task(config.task)  # loads the data: fail before any directory is written
+    store = _prepare_dir(config, run_dir, resume)
+    try:
+        done = store.finished_runs() if resume else set()
+        for spec in config.policies:
+            for seed in config.seeds:
+                if run_id_for(spec, seed) in done:
+                    continue
+                _run_one(task, config, spec, seed, store, run_dir, progress and not config.quiet)
+    finally:
+        store.close()
+    if report:
+        from adaprec.experiments.report import write_report
+
+        write_report(run_dir)
+    return run_dir
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to restart that run from scratch"
+        ) from None
+
+
+def _run_one(
+    task: Task, config: ExperimentConfig, spec: PolicySpec, seed: int, store: ResultStore, run_dir: Path, progress: bool
+) -> None:
+    import adaprec
+
+    run_id = run_id_for(spec, seed)
+    spe = task.steps_per_epoch
+    total = config.total_steps(spe, task.default_steps)
+    model = task.make_model(seed)
+    opt = task.make_optimizer(model)
+    ap = adaprec.AdaptivePrecision(
+        model, opt, policy=spec.build_arg(), energy_profile=config.energy_profile,
+        monitor_every=config.monitor_every, seed=seed, total_steps=total, steps_per_epoch=spe,
+        guard=not _is_baseline(spec),  # the baseline is plain fp32 training: nothing to fall back to
+    )
+    initial_plan = ap.plan.to_dict()
+    ckpt = run_dir / "checkpoints" / f"{_slug(run_id)}.pt"
+    done, wall_before = 0, 0.0
+    if ckpt.exists():
+        state = _load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        ap.load_state_dict(state["ap"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(_as_tuple(state["py_rng"]))
+        done, wall_before = int(state["step"]), float(state["wall_s"])
+    else:
+        torch.manual_seed(seed)
+        random.seed(seed)
+    store.delete_partial(run_id, done)
+    store.start_run(
+        run_id, task=task.name, policy=spec.label, seed=seed, metric=task.metric,
+        higher_is_better=task.higher_is_better, total_steps=total, energy_profile=config.energy_profile,
+        config={**config.model_dump(mode="json"), "policy": spec.model_dump(mode="json"), "seed": seed},
+        initial_plan=initial_plan,
+    )
+    eval_every = config.eval_every or max(1, total // 10)
+    buffer: list[dict[str, Any]] = []
+    flushed = done
+    started = time.perf_counter()
+    bar = _bar(run_id, total, done, progress)
+
+    def flush() -> None:
+        nonlocal flushed
+        with store.transaction():
+            store.add_steps(run_id, buffer)
+            store.add_timeline(run_id, [e for e in ap.timeline.events if flushed <= e.step < done])
+            store.add_energy(run_id, [r for r in ap.energy.steps() if flushed <= r["step"] < done])
+        buffer.clear()
+        flushed = done
+
+    try:
+        while done < total:
+            epoch = done // spe
+            for i, (x, y) in enumerate(task.train_loader(epoch_seed(seed, epoch))):
+                if i < done % spe:
+                    continue  # replaying the epoch a checkpoint stopped in
+                opt.zero_grad(set_to_none=True)
+                with ap.autocast():
+                    loss = task.loss_fn(model(x), y)
+                ap.backward(loss)
+                res = ap.step()
+                done += 1
+                buffer.append({
+                    "step": res.step, "loss": res.loss, "lr": opt.param_groups[0]["lr"],
+                    "loss_scale": res.loss_scale, "plan_summary": ap.plan.summary(),
+                    "stepped": res.stepped, "reason": res.reason,
+                })
+                if done % spe == 0:
+                    ap.end_epoch()
+                if done % eval_every == 0 and done < total:
+                    store.add_evals(run_id, done, task.evaluate(model))
+                if done % config.checkpoint_every == 0 or done == total:
+                    flush()
+                    _save(ckpt, model, opt, ap, done, wall_before + time.perf_counter() - started)
+                bar.update(1)
+                if done % 10 == 0:
+                    bar.set_postfix_str(f"loss {res.loss:.3f} | {ap.plan.summary()}")
+                if done >= total:
+                    break
+            else:
+                if done % spe:
+                    raise TaskError(
+                        f"task {task.name!r}: train_loader yielded {done % spe} batches in epoch {epoch} but "
+                        f"steps_per_epoch is {spe}; make them agree"
+                    )
+    except TrainingUnstableError as e:
+        flush()
+        store.fail_run(run_id, reason=str(e), wall_time_s=wall_before + time.perf_counter() - started)
+        return
+    finally:
+        bar.close()
+        ap.close()
+    final = task.evaluate(model)
+    store.add_evals(run_id, total, final)
+    summary = {**ap.energy.summary(), "final": final, "run_id": run_id, "policy": spec.label, "seed": seed}
+    store.finish_run(
+        run_id, final_metric=final[task.metric], wall_time_s=wall_before + time.perf_counter() - started,
+        summary=summary,
+    )
+
+
+def _save(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ap: Any, step: int, wall_s: float) -> None:
+    state = {
+        "version": 1, "step": step, "wall_s": wall_s,
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "ap": ap.state_dict(),
+        "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(),
+    }
+    _atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _bar(run_id: str, total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=run_id, disable=not enabled, leave=True, dynamic_ncols=True)

