@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 import torch
-from _train import train
 
+from _train import train
 from adaprec.formats import get
 
 pytestmark = pytest.mark.slow
