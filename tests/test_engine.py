@@ -49,7 +49,7 @@ def test_discovers_matmul_modules_and_reports_the_rest():
     assert eng.kinds == {"0": "conv", "1": "conv", "2": "embedding", "4": "attention",
                          "5": "attention", "5.qkv": "linear", "5.proj": "linear"}
     assert any(u.startswith("3 (Odd)") for u in eng.unsupported)
-    assert any(u.startswith("6 (LayerNorm)") for u in eng.unsupported)
+    assert not any("LayerNorm" in u for u in eng.unsupported)  # kept fp32 by design, not a gap
 
 
 def test_forward_equals_quantized_operands_by_hand():

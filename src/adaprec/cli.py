@@ -25,9 +25,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from adaprec.experiments.runner import run_experiment
 
     config = load_config(args.config)
-    result = run_experiment(config, out_dir=args.out, resume=args.resume, progress=not args.quiet)
-    if result is not None:
-        print(result)
+    run_dir = run_experiment(config, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    summary = run_dir / "report.md"
+    if summary.exists():
+        table = [line for line in summary.read_text().splitlines() if line.startswith("|")]
+        print("\n".join(table))
+    print(f"report: {(run_dir / 'report.html').resolve()}")
     return 0
 
 

@@ -51,6 +51,12 @@ _MHA = {F.multi_head_attention_forward}
 _MHA_WEIGHT_ARGS = (5, 11)
 _MHA_WEIGHT_KWARGS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 _ROLE_INDEX = {r: i for i, r in enumerate(ROLES)}
+# Numerically sensitive layers stay fp32 by design (as torch.autocast keeps
+# them), so they are not reported as unsupported.
+_KEPT_FP32 = (
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
+)
 
 
 def _module_kind(module: nn.Module) -> str | None:
@@ -90,7 +96,7 @@ def find_quantizable(
             kinds[name] = kind
             if isinstance(module, nn.MultiheadAttention):
                 skip_prefixes.append(name + "." if name else "")
-        elif kind is None and any(True for _ in module.parameters(recurse=False)):
+        elif kind is None and not isinstance(module, _KEPT_FP32) and any(True for _ in module.parameters(recurse=False)):
             unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
     return kinds, unsupported
 

@@ -1,0 +1,116 @@
+"""The headline benchmark: every task x every policy x 3 seeds, against fp32.
+
+For each task it runs ``adaprec run`` (through :func:`run_experiment`) with
+all policies, then reads the result store and tabulates, per policy: quality
+(mean over seeds) and its difference from fp32, modeled energy and its
+saving against fp32 (profile 7nm), and the share of MACs in 8-bit or
+narrower formats. Goal for error-budget (issue: main job): >= 75 % modeled
+saving with quality within 0.5 accuracy points (or 1 % validation loss) on
+every task, and a better trade-off than bf16, cyclic and progressive.
+
+Resumable: rerun with the same ``--out`` and finished runs are kept.
+
+Run: ``python bench/bench_headline.py [--seeds 3] [--tasks ...] [--out runs/headline] [--write]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _markdown import write_section  # noqa: E402
+
+from adaprec.experiments.config import ExperimentConfig  # noqa: E402
+from adaprec.experiments.runner import run_experiment  # noqa: E402
+from adaprec.formats import get  # noqa: E402
+
+TASKS = ["digits-cnn", "mnist1d-cnn", "mnist-mlp", "char-transformer"]
+POLICIES = ["bf16", "fp8-hybrid", "cyclic", "progressive", "gradient-diversity", "error-budget"]
+
+
+def _collect(run_dir: Path) -> tuple[str, bool, dict[str, dict[str, float]]]:
+    con = sqlite3.connect(run_dir / "runs.sqlite")
+    rows = con.execute(
+        "select r.run_id, r.policy, r.metric, r.higher_is_better, r.final_metric, s.json "
+        "from runs r join summary s on s.run_id = r.run_id where r.status = 'finished'"
+    ).fetchall()
+    con.close()
+    per: dict[str, dict[str, list[float]]] = {}
+    metric, higher = "", True
+    for _run_id, policy, metric, higher, final, summary_json in rows:
+        s = json.loads(summary_json)
+        energy = s.get("energy", s)
+        macs = energy["macs_by_format"]
+        low = sum(v for f, v in macs.items() if get(f).bits <= 8) / max(1, sum(macs.values()))
+        d = per.setdefault(policy, {"q": [], "j": [], "fp32j": [], "low": []})
+        d["q"].append(float(final))
+        d["j"].append(float(energy["modeled_j"]))
+        d["fp32j"].append(float(energy["fp32_modeled_j"]))
+        d["low"].append(low)
+    out = {
+        p: {
+            "q": statistics.mean(d["q"]),
+            "q_sd": statistics.pstdev(d["q"]),
+            "j": statistics.mean(d["j"]),
+            "saving": 1 - sum(d["j"]) / sum(d["fp32j"]),
+            "low": statistics.mean(d["low"]),
+            "n": len(d["q"]),
+        }
+        for p, d in per.items()
+    }
+    return metric, bool(higher), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tasks", nargs="+", default=TASKS)
+    ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--out", default="runs/headline")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    lines = [
+        f"All tasks at their default steps, {args.seeds} seeds, energy **modeled** with profile 7nm "
+        "(no meter on this machine). Quality: accuracy (higher is better) or bits per character "
+        "(lower is better); Δ is against fp32 in the same units (accuracy in points).",
+        "",
+        "| task | policy | quality (mean ± sd) | Δ vs fp32 | modeled energy (J) | saving vs fp32 | MACs in ≤8-bit |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    verdicts = []
+    for task in args.tasks:
+        run_dir = Path(args.out) / task
+        config = ExperimentConfig(task=task, policies=args.policies, seeds=args.seeds, quiet=True)
+        run_experiment(config, out_dir=run_dir, resume=(run_dir / "runs.sqlite").exists(), progress=False)
+        metric, higher, res = _collect(run_dir)
+        base = res["fp32"]["q"]
+        scale = 100.0 if higher else 1.0
+        for policy in ["fp32"] + [p for p in args.policies if p in res]:
+            r = res[policy]
+            delta = (r["q"] - base) * scale
+            lines.append(
+                f"| {task} | {policy} | {r['q']:.4f} ± {r['q_sd']:.4f} | {delta:+.2f}{' pt' if higher else ''} | "
+                f"{r['j']:.4g} | {100 * r['saving']:.1f} % | {100 * r['low']:.0f} % |"
+            )
+        if "error-budget" in res:
+            eb = res["error-budget"]
+            ok_q = (base - eb["q"]) * 100 <= 0.5 if higher else eb["q"] <= base * 1.01
+            verdicts.append(
+                f"- {task}: error-budget saves {100 * eb['saving']:.1f} % (goal 75 %: "
+                f"{'met' if eb['saving'] >= 0.75 else 'NOT met'}), quality "
+                f"{'within' if ok_q else 'OUTSIDE'} the tolerance ({metric})."
+            )
+        print("\n".join(lines[-len(res):]), flush=True)
+    table = "\n".join(lines + ["", "Goal for error-budget:", *verdicts])
+    print(table)
+    if args.write:
+        write_section("Headline: energy saving and quality per task and policy (issue: main job)", table)
+
+
+if __name__ == "__main__":
+    main()
