@@ -24,7 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _markdown import write_section  # noqa: E402
-
 from adaprec.experiments.config import ExperimentConfig  # noqa: E402
 from adaprec.experiments.runner import run_experiment  # noqa: E402
 from adaprec.formats import get  # noqa: E402
@@ -42,7 +41,8 @@ def _collect(run_dir: Path) -> tuple[str, bool, dict[str, dict[str, float]]]:
     con.close()
     per: dict[str, dict[str, list[float]]] = {}
     metric, higher = "", True
-    for _run_id, policy, metric, higher, final, summary_json in rows:
+    for _run_id, policy, run_metric, run_higher, final, summary_json in rows:
+        metric, higher = run_metric, run_higher
         s = json.loads(summary_json)
         energy = s.get("energy", s)
         macs = energy["macs_by_format"]
@@ -66,6 +66,22 @@ def _collect(run_dir: Path) -> tuple[str, bool, dict[str, dict[str, float]]]:
     return metric, bool(higher), out
 
 
+def _forget(run_dir: Path, policies: list[str]) -> None:
+    """Drop the runs of ``policies`` (rows and checkpoints) so a resumed run trains them again."""
+    if not (run_dir / "runs.sqlite").exists():
+        return
+    con = sqlite3.connect(run_dir / "runs.sqlite")
+    with con:
+        for (run_id,) in con.execute(
+            f"select run_id from runs where policy in ({','.join('?' * len(policies))})", policies
+        ).fetchall():
+            for table in ("steps", "timeline", "energy", "evals", "summary", "runs"):
+                con.execute(f"delete from {table} where run_id = ?", (run_id,))
+            for ckpt in (run_dir / "checkpoints").glob(f"{run_id}*"):
+                ckpt.unlink()
+    con.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
@@ -73,6 +89,7 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=POLICIES)
     ap.add_argument("--out", default="runs/headline")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--redo", nargs="*", default=[], help="policies to train again (after a policy change)")
     args = ap.parse_args()
     lines = [
         f"All tasks at their default steps, {args.seeds} seeds, energy **modeled** with profile 7nm "
@@ -85,6 +102,7 @@ def main() -> None:
     verdicts = []
     for task in args.tasks:
         run_dir = Path(args.out) / task
+        _forget(run_dir, args.redo)
         config = ExperimentConfig(task=task, policies=args.policies, seeds=args.seeds, quiet=True)
         run_experiment(config, out_dir=run_dir, resume=(run_dir / "runs.sqlite").exists(), progress=False)
         metric, higher, res = _collect(run_dir)

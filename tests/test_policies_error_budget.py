@@ -44,7 +44,17 @@ def snapshot(step, plan, per_module=None, **kw):
     return Snapshot(step=step, epoch=0, plan=plan, modules=mods, **kw)
 
 
+# The float ladders these synthetic snapshots were built for (the defaults put
+# per-tensor integers first; the rule is the same for any ladder).
+FLOAT_LADDERS = {
+    "weight": ("fp4_e2m1", "fp6_e3m2", "fp8_e4m3", "bf16", "fp32"),
+    "activation": ("fp4_e2m1", "fp6_e3m2", "fp8_e4m3", "bf16", "fp32"),
+    "grad_output": ("fp8_e5m2", "bf16", "fp32"),
+}
+
+
 def make(**kw):
+    kw.setdefault("ladders", FLOAT_LADDERS)
     kw.setdefault("warmup_steps", 0)
     kw.setdefault("early_extra_db", 0.0)
     kw.setdefault("sensitive_edges", False)
@@ -106,25 +116,28 @@ def test_overflow_and_underflow_limits():
 
 
 def test_sensitive_edges_and_overflowed_modules_stay_wider():
-    pol, plan = make(patience=1, sensitive_edges=True)
+    pol, plan = make(patience=1, sensitive_edges=True, sensitive_extra_db=15.0)
     assert pol.target("first", "weight", 0) == pytest.approx(35.0)
     assert pol.target("mid", "weight", 0) == pytest.approx(20.0)
     plan = pol.decide(snapshot(0, plan), 0)
     assert plan.get("first").weight.format == "bf16" and plan.get("last").weight.format == "bf16"
     assert plan.get("mid").weight.format == "fp6_e3m2"
-    pol2, plan2 = make(patience=1)
+    pol2, plan2 = make(patience=1, sensitive_extra_db=15.0)
     plan2 = pol2.decide(snapshot(0, plan2, overflowed=("mid",)), 0)
     assert plan2.get("mid").weight.format == "bf16" and plan2.get("first").weight.format == "fp6_e3m2"
-    pol3, _ = make()
+    pol3, _ = make(sensitive_extra_db=15.0)
     pol3.on_guard_raise(["last"])
     assert pol3.target("last", "weight", 0) == pytest.approx(35.0)
 
 
 def test_warmup_then_targets_relax_as_training_matures():
     pol = ErrorBudgetPolicy(warmup_steps=10, warmup_format="fp32", early_extra_db=6.0, mature_steps=100,
-                            sensitive_edges=False, patience=1)
+                            sensitive_edges=False, patience=1, ladders=FLOAT_LADDERS)
     plan = pol.setup(PrecisionPlan.uniform(MODS, "bf16"))
-    plan = pol.decide(snapshot(5, plan), 5)
+    assert plan.is_fp32  # the warm-up holds from the very first step
+    plan = pol.decide(snapshot(5, plan.map(lambda n, mp: mp)), 5)
+    assert plan.is_fp32
+    plan = pol.decide(snapshot(6, PrecisionPlan.uniform(MODS, "bf16")), 6)
     assert plan.is_fp32 and "warm-up" in next(iter(pol.last_reasons.values()))
     assert pol.target("mid", "weight", 10) == pytest.approx(26.0)
     assert pol.target("mid", "weight", 60) == pytest.approx(23.0)

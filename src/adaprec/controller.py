@@ -156,7 +156,8 @@ class AdaptivePrecision:
         base = build(policy)
         self.policy: Policy = with_guard(base) if guard else base
         self.engine.set_plan(self.policy.setup(template, total_steps, steps_per_epoch))
-        self.monitor = HealthMonitor(every=monitor_every)
+        wanted = self.policy.candidate_formats
+        self.monitor = HealthMonitor(every=monitor_every, **({"candidates": wanted} if wanted else {}))
         self.engine.observer = self.monitor.observe_tensor
         self.loss_scaling = loss_scaling
         self.loss_scaler = DynamicLossScaler()

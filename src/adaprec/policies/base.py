@@ -65,6 +65,14 @@ class Policy(ABC):
     def decide(self, snapshot: Snapshot, step: int) -> PrecisionPlan:
         """The plan to use from ``step`` on (pure given the snapshot, step and state)."""
 
+    @property
+    def candidate_formats(self) -> tuple[str, ...]:
+        """Formats this policy may choose from measurements; the monitor measures these.
+
+        Empty: the policy reads no per-format statistics (the monitor's defaults apply).
+        """
+        return ()
+
     def on_guard_raise(self, modules: Iterable[str]) -> None:  # noqa: B027 - optional hook
         """The guard widened ``modules`` after an incident; a policy may treat them as sensitive."""
 

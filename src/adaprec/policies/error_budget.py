@@ -19,16 +19,21 @@ from adaprec.formats import get
 from adaprec.monitor.snapshot import Snapshot, TensorStats
 from adaprec.plan import ROLES, PrecisionPlan, preset
 from adaprec.policies.base import Policy, _check_keys
-from adaprec.policies.ladder import recipe_for, width_rank
+from adaprec.policies.ladder import GRAD_ROLES, recipe_for, width_rank
 
 __all__ = ["ErrorBudgetPolicy", "DEFAULT_TARGETS", "DEFAULT_LADDERS"]
 
-FORWARD_LADDER = ("fp4_e2m1", "fp6_e3m2", "fp8_e4m3", "bf16", "fp32")
+# Ladders run cheapest first, as published per-operation energies order them
+# (integer arithmetic costs less than float of the same width: Horowitz 2014,
+# Jouppi et al. 2021), not by bit count. Per-tensor scaled integers serve
+# tensors with a compact range; fp8 takes over when outliers need exponent bits.
+FORWARD_LADDER = ("int4", "int6", "int8", "fp8_e4m3", "bf16", "fp32")
 DEFAULT_LADDERS: dict[str, tuple[str, ...]] = {
     "weight": FORWARD_LADDER,
     "activation": FORWARD_LADDER,
-    # gradients need range more than mantissa: E5M2, never E4M3 or fp4
-    "grad_output": ("fp8_e5m2", "bf16", "fp32"),
+    # gradients: int8 with stochastic rounding where the range allows, else
+    # E5M2 (range before mantissa), never E4M3 or 4-bit
+    "grad_output": ("int8", "fp8_e5m2", "bf16", "fp32"),
     # the weight gradient is a GEMM output accumulated wide; store it in bf16 at least
     "grad_weight": ("bf16", "fp32"),
 }
@@ -43,13 +48,15 @@ class ErrorBudgetPolicy(Policy):
     Args:
         targets: minimum SQNR (dB) per role; missing roles keep the defaults
             (weight 20, activation 20, grad_output 12, grad_weight 12).
-        ladders: candidate formats per role, narrowest first; missing roles
+        ladders: candidate formats per role, cheapest first (the order is kept); missing roles
             keep the defaults. A role with an empty ladder is never changed.
         max_overflow: largest tolerated fraction of values that saturate.
         max_underflow: largest tolerated fraction of nonzero values flushed to zero.
         patience: consecutive sampled snapshots a narrower format must pass
             before the policy narrows to it.
-        warmup_steps: steps run in ``warmup_format`` before any measurement counts.
+        warmup_steps: steps run in ``warmup_format`` before any measurement
+            counts; ``None`` (default): a tenth of ``total_steps``, at most
+            100 (100 when the run length is unknown).
         warmup_format: a preset name for the warm-up (``bf16`` or ``fp32``).
         sensitive_extra_db: added to the target of sensitive modules (the
             first and last module in plan order when ``sensitive_edges``, and
@@ -62,6 +69,13 @@ class ErrorBudgetPolicy(Policy):
 
     name = "error-budget"
 
+    @property
+    def candidate_formats(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for ladder in self.ladders.values():
+            seen.update(dict.fromkeys(ladder))
+        return tuple(seen)
+
     def __init__(
         self,
         targets: Mapping[str, float] | None = None,
@@ -69,9 +83,9 @@ class ErrorBudgetPolicy(Policy):
         max_overflow: float = 1e-4,
         max_underflow: float = 0.1,
         patience: int = 3,
-        warmup_steps: int = 100,
+        warmup_steps: int | None = None,
         warmup_format: str = "bf16",
-        sensitive_extra_db: float = 15.0,
+        sensitive_extra_db: float = 6.0,
         sensitive_edges: bool = True,
         early_extra_db: float = 6.0,
         mature_steps: int | None = None,
@@ -94,12 +108,12 @@ class ErrorBudgetPolicy(Policy):
                 raise PolicyError(f"error-budget policy: ladder for {role}: {e}") from None
             if len(set(names)) != len(names):
                 raise PolicyError(f"error-budget policy: ladder for {role} repeats a format: {list(names)}")
-            self.ladders[role] = tuple(sorted(names, key=width_rank))
+            self.ladders[role] = names  # the caller's order: cheapest first
         if not 0 <= max_overflow <= 1 or not 0 <= max_underflow <= 1:
             raise PolicyError("error-budget policy: max_overflow and max_underflow are fractions in [0, 1]")
         if not isinstance(patience, int) or patience < 1:
             raise PolicyError(f"error-budget policy: patience must be a positive int, got {patience!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
             raise PolicyError(f"error-budget policy: warmup_steps must be an int >= 0, got {warmup_steps!r}")
         try:
             self._warm_mp = preset(warmup_format)
@@ -108,7 +122,9 @@ class ErrorBudgetPolicy(Policy):
         if mature_steps is not None and (not isinstance(mature_steps, int) or mature_steps < 1):
             raise PolicyError(f"error-budget policy: mature_steps must be a positive int, got {mature_steps!r}")
         self.max_overflow, self.max_underflow = float(max_overflow), float(max_underflow)
-        self.patience, self.warmup_steps, self.warmup_format = patience, warmup_steps, warmup_format
+        self.patience, self.warmup_format = patience, warmup_format
+        self.warmup_request = warmup_steps
+        self.warmup_steps = 100 if warmup_steps is None else warmup_steps
         self.sensitive_extra_db, self.sensitive_edges = float(sensitive_extra_db), bool(sensitive_edges)
         self.early_extra_db, self.mature_steps = float(early_extra_db), mature_steps
         self.sensitive: set[str] = set()
@@ -143,9 +159,25 @@ class ErrorBudgetPolicy(Policy):
     def on_guard_raise(self, modules: Iterable[str]) -> None:
         self.sensitive.update(modules)
 
+    def setup(
+        self, template: PrecisionPlan, total_steps: int | None = None, steps_per_epoch: int | None = None
+    ) -> PrecisionPlan:
+        if self.warmup_request is None and total_steps:
+            self.warmup_steps = min(100, total_steps // 10)
+        return super().setup(template, total_steps, steps_per_epoch)
+
+    def initial_plan(self, template: PrecisionPlan) -> PrecisionPlan:
+        """Training starts in the warm-up format (the first step included)."""
+        return template.map(lambda _n, _old: self._warm_mp) if self.warmup_steps > 0 else template
+
     # --- the rule -----------------------------------------------------------------------
-    def _check(self, stats: TensorStats, fmt: str, target: float) -> tuple[bool, str]:
-        """Does ``fmt`` meet the budget? With the figure that decided it."""
+    def _check(self, stats: TensorStats, fmt: str, target: float, role: str = "weight") -> tuple[bool, str]:
+        """Does ``fmt`` meet the budget? With the figure that decided it.
+
+        Gradient roles round stochastically, which keeps small values alive in
+        expectation, so the flush-to-zero fraction (measured under nearest
+        rounding) does not bind them; their SQNR target does.
+        """
         if fmt == "fp32":
             return True, "fp32 is exact"
         sq = stats.sqnr_db.get(fmt)
@@ -157,7 +189,7 @@ class ErrorBudgetPolicy(Policy):
         if ov > self.max_overflow:
             return False, f"overflow {ov:.3%} > {self.max_overflow:.3%}"
         un = stats.underflow_frac.get(fmt, 0.0)
-        if un > self.max_underflow:
+        if role not in GRAD_ROLES and un > self.max_underflow:
             return False, f"underflow {un:.2%} > {self.max_underflow:.2%}"
         return True, f"sqnr {sq:.1f} dB >= {target:.1f} dB"
 
@@ -193,10 +225,10 @@ class ErrorBudgetPolicy(Policy):
                     continue
                 target = self.target(module, role, step)
                 current = mp.recipe(role)
-                verdicts = [self._check(stats, f, target) for f in ladder]
+                verdicts = [self._check(stats, f, target, role) for f in ladder]
                 best = next(i for i, (ok, _) in enumerate(verdicts + [(True, "")]) if ok)
                 best = min(best, len(ladder) - 1)
-                cur_ok, cur_why = self._check(stats, current.format, target)
+                cur_ok, cur_why = self._check(stats, current.format, target, role)
                 key = (module, role)
                 new_fmt = None
                 if not cur_ok:
@@ -209,7 +241,7 @@ class ErrorBudgetPolicy(Policy):
                     streak[1] = max(streak[1], best)
                     if streak[0] >= self.patience:
                         new_fmt = ladder[streak[1]]
-                        _, fig = self._check(stats, new_fmt, target)
+                        _, fig = self._check(stats, new_fmt, target, role)
                         why = f"{new_fmt}: {fig} for {streak[0]} checks"
                         del self._streak[key]
                 else:

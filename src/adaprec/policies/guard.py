@@ -77,6 +77,10 @@ class Guard(Policy):
         return f"guard({self.policy.name})"
 
     @property
+    def candidate_formats(self) -> tuple[str, ...]:
+        return self.policy.candidate_formats
+
+    @property
     def retry(self) -> bool:
         """Alias of ``rollback_requested``: restore weights and optimizer, run the step again."""
         return self.rollback_requested
