@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=POLICIES)
     ap.add_argument("--out", default="runs/headline")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="no torch.compile of the casts (same bits, slower)")
     ap.add_argument("--redo", nargs="*", default=[], help="policies to train again (after a policy change)")
     args = ap.parse_args()
     lines = [
@@ -103,7 +104,9 @@ def main() -> None:
     for task in args.tasks:
         run_dir = Path(args.out) / task
         _forget(run_dir, args.redo)
-        config = ExperimentConfig(task=task, policies=args.policies, seeds=args.seeds, quiet=True)
+        config = ExperimentConfig(
+            task=task, policies=args.policies, seeds=args.seeds, quiet=True, compile=not args.eager
+        )
         run_experiment(config, out_dir=run_dir, resume=(run_dir / "runs.sqlite").exists(), progress=False)
         metric, higher, res = _collect(run_dir)
         base = res["fp32"]["q"]

@@ -111,6 +111,7 @@ class ExperimentConfig(BaseModel):
     checkpoint_every: int = Field(default=100, gt=0)
     energy_profile: str = "7nm"
     monitor_every: int = Field(default=10, gt=0)
+    compile: bool = False  # fuse quantization kernels with torch.compile (same bits, faster stochastic rounding)
     out: str | None = None
     quiet: bool = False
 

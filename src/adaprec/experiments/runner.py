@@ -64,7 +64,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
 def _prepare_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> ResultStore:
     """Create or reopen the run directory; refuse to mix results of two configs."""
     saved = run_dir / CONFIG_NAME
-    text = json.dumps(config.model_dump(mode="json", exclude={"out", "quiet"}), indent=2, sort_keys=True)
+    text = json.dumps(config.model_dump(mode="json", exclude={"out", "quiet", "compile"}), indent=2, sort_keys=True)
     if saved.exists():
         if not resume:
             raise ConfigError(
@@ -144,6 +144,7 @@ def _run_one(
         model, opt, policy=spec.build_arg(), energy_profile=config.energy_profile,
         monitor_every=config.monitor_every, seed=seed, total_steps=total, steps_per_epoch=spe,
         guard=not _is_baseline(spec),  # the baseline is plain fp32 training: nothing to fall back to
+        compile=config.compile,
     )
     initial_plan = ap.plan.to_dict()
     ckpt = run_dir / "checkpoints" / f"{_slug(run_id)}.pt"
