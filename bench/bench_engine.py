@@ -66,6 +66,9 @@ VARIANTS = {
     "adaprec fp32 plan": ("fp32", {"guard": False, "monitor_every": 10**9}),
     "adaprec fp32 plan + guard": ("fp32", {"monitor_every": 10**9}),
     "adaprec fp8-hybrid (emulated)": ("fp8-hybrid", {"guard": False, "monitor_every": 10**9, "backend": "emulate"}),
+    "adaprec fp8-hybrid (emulated, compiled casts)": (
+        "fp8-hybrid", {"guard": False, "monitor_every": 10**9, "backend": "emulate", "compile": True}
+    ),
     "adaprec error-budget, monitor every 10": ("error-budget", {"guard": False, "monitor_every": 10, "backend": "emulate"}),
     "adaprec error-budget, no monitoring": ("error-budget", {"guard": False, "monitor_every": 10**9, "backend": "emulate"}),
 }
@@ -75,8 +78,8 @@ def bench_task(name: str, rounds: int, steps: int) -> dict[str, float]:
     task = get_task(name)
     batches = _batches(task, steps)
     runs = {k: _variant(task, p, **kw) for k, (p, kw) in VARIANTS.items()}
-    for run in runs.values():  # warm-up: first-call costs, allocator
-        run(batches[:3])
+    for run in runs.values():  # warm-up: first-call costs, compiles, allocator
+        run(batches[:5])
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for k, run in runs.items():

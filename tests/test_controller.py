@@ -186,3 +186,37 @@ def test_optimizer_state_can_be_kept_narrow():
         for v in opt.state[p].values():
             if v.dim() > 0:
                 assert torch.equal(v, v.bfloat16().float())
+
+
+def test_rollback_restores_weights_and_optimizer_state_of_before_the_bad_update():
+    """A policy that asks for a rollback at step k undoes the update of step k-1 and skips step k."""
+    from adaprec.policies import StaticPolicy
+
+    class RollbackAt(StaticPolicy):
+        def __init__(self, at: int) -> None:
+            super().__init__("fp32")
+            self.at = at
+            self.rollback_requested = False
+
+        def decide(self, snapshot, step):
+            self.rollback_requested = step == self.at
+            return super().decide(snapshot, step)
+
+    x, y = _digits()
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ap = adaprec.AdaptivePrecision(model, opt, RollbackAt(6), guard=False)
+    snapshots = []
+    for i, (xb, yb) in enumerate(_batches(x, y, 8)):
+        snapshots.append(([p.detach().clone() for p in model.parameters()],
+                          {k: v.clone() for k, v in opt.state[model[0].weight].items()} if opt.state else {}))
+        opt.zero_grad(set_to_none=True)
+        with ap.autocast():
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        ap.backward(loss)
+        res = ap.step()
+        if i == 6:
+            assert res.rolled_back and not res.stepped
+            weights, state = snapshots[5]  # before the update of step 5
+            assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+            assert all(torch.equal(v, opt.state[model[0].weight][k]) for k, v in state.items())

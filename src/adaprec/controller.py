@@ -172,7 +172,9 @@ class AdaptivePrecision:
         self.shadow: dict[int, dict[str, tuple[float, float]]] = {}
         self._owners = _param_owners(model, list(self.engine.kinds))
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
-        self._backup: tuple[list[torch.Tensor], dict[str, Any]] | None = None
+        self._backup: tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, str]]] | None = None
+        # keep a pre-step copy only when something may ask to roll a step back
+        self._guarded = hasattr(self.policy, "rollback_requested")
         self._step = 0
         self._epoch = 0
         self._phase = "ready"
@@ -266,19 +268,42 @@ class AdaptivePrecision:
                 bad.append(m)
         return tuple(bad)
 
+    def _state_tensors(self) -> tuple[list[tuple[int, str]], list[torch.Tensor]]:
+        keys, tensors = [], []
+        for i, p in enumerate(self._params):
+            for k, v in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    keys.append((i, k))
+                    tensors.append(v)
+        return keys, tensors
+
     def _save_backup(self) -> None:
-        weights = [p.detach().clone() for p in self._params]
-        opt = _clone_state(self.optimizer.state_dict())
-        self._backup = (weights, opt)
+        """Copy master weights and optimizer state into reused buffers (one fused copy each)."""
+        params = [p.detach() for p in self._params]
+        keys, state = self._state_tensors()
+        if self._backup is None or self._backup[2] != keys:
+            self._backup = ([p.clone() for p in params], [v.detach().clone() for v in state], keys)
+        else:
+            torch._foreach_copy_(self._backup[0], params)
+            if state:
+                torch._foreach_copy_(self._backup[1], state)
 
     def _restore_backup(self) -> bool:
+        """Put back the weights and optimizer state saved before the last optimizer step."""
         if self._backup is None:
             return False
-        weights, opt = self._backup
+        weights, state, keys = self._backup
         with torch.no_grad():
-            for p, w in zip(self._params, weights, strict=True):
-                p.copy_(w)
-        self.optimizer.load_state_dict(_clone_state(opt))
+            torch._foreach_copy_([p.detach() for p in self._params], weights)
+            now_keys, now = self._state_tensors()
+            if now_keys == keys:
+                if state:
+                    torch._foreach_copy_(now, state)
+            else:  # the state was created after the backup (first step): drop it, as it was
+                saved = {i for i, _ in keys}
+                for i, p in enumerate(self._params):
+                    if i not in saved:
+                        self.optimizer.state.pop(p, None)
         return True
 
     def step(self) -> StepResult:
@@ -315,7 +340,8 @@ class AdaptivePrecision:
             rolled_back = self._restore_backup()
             reason = "rolled back: guard saw a loss spike" if rolled_back else "skipped: guard saw a loss spike"
         else:
-            self._save_backup()
+            if self._guarded:
+                self._save_backup()
             self.optimizer.step()
             self._quantize_optimizer_state()
             stepped = True
@@ -449,13 +475,3 @@ class AdaptivePrecision:
         """Remove every hook adaprec put on the model."""
         self.engine.remove()
         self._counter.detach()
-
-
-def _clone_state(obj: Any) -> Any:
-    if torch.is_tensor(obj):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_state(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone_state(v) for v in obj]
-    return obj

@@ -215,6 +215,8 @@ class PrecisionPlan:
         stray = self.pinned - set(mods)
         if stray:
             raise PlanError(f"pinned modules {sorted(stray)} are not in the plan")
+        # plans are immutable and hashed every step (pricing caches): hash once
+        object.__setattr__(self, "_hash", hash((tuple(sorted(mods.items())), self.pinned)))
 
     # --- construction -------------------------------------------------
     @classmethod
@@ -327,7 +329,14 @@ class PrecisionPlan:
             raise PlanError(f"plan JSON does not parse: {e}") from None
 
     def __hash__(self) -> int:
-        return hash((tuple(sorted(self.modules.items())), self.pinned))
+        return self._hash  # type: ignore[attr-defined]
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, PrecisionPlan):
+            return NotImplemented
+        return self._hash == other._hash and dict(self.modules) == dict(other.modules) and self.pinned == other.pinned  # type: ignore[attr-defined]
 
 
 class _FrozenDict(dict):
