@@ -31,7 +31,8 @@ class Guard(Policy):
         policy: the policy to protect.
         spike_factor: a loss above ``spike_factor`` x the loss trend (EMA) is an
             incident, if it is also ``spike_sigmas`` standard deviations of the
-            recent losses above the trend (minibatch noise is not a spike).
+            recent losses above the trend, and ``min_jump`` x the first loss
+            of the run above it (minibatch noise near zero loss is not a spike).
         quiet_steps: steps without incident before raised modules may narrow again.
         max_retries: consecutive incidents (retries of a step) tolerated before
             the guard puts every module in fp32 at once.
@@ -49,6 +50,7 @@ class Guard(Policy):
         overflow_storm: float = 0.01,
         min_history: int = 10,
         spike_sigmas: float = 6.0,
+        min_jump: float = 0.1,
     ) -> None:
         super().__init__()
         if not isinstance(policy, Policy):
@@ -66,6 +68,10 @@ class Guard(Policy):
         if not spike_sigmas > 0:
             raise PolicyError(f"guard: spike_sigmas must be > 0, got {spike_sigmas!r}")
         self.spike_sigmas = float(spike_sigmas)
+        if not min_jump >= 0:
+            raise PolicyError(f"guard: min_jump must be >= 0, got {min_jump!r}")
+        self.min_jump = float(min_jump)
+        self.first_loss: float | None = None
         self.floor: dict[str, ModulePrecision] = {}
         self.last_incident_step: int | None = None
         self.consecutive = 0
@@ -109,10 +115,13 @@ class Guard(Policy):
             offenders = sorted({s[0] for s in storms if s[0] in plan_mods} | set(named))
             return f"overflow storm ({m}.{r}: {f:.2%} of values saturate)", offenders
         loss, ema = snapshot.loss, snapshot.loss_ema
+        if self.first_loss is None and loss is not None and math.isfinite(loss):
+            self.first_loss = abs(loss)
         if (
             loss is not None and ema is not None and math.isfinite(loss) and ema > 0
             and len(snapshot.loss_history) >= self.min_history and loss > self.spike_factor * ema
             and loss > ema + self.spike_sigmas * statistics.pstdev(snapshot.loss_history[:-1])
+            and loss - ema > self.min_jump * (self.first_loss or 0.0)
             and not all(snapshot.plan.get(m).is_fp32 for m in plan_mods)  # precision is not to blame
         ):
             return f"loss spike ({loss:.4g} > {self.spike_factor:g} x trend {ema:.4g})", named
@@ -196,6 +205,7 @@ class Guard(Policy):
             "floor": {m: mp.to_dict() for m, mp in self.floor.items()},
             "last_incident_step": self.last_incident_step,
             "consecutive": self.consecutive,
+            "first_loss": self.first_loss,
         }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
@@ -207,4 +217,5 @@ class Guard(Policy):
             raise CheckpointError(f"guard state has a malformed floor plan: {e}") from None
         self.last_incident_step = d["last_incident_step"]
         self.consecutive = int(d["consecutive"])
+        self.first_loss = None if d.get("first_loss") is None else float(d["first_loss"])
         self.policy.load_state_dict(d["policy"])
