@@ -17,7 +17,7 @@ from adaprec.errors import CheckpointError, UsageError
 from adaprec.monitor.snapshot import Snapshot
 from adaprec.plan import ModulePrecision, PrecisionPlan, preset
 
-__all__ = ["Policy", "resolve_precision"]
+__all__ = ["Policy", "RungPolicy", "resolve_precision"]
 
 
 def resolve_precision(spec: str | ModulePrecision | Mapping[str, Any]) -> ModulePrecision:
@@ -92,6 +92,20 @@ class Policy(ABC):
     def _explain(self, old: PrecisionPlan, new: PrecisionPlan, reason: str) -> None:
         """Set ``last_reasons`` to ``reason`` for every (module, role) that changes."""
         self.last_reasons = {(c.module, c.role): reason for c in old.diff(new)}
+
+
+class RungPolicy(Policy):
+    """A policy that runs every unpinned module at one rung of a fixed ladder (``self.rungs[self.rung]``)."""
+
+    rungs: list[ModulePrecision]
+    rung: int
+
+    def _plan(self, template: PrecisionPlan) -> PrecisionPlan:
+        mp = self.rungs[self.rung]
+        return template.map(lambda _n, _old: mp)
+
+    def initial_plan(self, template: PrecisionPlan) -> PrecisionPlan:
+        return self._plan(template)
 
 
 def _check_keys(d: Mapping[str, Any], keys: Iterable[str], who: str) -> None:

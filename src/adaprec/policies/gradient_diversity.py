@@ -15,7 +15,7 @@ from typing import Any
 from adaprec.errors import PlanError, PolicyError
 from adaprec.monitor.snapshot import Snapshot
 from adaprec.plan import PRESETS, ModulePrecision, PrecisionPlan, TensorRecipe
-from adaprec.policies.base import Policy, _check_keys
+from adaprec.policies.base import RungPolicy, _check_keys
 from adaprec.policies.ladder import fixed_point_module
 
 __all__ = ["GradientDiversityPolicy", "muppet_threshold", "muppet_violation", "muppet_switch_epochs"]
@@ -68,7 +68,7 @@ def muppet_switch_epochs(
     return switches
 
 
-class GradientDiversityPolicy(Policy):
+class GradientDiversityPolicy(RungPolicy):
     """MuPPET: fixed point 8, 12, 14, 16 bits, then fp32; a check every ``every_epochs`` epochs.
 
     At each check (epoch ``j``, a multiple of ``every_epochs``), the model's
@@ -120,13 +120,6 @@ class GradientDiversityPolicy(Policy):
         self.violations = 0
         self.last_check_epoch = 0
         self.switch_epochs: list[int] = []
-
-    def _plan(self, template: PrecisionPlan) -> PrecisionPlan:
-        mp = self.rungs[self.rung]
-        return template.map(lambda _n, _old: mp)
-
-    def initial_plan(self, template: PrecisionPlan) -> PrecisionPlan:
-        return self._plan(template)
 
     @staticmethod
     def _diversity(snapshot: Snapshot) -> float | None:

@@ -12,7 +12,7 @@ from typing import Any
 from adaprec.errors import PlanError, PolicyError
 from adaprec.monitor.snapshot import Snapshot
 from adaprec.plan import PrecisionPlan
-from adaprec.policies.base import Policy, _check_keys
+from adaprec.policies.base import RungPolicy, _check_keys
 from adaprec.policies.ladder import fixed_point_module
 
 __all__ = ["ProgressivePolicy", "pfq_plateau", "pfq_switch_epochs"]
@@ -62,7 +62,7 @@ def pfq_switch_epochs(
     return switches
 
 
-class ProgressivePolicy(Policy):
+class ProgressivePolicy(RungPolicy):
     """FracTrain PFQ: rung ``r`` runs ``int{fwd[r]}`` forward and ``int{bwd[r]}`` errors.
 
     Checked whenever a snapshot reports newly completed epochs (the
@@ -110,13 +110,6 @@ class ProgressivePolicy(Policy):
         self.segment_start = 0
         self.epochs_seen = 0
         self.switch_epochs: list[int] = []
-
-    def _plan(self, template: PrecisionPlan) -> PrecisionPlan:
-        mp = self.rungs[self.rung]
-        return template.map(lambda _n, _old: mp)
-
-    def initial_plan(self, template: PrecisionPlan) -> PrecisionPlan:
-        return self._plan(template)
 
     def decide(self, snapshot: Snapshot, step: int) -> PrecisionPlan:
         template = self._template()
