@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from _format_oracle import nearest
 from adaprec.errors import RoundingError
-from adaprec.formats import compiled, get, names, quantize
+from adaprec.formats import compiled, get, names, quantize, quantize_each
 
 qmod = importlib.import_module("adaprec.formats.quantize")  # the module, not the function it exports
 
@@ -169,3 +169,16 @@ def test_compiled_path_gives_identical_bits() -> None:
                 fused = quantize(t, name, rnd, seed=seed)
             assert fused.shape == t.shape
             assert _same_bits(eager, fused), (name, rnd, seed, t.shape)
+
+
+@settings(max_examples=40, deadline=None)
+@given(patterns=st.lists(st.integers(0, 2**32 - 1), min_size=len(ALL_FORMATS), max_size=len(ALL_FORMATS) * 40))
+def test_quantize_each_equals_quantize_row_by_row(patterns: list[int]) -> None:
+    """The monitor's batched rounding (one format per row) is quantize(..., saturate=True) on each row."""
+    cols = len(patterns) // len(ALL_FORMATS)
+    x = _from_bits(patterns[: cols * len(ALL_FORMATS)])
+    x = x.reshape(len(ALL_FORMATS), cols)
+    x = torch.cat([x, torch.tensor(specials).expand(len(ALL_FORMATS), -1)], dim=1)
+    got = quantize_each(x, ALL_FORMATS)
+    for i, name in enumerate(ALL_FORMATS):
+        assert _same_bits(got[i], quantize(x[i], name, saturate=True)), name

@@ -49,7 +49,7 @@ def test_same_role_observed_twice_pools_the_sums():
     p = pooled.snapshot(0, 0, PLAN).stats("a", "activation")
     j = joint.snapshot(0, 0, PLAN).stats("a", "activation")
     assert p.amax == j.amax
-    assert p.sqnr_db["fp8_e4m3"] == pytest.approx(j.sqnr_db["fp8_e4m3"], rel=1e-9)
+    assert p.sqnr_db["fp8_e4m3"] == pytest.approx(j.sqnr_db["fp8_e4m3"], abs=1e-5)  # float32 error sums
 
 
 def test_loss_trend_excludes_the_latest_loss_and_nonfinite_losses():
@@ -150,7 +150,7 @@ def test_reduce_distributed_with_a_fake_two_rank_reduce():
     got = snap.stats("a", "activation")
     assert got.amax == want.amax
     for f in ("fp8_e4m3", "fp4_e2m1"):
-        assert got.sqnr_db[f] == pytest.approx(want.sqnr_db[f], rel=1e-9)
+        assert got.sqnr_db[f] == pytest.approx(want.sqnr_db[f], abs=1e-5)  # float32 error sums
         assert got.underflow_frac[f] == pytest.approx(want.underflow_frac[f])
     assert snap.loss == 2.0
 

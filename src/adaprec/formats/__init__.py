@@ -1,7 +1,7 @@
 """Number formats and their emulation: registry, rounding, scaling, loss scaling."""
 
 from adaprec.formats.loss_scaling import DynamicLossScaler
-from adaprec.formats.quantize import ROUNDING_MODES, compiled, quantize
+from adaprec.formats.quantize import ROUNDING_MODES, compiled, quantize, quantize_each
 from adaprec.formats.registry import Format, get, is_registered, names, register
 from adaprec.formats.scaling import (
     MX_FORMATS,
@@ -21,6 +21,7 @@ __all__ = [
     "register",
     "is_registered",
     "quantize",
+    "quantize_each",
     "compiled",
     "ROUNDING_MODES",
     "CurrentScaler",

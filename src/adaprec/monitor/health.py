@@ -23,8 +23,10 @@ from adaprec.monitor.snapshot import Snapshot, TensorStats
 from adaprec.monitor.stats import (
     DEFAULT_CANDIDATES,
     MAX_SAMPLE,
+    Pending,
+    finish,
     formats_for,
-    measure,
+    prepare,
     sample,
     stats_from_sums,
 )
@@ -89,6 +91,8 @@ class HealthMonitor:
         self.diversity_window = diversity_window
         self.max_sample = max_sample
         self.grad_sample = grad_sample
+        # samples taken this step, measured together when the snapshot (or a reduction) needs them
+        self._samples: list[tuple[tuple[str, str], str, Pending]] = []
         # tensor statistics of the current sampled step: (module, role) -> [formats, scalings, current, amax, sums]
         self._pending: dict[tuple[str, str], list[Any]] = {}
         self._pending_losses: list[torch.Tensor | float] = []
@@ -113,17 +117,28 @@ class HealthMonitor:
         return step % self.every == 0
 
     def observe_tensor(self, module: str, role: str, x: torch.Tensor, recipe: TensorRecipe) -> None:
-        """Measure ``x`` (the fp32 tensor before its cast) under ``recipe`` and every candidate."""
-        formats = formats_for(recipe, self.candidates)
-        amax, sums, scalings = measure(x, recipe, formats, self.max_sample)
-        key = (module, role)
-        prev = self._pending.get(key)
-        if prev is not None and prev[0] == formats and prev[1] == scalings:
-            # the same tensor role seen again this step (shared module, several calls): pool
-            prev[3] = torch.maximum(prev[3], amax)
-            prev[4] = prev[4] + sums
-        else:
-            self._pending[key] = [formats, scalings, recipe.format, amax, sums]
+        """Sample ``x`` (the fp32 tensor before its cast) for measurement under ``recipe`` and every candidate.
+
+        Only the amax and a strided sample are taken now; the format
+        statistics of all of a step's samples are computed in one batch.
+        """
+        pending = prepare(x, recipe, formats_for(recipe, self.candidates), self.max_sample)
+        self._samples.append(((module, role), recipe.format, pending))
+
+    def _measure_samples(self) -> None:
+        """Measure the step's samples in one batch and pool them per (module, role)."""
+        if not self._samples:
+            return
+        sums_all = finish([p for _, _, p in self._samples])
+        for (key, current, p), sums in zip(self._samples, sums_all, strict=True):
+            prev = self._pending.get(key)
+            if prev is not None and prev[0] == p.formats and prev[1] == p.scalings:
+                # the same tensor role seen again this step (shared module, several calls): pool
+                prev[3] = torch.maximum(prev[3], p.amax)
+                prev[4] = prev[4] + sums
+            else:
+                self._pending[key] = [p.formats, p.scalings, current, p.amax, sums]
+        self._samples.clear()
 
     def observe_grads(self, module: str, grad: torch.Tensor | None) -> None:
         """Record the gradient norm and feed the gradient diversity window of ``module``."""
@@ -176,6 +191,7 @@ class HealthMonitor:
             if not (dist.is_available() and dist.is_initialized()):
                 return False
             reduce_fn = _dist_reduce
+        self._measure_samples()
         keys = sorted(self._pending)
         if keys:
             amaxes = torch.stack([self._pending[k][3].to(torch.float32).reshape(()) for k in keys])
@@ -205,6 +221,7 @@ class HealthMonitor:
     ) -> Snapshot:
         """Freeze what was observed since the last snapshot into plain data (one host sync)."""
         ema_before, latest = self._fold_losses()
+        self._measure_samples()
         while epoch > len(self.epoch_losses) and self._epoch_count:
             self._close_epoch()  # the controller did not call end_epoch(): close on the boundary
         keys = list(self._pending)
@@ -337,4 +354,5 @@ class HealthMonitor:
                 "pass the dict written by HealthMonitor.state_dict()"
             ) from None
         self._pending.clear()
+        self._samples.clear()
         self._pending_losses = []

@@ -11,13 +11,15 @@ the sums in one tensor so the whole observation costs a single host sync
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from adaprec.formats import Format, get, quantize
+from adaprec.formats import Format, get, quantize, quantize_each
 from adaprec.monitor.snapshot import TensorStats
 from adaprec.plan import TensorRecipe
 
@@ -33,6 +35,9 @@ __all__ = [
     "candidate_scaling",
     "sample",
     "measure",
+    "Pending",
+    "prepare",
+    "finish",
     "stats_from_sums",
     "evaluate",
 ]
@@ -41,7 +46,7 @@ __all__ = [
 DEFAULT_CANDIDATES: tuple[str, ...] = ("fp4_e2m1", "fp6_e3m2", "fp8_e5m2", "fp8_e4m3", "fp16", "bf16", "fp32")
 # Fixed-point rungs the CPT / FracTrain / MuPPET policies use.
 FIXED_POINT_CANDIDATES: tuple[str, ...] = ("int4", "int6", "int8", "int12", "int14", "int16")
-MAX_SAMPLE = 4096
+MAX_SAMPLE = 2048
 # Per (format) slot in the sums vector: squared error, overflow count, underflow count.
 _PER_FORMAT = 3
 # Leading slots: element count, nonzero count, signal power.
@@ -75,8 +80,8 @@ def amax(x: torch.Tensor) -> float:
 def _amax_t(x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    a = x.detach().abs().to(torch.float32)
-    return torch.nan_to_num(a, nan=0.0, posinf=0.0).amax()
+    a = x.detach().abs().to(torch.float32)  # a fresh tensor: safe to clean in place
+    return torch.nan_to_num_(a, nan=0.0, posinf=0.0).amax()
 
 
 def pow2_scale(amax_: torch.Tensor | float, fmt: str | Format) -> torch.Tensor:
@@ -183,20 +188,176 @@ def _amax_t_rows(blocks: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(blocks.abs(), nan=0.0, posinf=0.0).amax(dim=-1, keepdim=True)
 
 
-def _one_format(xs: torch.Tensor, full_amax: torch.Tensor, f: Format, scaling: str) -> torch.Tensor:
-    """[squared error, overflow count, underflow count] of casting sample ``xs`` to ``f``."""
-    if f.kind == "float" and f.ebits >= 8 and f.mbits >= 23:
-        return torch.zeros(_PER_FORMAT, dtype=torch.float64, device=xs.device)
-    if scaling in ("tensor", "delayed", "row"):  # row is at least as fine as tensor: a safe lower bound
-        s = pow2_scale(full_amax, f).to(xs.device)
-    else:
-        s = torch.ones((), dtype=torch.float32, device=xs.device)
-    y = xs * s
-    over = (y.abs() > f.max_finite).sum()
-    q = quantize(y, f, rounding="nearest", saturate=True)
-    under = ((q == 0) & (y != 0)).sum()
-    err = ((y - q).to(torch.float64) / s.to(torch.float64)).square().sum()
-    return torch.stack([err, over.to(torch.float64), under.to(torch.float64)])
+@functools.lru_cache(maxsize=256)
+def _rows_params(names: tuple[str, ...], scalings: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Largest finite value (float64) and whether the tensor scale applies, per format row."""
+    maxf = torch.tensor([get(n).max_finite for n in names], dtype=torch.float64, device=device)
+    scaled = torch.tensor([s in ("tensor", "delayed", "row") for s in scalings], device=device)
+    return maxf, scaled
+
+
+def _many_formats(
+    xs: torch.Tensor, amax_: torch.Tensor, names: tuple[str, ...], scalings: tuple[str, ...]
+) -> torch.Tensor:
+    """``[rows, 3]``: squared error, overflow count, underflow count of casting sample row ``xs[r]`` to ``names[r]``.
+
+    All rows in one batch of kernels (:func:`quantize_each`). Under
+    ``tensor``/``delayed``/``row`` scaling the sample is first multiplied by
+    the power-of-two scale that fits its whole tensor's amax (``amax_[r]``)
+    into the format (row is at least as fine as tensor: a safe lower bound),
+    and the error is measured back in the tensor's own units.
+    """
+    maxf, scaled = _rows_params(names, scalings, xs.device)
+    a = amax_.to(torch.float64)
+    ok = torch.isfinite(a) & (a > 0)
+    e = torch.floor(torch.log2(maxf / torch.where(ok, a, torch.ones_like(a)))).clamp(-126, 126)
+    s64 = torch.where(scaled & ok, torch.exp2(e), torch.ones_like(e))
+    y = xs * s64.to(torch.float32).unsqueeze(1)
+    over = (y.abs() > maxf.unsqueeze(1)).sum(1)
+    q = quantize_each(y, names)
+    # zeros of y are zeros of the sample (padding included): counted once per sample, not per row
+    under = (q == 0).sum(1) - (y == 0).sum(1)
+    # y - q is exact in float32; squaring it relative to the row's power-of-two amax keeps float32's
+    # range (an error under 1e-19 of the amax squares to zero, far below any SQNR that matters)
+    ya = torch.exp2(torch.floor(torch.log2(torch.where(ok, a * s64, torch.ones_like(a)))))
+    d = (y - q) * (1.0 / ya).to(torch.float32).unsqueeze(1)
+    err = (d * d).sum(1).to(torch.float64) * (ya / s64).square()
+    return torch.stack([err, over.to(torch.float64), under.to(torch.float64)], dim=1)
+
+
+def _is_block(name: str, scaling: str) -> bool:
+    f = get(name)
+    return scaling == "block" and not (f.kind == "float" and f.bits >= 16)
+
+
+def _is_exact(name: str) -> bool:
+    """Formats that hold every float32 value: no error, overflow or underflow to measure."""
+    f = get(name)
+    return f.kind == "float" and f.ebits >= 8 and f.mbits >= 23
+
+
+@dataclass
+class Pending:
+    """One tensor's sample, kept until the step's samples are measured together (:func:`finish`)."""
+
+    xs: torch.Tensor  # finite float32 sample, a copy (the tensor itself may change in place)
+    amax: torch.Tensor  # 0-dim, over the whole tensor
+    formats: tuple[str, ...]
+    scalings: tuple[str, ...]
+    block_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # format index -> [err, over, under]
+
+
+def prepare(
+    x: torch.Tensor, recipe: TensorRecipe, formats: Sequence[str], max_elems: int = MAX_SAMPLE
+) -> Pending:
+    """Take what the statistics need from ``x`` now: its amax and a strided sample (a few kernels).
+
+    Formats under MX block scaling are measured here on whole blocks, since
+    a strided sample would cut the blocks apart.
+    """
+    with torch.no_grad():
+        formats = tuple(formats)
+        scalings = tuple(
+            recipe.scaling if name == recipe.format else candidate_scaling(name, recipe.scaling)
+            for name in formats
+        )
+        # a copy with nonfinite values zeroed (they are the guard's business, not a format's)
+        xs = torch.nan_to_num(sample(x, max_elems).to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        pending = Pending(xs, _amax_t(x), formats, scalings)
+        blocky = [i for i, (n, sc) in enumerate(zip(formats, scalings, strict=True)) if _is_block(n, sc)]
+        if blocky:
+            blocks = _sample_blocks(x.to(torch.float32), recipe.block_size, max_elems)
+            blocks = torch.where(torch.isfinite(blocks), blocks, torch.zeros_like(blocks))
+            signal = xs.to(torch.float64).square().sum()
+            ratio = xs.numel() / max(1, blocks.numel())
+            b64 = blocks.to(torch.float64)
+            bsig = b64.square().sum()
+            for i in blocky:
+                # block figures come from whole blocks; counts rescaled to the strided sample's size,
+                # the error taken relative to the block signal and expressed on the sample's signal
+                q, over = _quantize_block(blocks, get(formats[i]), recipe.block_size)
+                berr = (b64 - q.to(torch.float64)).square().sum()
+                err = torch.where(bsig > 0, berr / bsig * signal, berr)
+                under = ((q == 0) & (blocks != 0)).sum().to(torch.float64) * ratio
+                pending.block_rows[i] = torch.stack([err, over.sum().to(torch.float64) * ratio, under])
+        return pending
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(
+    shape: tuple[tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]], ...],
+) -> tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...], tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """Where each observation's numbers live once the step's samples are measured in one batch.
+
+    ``shape`` holds per observation (formats, scalings, block format indices).
+    Returns the observation of each batched row, its format and scaling, the
+    (offset, length) of each observation's sums in the flat result, and the
+    gather index that builds that flat result from ``[heads | batched rows | block rows |
+    zeros]`` (formats that hold float32 exactly read the zeros instead of being measured).
+    """
+    row_obs: list[int] = []
+    row_names: list[str] = []
+    row_scalings: list[str] = []
+    n_obs = len(shape)
+    for i, (names, scalings, blocky) in enumerate(shape):
+        for j, (n, sc) in enumerate(zip(names, scalings, strict=True)):
+            if j not in blocky and not _is_exact(n):
+                row_obs.append(i)
+                row_names.append(n)
+                row_scalings.append(sc)
+    n_rows = len(row_obs)
+    gather: list[int] = []
+    spans: list[tuple[int, int]] = []
+    row = 0
+    block = 0
+    n_blocks = sum(len(b) for _, _, b in shape)
+    zeros = 3 * (n_obs + n_rows + n_blocks)
+    for i, (names, _, blocky) in enumerate(shape):
+        start = len(gather)
+        gather += [3 * i, 3 * i + 1, 3 * i + 2]
+        for j in range(len(names)):
+            if j not in blocky and _is_exact(names[j]):
+                base = zeros
+            elif j in blocky:
+                base = 3 * (n_obs + n_rows + block)
+                block += 1
+            else:
+                base = 3 * (n_obs + row)
+                row += 1
+            gather += [base, base + 1, base + 2]
+        spans.append((start, len(gather) - start))
+    return tuple(row_obs), tuple(row_names), tuple(row_scalings), tuple(spans), tuple(gather)
+
+
+def finish(pending: Sequence[Pending]) -> list[torch.Tensor]:
+    """The raw sums of every observation, measured in one batch of kernels (no host sync).
+
+    One observation's sums are ``[n, nonzero, signal, (err, overflow,
+    underflow) per format]`` in float64; see :func:`measure`. Batching the
+    whole step's samples is what keeps monitoring cheap: the cost is a few
+    dozen kernels per sampled step, not a few dozen per tensor and format.
+    """
+    if not pending:
+        return []
+    with torch.no_grad():
+        dev = pending[0].xs.device
+        shape = tuple((p.formats, p.scalings, tuple(sorted(p.block_rows))) for p in pending)
+        row_obs, names, scalings, spans, gather = _layout(shape)
+        # zero padding adds nothing to any sum: zeros are not counted as nonzero, never overflow or underflow
+        xs = torch.nn.utils.rnn.pad_sequence([p.xs for p in pending], batch_first=True)
+        counts = torch.tensor([float(p.xs.numel()) for p in pending], dtype=torch.float64, device=dev)
+        heads = torch.stack(
+            [counts, (xs != 0).sum(1).to(torch.float64), xs.to(torch.float64).square().sum(1)], dim=1
+        )
+        parts = [heads.reshape(-1)]
+        if names:
+            obs = torch.tensor(row_obs, dtype=torch.int64, device=dev)
+            amaxes = torch.stack([p.amax.to(torch.float32).reshape(()) for p in pending])
+            parts.append(_many_formats(xs[obs], amaxes[obs], names, scalings).reshape(-1))
+        parts += [p.block_rows[j] for p in pending for j in sorted(p.block_rows)]
+        parts.append(torch.zeros(3, dtype=torch.float64, device=dev))
+        flat = torch.cat(parts)[torch.tensor(gather, dtype=torch.int64, device=dev)]
+        return [flat[off : off + n] for off, n in spans]
 
 
 def measure(
@@ -213,45 +374,11 @@ def measure(
     ``scalings[i]`` the scaling ``formats[i]`` was measured under (the
     recipe's own for its format, :func:`candidate_scaling` for the others).
     Sums from several tensors (or ranks) add up; :func:`stats_from_sums`
-    turns them into :class:`TensorStats`.
+    turns them into :class:`TensorStats`. The monitor batches many tensors
+    through :func:`prepare` and :func:`finish` instead.
     """
-    with torch.no_grad():
-        full_amax = _amax_t(x)
-        scalings = tuple(
-            recipe.scaling if name == recipe.format else candidate_scaling(name, recipe.scaling)
-            for name in formats
-        )
-        parts: list[torch.Tensor] = []
-        if any(s == "block" for s in scalings):
-            blocks = _sample_blocks(x.to(torch.float32), recipe.block_size, max_elems)
-            blocks = torch.where(torch.isfinite(blocks), blocks, torch.zeros_like(blocks))
-        xs = sample(x, max_elems).to(torch.float32)
-        xs = torch.where(torch.isfinite(xs), xs, torch.zeros_like(xs))
-        x64 = xs.to(torch.float64)
-        head = torch.stack(
-            [
-                torch.tensor(float(xs.numel()), dtype=torch.float64, device=xs.device),
-                (xs != 0).sum().to(torch.float64),
-                x64.square().sum(),
-            ]
-        )
-        parts.append(head)
-        for name, scaling in zip(formats, scalings, strict=True):
-            f = get(name)
-            if scaling == "block" and not (f.kind == "float" and f.bits >= 16):
-                # block figures come from whole blocks; rescale counts to the strided sample's size
-                q, over = _quantize_block(blocks, f, recipe.block_size)
-                ratio = xs.numel() / max(1, blocks.numel())
-                b64 = blocks.to(torch.float64)
-                bsig = b64.square().sum()
-                berr = (b64 - q.to(torch.float64)).square().sum()
-                # express the block error relative to the block signal, on the sample's signal
-                err = torch.where(bsig > 0, berr / bsig * head[2], berr)
-                under = ((q == 0) & (blocks != 0)).sum().to(torch.float64) * ratio
-                parts.append(torch.stack([err, over.sum().to(torch.float64) * ratio, under]))
-            else:
-                parts.append(_one_format(xs, full_amax, f, scaling))
-        return full_amax, torch.cat(parts), scalings
+    p = prepare(x, recipe, formats, max_elems)
+    return p.amax, finish([p])[0], p.scalings
 
 
 def stats_from_sums(
