@@ -188,3 +188,39 @@ def test_pop_resets_and_signature_is_stable() -> None:
 def test_unknown_module_name_is_a_clear_error() -> None:
     with pytest.raises(AdaprecError, match="fc9"):
         MacCounter(nn.Linear(2, 2), ["fc9"])
+
+
+class _TwoBlocks(nn.Module):
+    """SDPA inside a named attention block, plus plain layers around it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 16)
+        self.block = _SdpaBlock()
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.block(self.inp(x))))
+
+
+def test_scoped_sdpa_watch_counts_what_the_global_mode_counts() -> None:
+    """Inside watching_sdpa() the mode is live only while the attention block runs, and counts the same."""
+    torch.manual_seed(0)
+    model, x = _TwoBlocks(), torch.randn(2, 6, 16)
+    names = ["inp", "block", "block.qkv", "block.proj", "out"]
+    with MacCounter(model, names) as c:  # the mode on for the whole pass
+        model(x).sum().backward()
+        want = c.pop_step_cost()
+    c = MacCounter(model, names).attach(watch_sdpa=False)
+    seen: list[bool] = []
+    model.out.register_forward_pre_hook(lambda m, a: seen.append(torch.overrides._is_torch_function_mode_enabled()))
+    with c.watching_sdpa():
+        model(x).sum().backward()
+    got = c.pop_step_cost()
+    assert got.macs_by_gemm() == want.macs_by_gemm()
+    assert sorted(g.op for g in got.modules["block"].gemms) == ["dk", "dp", "dq", "dv", "pv", "qk"]
+    assert seen == [False]  # outside the attention block no mode intercepts torch calls
+    assert c._scope_mode is None  # and none is left behind after the pass
+    with pytest.raises(RuntimeError), c.watching_sdpa():
+        model.block(torch.randn(2, 6, 15))  # a shape error inside the block: the mode is still popped
+    assert c._scope_mode is None and not torch.overrides._is_torch_function_mode_enabled()

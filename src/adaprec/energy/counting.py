@@ -8,12 +8,13 @@ ones autograd computes: the input-gradient GEMM only if the input requires
 grad, the weight-gradient GEMM only if the weight does.
 
 Attention written as ``F.scaled_dot_product_attention`` inside a named
-module is seen by a ``TorchFunctionMode``, active only inside
-:meth:`MacCounter.watching_sdpa` (the controller enters it around each
-forward pass), and only when some module calls SDPA at all: a mode
-intercepts every torch call, so it must never outlive the forward pass.
-Standalone use (``with MacCounter(...):``) keeps it on between attach and
-detach.
+module is seen by a ``TorchFunctionMode``. A mode intercepts every torch
+call in Python, so inside :meth:`MacCounter.watching_sdpa` (the controller
+enters it around each forward pass) it is entered only while a module that
+may call SDPA is running, by that module's own forward hooks: the rest of
+the model runs at full speed. Only SDPA calls inside a named module are
+counted anyway. Standalone use (``with MacCounter(...):``) keeps the mode on
+between attach and detach.
 """
 
 from __future__ import annotations
@@ -212,6 +213,10 @@ class MacCounter:
         self._handles: list[Any] = []
         self._mode: _SdpaMode | None = None
         self._watch = any(_kind(m) == "other" for m in self._modules.values())
+        # inside watching_sdpa(): the mode is entered while a module that may call SDPA runs
+        self._scoped = False
+        self._scope_depth = 0
+        self._scope_mode: _SdpaMode | None = None
         self._stack: list[str] = []
         self._cost = StepCost()
 
@@ -226,8 +231,25 @@ class MacCounter:
         if not self._watch or self._mode is not None:
             yield
             return
-        with _SdpaMode(self):
+        self._scoped = True
+        try:
             yield
+        finally:
+            self._scoped = False
+
+    def _enter_scope(self, module: nn.Module, args: Any) -> None:
+        if self._scoped:
+            if self._scope_depth == 0:
+                self._scope_mode = _SdpaMode(self)
+                self._scope_mode.__enter__()
+            self._scope_depth += 1
+
+    def _exit_scope(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._scope_depth:  # always_call: runs even when the forward raised, so no mode is left behind
+            self._scope_depth -= 1
+            if self._scope_depth == 0 and self._scope_mode is not None:
+                self._scope_mode.__exit__(None, None, None)
+                self._scope_mode = None
 
     def attach(self, watch_sdpa: bool = True) -> MacCounter:
         """Register the hooks; with ``watch_sdpa``, also enter the SDPA-watching mode until detach. Idempotent."""
@@ -238,6 +260,9 @@ class MacCounter:
             self._handles.append(
                 module.register_forward_hook(self._post(name), with_kwargs=True, always_call=True)
             )
+            if _kind(module) == "other":
+                self._handles.append(module.register_forward_pre_hook(self._enter_scope))
+                self._handles.append(module.register_forward_hook(self._exit_scope, always_call=True))
         if watch_sdpa:
             self._mode = _SdpaMode(self)
             self._mode.__enter__()
