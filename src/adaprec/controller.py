@@ -161,6 +161,7 @@ class AdaptivePrecision:
         self.engine.observer = self.monitor.observe_tensor
         self.loss_scaling = loss_scaling
         self.loss_scaler = DynamicLossScaler()
+        self._scaling_for: tuple[PrecisionPlan | None, bool] = (None, False)
         self.timeline = Timeline()
         self.timeline.set_initial(self.engine.plan)
         self.energy = EnergyLedger(profile=energy_profile)
@@ -180,6 +181,7 @@ class AdaptivePrecision:
         self._phase = "ready"
         self._loss: torch.Tensor | None = None
         self._scale = 1.0
+        self._unscaled: tuple[bool, tuple[str, ...]] | None = None  # set by unscale_()
 
     # --- reading --------------------------------------------------------
     @property
@@ -211,13 +213,33 @@ class AdaptivePrecision:
             yield
         self._phase = "forward"
 
+    @contextlib.contextmanager
+    def not_counted(self) -> Iterator[None]:
+        """Leave the forward passes inside out of the energy ledger.
+
+        For evaluation between training steps: it runs outside the plan (fp32)
+        and is no part of a step's cost, but the MAC counter's hooks would
+        otherwise charge it to the next step.
+        """
+        attached = self._counter.attached
+        self._counter.detach()
+        try:
+            yield
+        finally:
+            if attached:
+                self._counter.attach(watch_sdpa=False)
+
     def _scaling_needed(self) -> bool:
         if self.loss_scaling is not None:
             return self.loss_scaling
-        return any(
-            mp.grad_output.scaling == "none" and mp.grad_output.format not in _WIDE_GRAD_FORMATS
-            for mp in self.plan.modules.values()
-        )
+        plan = self.plan
+        if self._scaling_for[0] is not plan:  # asked twice a step; plans change rarely
+            need = any(
+                mp.grad_output.scaling == "none" and mp.grad_output.format not in _WIDE_GRAD_FORMATS
+                for mp in plan.modules.values()
+            )
+            self._scaling_for = (plan, need)
+        return self._scaling_for[1]
 
     def backward(self, loss: torch.Tensor, recompute: Callable[[], torch.Tensor] | None = None) -> None:
         """Backward pass of ``loss`` with the loss scale applied.
@@ -306,19 +328,36 @@ class AdaptivePrecision:
                         self.optimizer.state.pop(p, None)
         return True
 
+    def unscale_(self) -> bool:
+        """Divide the gradients by the loss scale now, so they can be clipped or inspected before ``step()``.
+
+        Optional, as ``torch.amp.GradScaler.unscale_``: ``step()`` unscales by
+        itself otherwise, and does not unscale twice. Calling it again before
+        ``step()`` changes nothing. Returns True when a gradient is inf/NaN
+        (``step()`` will then skip the update).
+        """
+        if self._phase != "backward":
+            raise UsageError("unscale_() needs ap.backward(loss) first; call it between backward() and step()")
+        if self._unscaled is None:
+            nonfinite = self._unscale_and_check()
+            # name the overflowing modules now: clipping an inf gradient spreads NaN to every module
+            self._unscaled = (nonfinite, self._overflowed_modules() if nonfinite else ())
+        return self._unscaled[0]
+
     def step(self) -> StepResult:
-        """Unscale, check, step (or skip or roll back), then monitor, decide, account."""
+        """Unscale (unless ``unscale_()`` did), check, step (or skip or roll back), then monitor, decide, account."""
         if self._phase != "backward":
             raise UsageError("step() needs ap.backward(loss) first (forward inside ap.autocast(), then backward)")
         step = self._step
         plan_used = self.plan
-        nonfinite = self._unscale_and_check()
+        unscaled, self._unscaled = self._unscaled, None
+        nonfinite = unscaled[0] if unscaled is not None else self._unscale_and_check()
         loss = float(self._loss) if self._loss is not None else math.nan
         sampled = self.engine.sampling
         overflowed: tuple[str, ...] = ()
         if nonfinite or not math.isfinite(loss):
+            overflowed = unscaled[1] if unscaled is not None and nonfinite else self._overflowed_modules()
             nonfinite = True
-            overflowed = self._overflowed_modules()
         else:
             self.monitor.observe_loss(loss)
             if sampled:
@@ -470,6 +509,7 @@ class AdaptivePrecision:
         self.energy.load_state_dict(state["energy"])
         self._phase = "ready"
         self._backup = None
+        self._unscaled = None
 
     def close(self) -> None:
         """Remove every hook adaprec put on the model."""

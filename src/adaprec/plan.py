@@ -15,6 +15,8 @@ prices them; none of them needs more than this file.
 
 from __future__ import annotations
 
+import functools
+
 import fnmatch
 import json
 from collections.abc import Iterable, Iterator, Mapping
@@ -273,8 +275,9 @@ class PrecisionPlan:
     def __contains__(self, module: object) -> bool:
         return module in self.modules
 
-    @property
+    @functools.cached_property
     def is_fp32(self) -> bool:
+        """Every role of every module in fp32 (asked on every step: computed once per plan)."""
         return all(mp.is_fp32 for mp in self.modules.values())
 
     def formats_used(self) -> set[str]:
@@ -295,12 +298,16 @@ class PrecisionPlan:
                 changes.append(PlanChange(name, "optimizer_state", a.optimizer_state, b.optimizer_state))
         return changes
 
-    def summary(self) -> str:
-        """A one-line count of modules per forward format, for progress bars."""
+    @functools.cached_property
+    def _summary(self) -> str:
         counts: dict[str, int] = {}
         for mp in self.modules.values():
             counts[mp.weight.format] = counts.get(mp.weight.format, 0) + 1
         return " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "empty"
+
+    def summary(self) -> str:
+        """A one-line count of modules per forward format, for progress bars (and every ledger row)."""
+        return self._summary
 
     # --- serialisation ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
