@@ -15,9 +15,8 @@ prices them; none of them needs more than this file.
 
 from __future__ import annotations
 
-import functools
-
 import fnmatch
+import functools
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
