@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# the integrations' extras, so their tests run rather than skip (torch stays pinned to the CPU wheel)
+python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[tensorboard,mlflow,lightning,huggingface]"
 if ! command -v chromium >/dev/null 2>&1; then
   # the HTML report test renders the page in headless Chromium (Debian package)
   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped"

@@ -129,3 +129,15 @@ def test_killed_run_resumes_to_identical_results(tmp_path: Path, monkeypatch: py
     for table in ("steps", "evals", "timeline", "energy"):
         assert resumed[table] == whole[table], table
     assert len(whole["steps"]) == 60
+
+
+def test_evaluations_between_steps_are_not_charged_to_the_ledger(tmp_path: Path) -> None:
+    """Every step of a fixed-shape task has the same MACs, whether or not an evaluation ran before it."""
+    cfg = parse_config({"task": "digits-cnn", "policies": ["bf16"], "seeds": 1, "steps": 9,
+                        "eval_every": 3, "checkpoint_every": 9})
+    runner.run_experiment(cfg, tmp_path, progress=False, report=False)
+    con = sqlite3.connect(tmp_path / DB_NAME)
+    macs = dict(con.execute("SELECT step, macs FROM energy WHERE run_id = 'bf16-seed0'").fetchall())
+    evals = {s for (s,) in con.execute("SELECT DISTINCT step FROM evals WHERE run_id = 'bf16-seed0'")}
+    assert {3, 6} <= evals  # evaluations ran after steps 2 and 5, before steps 3 and 6
+    assert len(macs) == 9 and len(set(macs.values())) == 1, macs

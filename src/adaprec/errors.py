@@ -60,3 +60,7 @@ class ProfileError(AdaprecError, ValueError):
 
 class TaskError(AdaprecError, ValueError):
     """An unknown experiment task, or a user task entry point that cannot be loaded."""
+
+
+class MissingExtraError(AdaprecError, ImportError):
+    """An optional feature whose third-party package is not installed; names the extra that installs it."""

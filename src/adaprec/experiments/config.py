@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from adaprec.errors import AdaprecError, ConfigError
+from adaprec.integrations.logging import LOGGER_NAMES
 
 __all__ = ["POLICY_NAMES", "PolicySpec", "ExperimentConfig", "load_config", "parse_config"]
 
@@ -114,6 +115,8 @@ class ExperimentConfig(BaseModel):
     compile: bool = False  # fuse quantization kernels with torch.compile (same bits, faster stochastic rounding)
     out: str | None = None
     quiet: bool = False
+    loggers: tuple[str, ...] = ()  # also send results to these (see docs/experiments.md); the store is always written
+    mlflow_tracking_uri: str | None = None  # default: a file store RUN_DIR/mlruns
 
     @field_validator("task")
     @classmethod
@@ -168,6 +171,23 @@ class ExperimentConfig(BaseModel):
             v = (PolicySpec(name="fp32"), *v)
         return v
 
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _logger_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("loggers")
+    @classmethod
+    def _known_loggers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if name not in LOGGER_NAMES:
+                close = difflib.get_close_matches(name, LOGGER_NAMES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown logger {name!r}{hint}; known loggers: {', '.join(LOGGER_NAMES)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"loggers listed twice: {list(v)}; list each once")
+        return v
+
     @field_validator("seeds", mode="before")
     @classmethod
     def _seed_count(cls, v: Any) -> Any:
@@ -192,6 +212,12 @@ class ExperimentConfig(BaseModel):
     def _steps_or_epochs(self) -> ExperimentConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _uri_needs_mlflow(self) -> ExperimentConfig:
+        if self.mlflow_tracking_uri is not None and "mlflow" not in self.loggers:
+            raise ValueError("mlflow_tracking_uri is set but 'mlflow' is not in loggers; add it, or drop the key")
         return self
 
     def total_steps(self, steps_per_epoch: int, default_steps: int) -> int:

@@ -25,6 +25,7 @@ from adaprec.errors import CheckpointError, ConfigError, TaskError, TrainingUnst
 from adaprec.experiments.config import ExperimentConfig, PolicySpec
 from adaprec.experiments.store import ResultStore
 from adaprec.experiments.tasks import Task, get_task
+from adaprec.integrations.logging import RunLoggers, check_available
 
 __all__ = ["run_experiment", "run_id_for", "epoch_seed"]
 
@@ -64,7 +65,9 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
 def _prepare_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> ResultStore:
     """Create or reopen the run directory; refuse to mix results of two configs."""
     saved = run_dir / CONFIG_NAME
-    text = json.dumps(config.model_dump(mode="json", exclude={"out", "quiet", "compile"}), indent=2, sort_keys=True)
+    # what does not change results stays out of the resume identity (a resume may add a logger)
+    identity = config.model_dump(mode="json", exclude={"out", "quiet", "compile", "loggers", "mlflow_tracking_uri"})
+    text = json.dumps(identity, indent=2, sort_keys=True)
     if saved.exists():
         if not resume:
             raise ConfigError(
@@ -104,6 +107,7 @@ def run_experiment(
     """
     run_dir = Path(out_dir or config.out or Path("runs") / _slug(config.task))
     task = get_task(config.task)  # loads the data: fail before any directory is written
+    check_available(config.loggers)  # a missing tensorboard/mlflow package, too
     store = _prepare_dir(config, run_dir, resume)
     try:
         done = store.finished_runs() if resume else set()
@@ -161,11 +165,16 @@ def _run_one(
         torch.manual_seed(seed)
         random.seed(seed)
     store.delete_partial(run_id, done)
+    run_config = {**config.model_dump(mode="json"), "policy": spec.model_dump(mode="json"), "seed": seed}
     store.start_run(
         run_id, task=task.name, policy=spec.label, seed=seed, metric=task.metric,
         higher_is_better=task.higher_is_better, total_steps=total, energy_profile=config.energy_profile,
-        config={**config.model_dump(mode="json"), "policy": spec.model_dump(mode="json"), "seed": seed},
-        initial_plan=initial_plan,
+        config=run_config, initial_plan=initial_plan,
+    )
+    logs = RunLoggers.open(  # TensorBoard / MLflow: fed each store commit, after it lands
+        config.loggers, run_dir=run_dir, run_id=run_id, dir_name=_slug(run_id), ap=ap, start_step=done,
+        params={**run_config, "total_steps": total, "metric": task.metric},
+        mlflow_tracking_uri=config.mlflow_tracking_uri,
     )
     eval_every = config.eval_every or max(1, total // 10)
     buffer: list[dict[str, Any]] = []
@@ -175,10 +184,13 @@ def _run_one(
 
     def flush() -> None:
         nonlocal flushed
+        events = [e for e in ap.timeline.events if flushed <= e.step < done]
+        energy = [r for r in ap.energy.steps() if flushed <= r["step"] < done]
         with store.transaction():
             store.add_steps(run_id, buffer)
-            store.add_timeline(run_id, [e for e in ap.timeline.events if flushed <= e.step < done])
-            store.add_energy(run_id, [r for r in ap.energy.steps() if flushed <= r["step"] < done])
+            store.add_timeline(run_id, events)
+            store.add_energy(run_id, energy)
+        logs.committed(buffer, events, energy)
         buffer.clear()
         flushed = done
 
@@ -202,7 +214,10 @@ def _run_one(
                 if done % spe == 0:
                     ap.end_epoch()
                 if done % eval_every == 0 and done < total:
-                    store.add_evals(run_id, done, task.evaluate(model))
+                    with ap.not_counted():  # an evaluation is no part of any training step's cost
+                        values = task.evaluate(model)
+                    store.add_evals(run_id, done, values)
+                    logs.evaluated(done, values)
                 if done % config.checkpoint_every == 0 or done == total:
                     flush()
                     _save(ckpt, model, opt, ap, done, wall_before + time.perf_counter() - started)
@@ -220,7 +235,11 @@ def _run_one(
     except TrainingUnstableError as e:
         flush()
         store.fail_run(run_id, reason=str(e), wall_time_s=wall_before + time.perf_counter() - started)
+        logs.close("FAILED")
         return
+    except BaseException:
+        logs.close("KILLED")  # a resume continues the same logger run
+        raise
     finally:
         bar.close()
         ap.close()
@@ -231,6 +250,7 @@ def _run_one(
         run_id, final_metric=final[task.metric], wall_time_s=wall_before + time.perf_counter() - started,
         summary=summary,
     )
+    logs.finish(total, final, summary)
 
 
 def _save(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ap: Any, step: int, wall_s: float) -> None:
