@@ -67,3 +67,38 @@ def test_calibration_needs_enough_workloads_and_a_meter() -> None:
 
     with pytest.raises(CalibrationError, match="no counter"):
         calibrate(_Dead())
+
+
+def test_calibrate_command_writes_a_loadable_profile(tmp_path, monkeypatch, capsys) -> None:
+    """`adaprec calibrate` runs the real sweeps on the CPU under a meter and writes a profile file atomically."""
+    import time
+
+    from adaprec import cli
+    from adaprec.energy import meters
+
+    class _Wall(Meter):  # a constant 40 W draw: a real reading of time, no work model
+        name = "wall-40W"
+
+        def available(self) -> tuple[bool, str]:
+            return True, "test meter"
+
+        def read_j(self) -> float:
+            return 40.0 * time.monotonic()
+
+    out = tmp_path / "cpu.toml"
+    monkeypatch.setattr(meters, "detect_meter", lambda: (_Wall(), "test meter"))
+    rc = cli.main(["calibrate", "--device", "cpu", "--formats", "fp32", "--min-seconds", "0.02", "--out", str(out)])
+    assert rc == 0 and out.exists() and not (tmp_path / "cpu.toml.tmp").exists()
+    prof = load_profile(out)
+    assert prof.name == "cpu" and "wall-40W" in prof.description
+    assert "profile:" in capsys.readouterr().out
+    assert cli.main(["calibrate", "--device", "cpu", "--out", str(out)]) == 2  # exists: needs --force
+
+
+def test_calibrate_command_without_a_meter_is_a_clear_error(monkeypatch, capsys) -> None:
+    from adaprec import cli
+    from adaprec.energy import meters
+
+    monkeypatch.setattr(meters, "detect_meter", lambda: (None, "no energy meter on this machine (rapl: none)"))
+    assert cli.main(["calibrate", "--device", "cpu"]) == 2
+    assert "no energy meter" in capsys.readouterr().err

@@ -74,7 +74,9 @@ class Calibration:
             "",
         ]
         p = Path(path)
-        p.write_text("\n".join(lines))
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("\n".join(lines))
+        tmp.replace(p)  # atomic: a reader never sees half a profile
         return p
 
 
