@@ -187,3 +187,13 @@ def test_shadow_audit_reaches_the_next_snapshot_only():
     m.observe_shadow({"a": (0.99, 0.05)})
     assert m.snapshot(0, 0, PLAN).shadow == {"a": (0.99, 0.05)}
     assert m.snapshot(1, 0, PLAN).shadow == {}
+
+
+def test_role_candidates_limit_what_each_role_is_measured_against():
+    m = HealthMonitor(candidates=("fp8_e4m3", "int8", "bf16"), role_candidates={"grad_weight": ("bf16",)})
+    x = torch.randn(256)
+    m.observe_tensor("a", "weight", x, TensorRecipe("fp32"))
+    m.observe_tensor("a", "grad_weight", x, TensorRecipe("fp32"))
+    snap = m.snapshot(0, 0, PLAN)
+    assert set(snap.stats("a", "weight").sqnr_db) == {"fp32", "fp8_e4m3", "int8", "bf16"}
+    assert set(snap.stats("a", "grad_weight").sqnr_db) == {"fp32", "bf16"}  # the current format, then its own

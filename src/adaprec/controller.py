@@ -157,7 +157,11 @@ class AdaptivePrecision:
         self.policy: Policy = with_guard(base) if guard else base
         self.engine.set_plan(self.policy.setup(template, total_steps, steps_per_epoch))
         wanted = self.policy.candidate_formats
-        self.monitor = HealthMonitor(every=monitor_every, **({"candidates": wanted} if wanted else {}))
+        self.monitor = HealthMonitor(
+            every=monitor_every,
+            **({"candidates": wanted} if wanted else {}),
+            role_candidates=self.policy.candidate_formats_by_role,
+        )
         self.engine.observer = self.monitor.observe_tensor
         self.loss_scaling = loss_scaling
         self.loss_scaler = DynamicLossScaler()

@@ -56,6 +56,9 @@ class HealthMonitor:
         every: sample tensor statistics every ``every`` steps (step 0 included).
         candidates: formats measured for every tensor besides its current one;
             a policy can only choose among measured formats.
+        role_candidates: per tensor role, the formats measured instead of
+            ``candidates`` (a policy that chooses per role names them, so no
+            row is measured that no decision reads).
         loss_window: how many recent losses the snapshot carries.
         ema_beta: decay of the loss trend EMA (closer to 1 = slower trend).
         diversity_window: number of observed minibatch gradients per module
@@ -75,6 +78,7 @@ class HealthMonitor:
         diversity_window: int = 8,
         max_sample: int = MAX_SAMPLE,
         grad_sample: int = 65536,
+        role_candidates: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         for key, v in (("every", every), ("loss_window", loss_window), ("diversity_window", diversity_window),
                        ("max_sample", max_sample), ("grad_sample", grad_sample)):
@@ -86,6 +90,7 @@ class HealthMonitor:
             raise PolicyError(f"HealthMonitor ema_beta must be in (0, 1), got {ema_beta!r}")
         self.every = every
         self.candidates = tuple(get(c).name for c in candidates)
+        self.role_candidates = {r: tuple(get(c).name for c in cs) for r, cs in (role_candidates or {}).items()}
         self.loss_window = loss_window
         self.ema_beta = float(ema_beta)
         self.diversity_window = diversity_window
@@ -122,7 +127,8 @@ class HealthMonitor:
         Only the amax and a strided sample are taken now; the format
         statistics of all of a step's samples are computed in one batch.
         """
-        pending = prepare(x, recipe, formats_for(recipe, self.candidates), self.max_sample)
+        candidates = self.role_candidates.get(role, self.candidates)
+        pending = prepare(x, recipe, formats_for(recipe, candidates), self.max_sample)
         self._samples.append(((module, role), recipe.format, pending))
 
     def _measure_samples(self) -> None:

@@ -73,6 +73,15 @@ class Policy(ABC):
         """
         return ()
 
+    @property
+    def candidate_formats_by_role(self) -> Mapping[str, tuple[str, ...]]:
+        """Per tensor role, the formats this policy may choose for it (a subset of ``candidate_formats``).
+
+        The monitor then measures each role only against its own candidates,
+        which keeps sampled steps cheap. Empty: every role gets ``candidate_formats``.
+        """
+        return {}
+
     def on_guard_raise(self, modules: Iterable[str]) -> None:  # noqa: B027 - optional hook
         """The guard widened ``modules`` after an incident; a policy may treat them as sensitive."""
 

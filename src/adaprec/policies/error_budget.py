@@ -76,6 +76,10 @@ class ErrorBudgetPolicy(Policy):
             seen.update(dict.fromkeys(ladder))
         return tuple(seen)
 
+    @property
+    def candidate_formats_by_role(self) -> Mapping[str, tuple[str, ...]]:
+        return dict(self.ladders)
+
     def __init__(
         self,
         targets: Mapping[str, float] | None = None,

@@ -87,6 +87,10 @@ class Guard(Policy):
         return self.policy.candidate_formats
 
     @property
+    def candidate_formats_by_role(self) -> Mapping[str, tuple[str, ...]]:
+        return self.policy.candidate_formats_by_role
+
+    @property
     def retry(self) -> bool:
         """Alias of ``rollback_requested``: restore weights and optimizer, run the step again."""
         return self.rollback_requested
