@@ -50,3 +50,14 @@ def train(
             ap.end_epoch()
         epoch += 1
     return Trained(model, ap, task.evaluate(model), results)
+
+
+def same_state(a, b) -> bool:
+    """Deep equality of nested state (dicts, lists, tensors), tensors bit for bit and of the same dtype."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b

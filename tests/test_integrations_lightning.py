@@ -12,6 +12,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
+from _train import same_state  # noqa: E402
 from adaprec.errors import AdaprecError  # noqa: E402
 from adaprec.integrations.lightning import (  # noqa: E402
     AdaptivePrecisionCallback,
@@ -82,17 +83,6 @@ def _accuracy(module: DigitsMLP) -> float:
         return float((module.net(x).argmax(1) == y).float().mean())
 
 
-def _same(a, b) -> bool:
-    """Deep equality of nested state, tensors bit for bit."""
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 @pytest.mark.parametrize("loss_scaling", [False, True])
 def test_fp32_plugin_is_bit_identical_to_plain_lightning(tmp_path, loss_scaling):
     """Same seed, same data order, clipping on, validation every epoch: the weights match bit for bit.
@@ -155,7 +145,7 @@ def test_checkpoint_resume_restores_adaprec_state_exactly(tmp_path):
     assert b.plan == a.plan
     assert b.loss_scaler.state_dict() == a.loss_scaler.state_dict()
     assert b.timeline == a.timeline
-    assert _same(b.state_dict(), a.state_dict())
+    assert same_state(b.state_dict(), a.state_dict())
     for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
 
