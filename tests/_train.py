@@ -61,3 +61,14 @@ def same_state(a, b) -> bool:
     if isinstance(a, list | tuple):
         return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def assert_resumed_exactly(a: adaprec.AdaptivePrecision, b: adaprec.AdaptivePrecision,
+                           model_a: torch.nn.Module, model_b: torch.nn.Module) -> None:
+    """A resumed run ``b`` ended exactly where the uninterrupted run ``a`` did: adaprec state and weights."""
+    assert b.plan == a.plan
+    assert b.loss_scaler.state_dict() == a.loss_scaler.state_dict()
+    assert b.timeline == a.timeline
+    assert same_state(b.state_dict(), a.state_dict())
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q)

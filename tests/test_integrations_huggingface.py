@@ -10,7 +10,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from _train import same_state  # noqa: E402
+from _train import assert_resumed_exactly  # noqa: E402
 from adaprec.errors import AdaprecError  # noqa: E402
 from adaprec.integrations.huggingface import (  # noqa: E402
     AdaptivePrecisionTrainer,
@@ -127,12 +127,7 @@ def test_checkpoint_resume_restores_adaprec_state_exactly(tmp_path):
     a, b = full_trainer.ap, resumed_trainer.ap
     assert b.step_count == a.step_count == epochs * STEPS_PER_EPOCH
     assert b.epoch == a.epoch == epochs
-    assert b.plan == a.plan
-    assert b.loss_scaler.state_dict() == a.loss_scaler.state_dict()
-    assert b.timeline == a.timeline
-    assert same_state(b.state_dict(), a.state_dict())
-    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_resumed_exactly(a, b, full, resumed)
 
 
 def test_unsupported_setups_are_clear_errors(tmp_path):

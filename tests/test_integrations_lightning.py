@@ -12,7 +12,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from _train import same_state  # noqa: E402
+from _train import assert_resumed_exactly  # noqa: E402
 from adaprec.errors import AdaprecError  # noqa: E402
 from adaprec.integrations.lightning import (  # noqa: E402
     AdaptivePrecisionCallback,
@@ -142,12 +142,7 @@ def test_checkpoint_resume_restores_adaprec_state_exactly(tmp_path):
                       ckpt_path=ckpt_dir / "epoch=0.ckpt")
     a, b = full_plugin.ap, resumed_plugin.ap
     assert b.step_count == a.step_count == epochs * STEPS_PER_EPOCH
-    assert b.plan == a.plan
-    assert b.loss_scaler.state_dict() == a.loss_scaler.state_dict()
-    assert b.timeline == a.timeline
-    assert same_state(b.state_dict(), a.state_dict())
-    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_resumed_exactly(a, b, full, resumed)
 
 
 def test_unsupported_setups_are_clear_errors(tmp_path):
