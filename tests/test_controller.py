@@ -220,3 +220,52 @@ def test_rollback_restores_weights_and_optimizer_state_of_before_the_bad_update(
             weights, state = snapshots[5]  # before the update of step 5
             assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
             assert all(torch.equal(v, opt.state[model[0].weight][k]) for k, v in state.items())
+
+
+def test_resume_keeps_the_rollback_copy():
+    """A rollback asked for on the first step after a resume undoes the step before the save, as without one."""
+    from adaprec.policies import StaticPolicy
+
+    class RollbackAt(StaticPolicy):
+        def __init__(self, at: int) -> None:
+            super().__init__("fp32")
+            self.at = at
+            self.rollback_requested = False
+
+        def decide(self, snapshot, step):
+            self.rollback_requested = step == self.at
+            return super().decide(snapshot, step)
+
+    x, y = _digits()
+    batches = list(_batches(x, y, 10))
+
+    def run(start, stop, model, opt, ap):
+        for xb, yb in batches[start:stop]:
+            opt.zero_grad(set_to_none=True)
+            with ap.autocast():
+                loss = nn.functional.cross_entropy(model(xb), yb)
+            ap.backward(loss)
+            ap.step()
+
+    def fresh():
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return model, opt, adaprec.AdaptivePrecision(model, opt, RollbackAt(6), guard=False)
+
+    whole = fresh()
+    run(0, 10, *whole)
+    first = fresh()
+    run(0, 6, *first)
+    saved = io.BytesIO()
+    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(), "ap": first[2].state_dict()}, saved)
+    saved.seek(0)
+    ckpt = torch.load(saved, weights_only=True)
+    second = fresh()
+    second[0].load_state_dict(ckpt["model"])
+    second[1].load_state_dict(ckpt["opt"])
+    second[2].load_state_dict(ckpt["ap"])
+    run(6, 10, *second)
+    for a, b in zip(whole[0].parameters(), second[0].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert second[2].timeline == whole[2].timeline

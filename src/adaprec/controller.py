@@ -494,6 +494,13 @@ class AdaptivePrecision:
             "loss_scaler": self.loss_scaler.state_dict(),
             "timeline": self.timeline.state_dict(),
             "energy": self.energy.state_dict(),
+            # the copy of the last step's starting point a guard rollback would restore: without it, a
+            # spike seen on the first step after a resume could only be skipped, not rolled back
+            "rollback": None if self._backup is None else {
+                "weights": [t.clone() for t in self._backup[0]],
+                "state": [t.clone() for t in self._backup[1]],
+                "keys": [[i, k] for i, k in self._backup[2]],
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -512,8 +519,22 @@ class AdaptivePrecision:
         self.timeline.load_state_dict(state["timeline"])
         self.energy.load_state_dict(state["energy"])
         self._phase = "ready"
-        self._backup = None
+        self._backup = self._load_backup(state.get("rollback"))
         self._unscaled = None
+
+    def _load_backup(self, saved: Mapping[str, Any] | None) -> tuple[list, list, list] | None:
+        if saved is None:
+            return None
+        try:
+            weights = [w.to(p.device, p.dtype) for w, p in zip(saved["weights"], self._params, strict=True)]
+            keys = [(int(i), str(k)) for i, k in saved["keys"]]
+            state = [v.to(self._params[i].device) for v, (i, _) in zip(saved["state"], keys, strict=True)]
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise CheckpointError(
+                f"adaprec rollback copy does not fit this model and optimizer ({e}); "
+                "load the state saved with the same model and optimizer"
+            ) from None
+        return weights, state, keys
 
     def close(self) -> None:
         """Remove every hook adaprec put on the model."""
