@@ -161,10 +161,10 @@ class PrecisionEngine:
         self._handled = _LINEAR | _CONV | _EMBED | _SDPA | _BMM | _MHA
         self._notes: set[str] = set()
         self._native_cache: dict[str, torch.dtype | None] = {}
-        self._hooks = []
-        for name, module in model.named_modules():
-            self._hooks.append(module.register_forward_pre_hook(self._push(name)))
-            self._hooks.append(module.register_forward_hook(self._pop, always_call=True))
+        # module-stack hooks, present only while a plan is being applied (see activate): a module
+        # with hooks takes nn.Module's slow call path, which an all-fp32 step need not pay
+        self._named_modules = list(model.named_modules())
+        self._hooks: list[Any] = []
         if self.unsupported:
             self.note(
                 "modules with parameters the engine cannot quantize stay fp32: "
@@ -184,11 +184,17 @@ class PrecisionEngine:
         if self._stack:
             self._stack.pop()
 
+    def _attach_stack_hooks(self) -> None:
+        for name, module in self._named_modules:
+            self._hooks.append(module.register_forward_pre_hook(self._push(name)))
+            self._hooks.append(module.register_forward_hook(self._pop, always_call=True))
+
     def remove(self) -> None:
         """Detach every hook (the model is left exactly as it was)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._stack.clear()
 
     def note(self, message: str) -> None:
         """Tell the user once per distinct message."""
@@ -219,8 +225,12 @@ class PrecisionEngine:
         if not enabled or (self.plan.is_fp32 and not self.sampling):
             yield
             return
-        with _Mode(self):
-            yield
+        self._attach_stack_hooks()
+        try:
+            with _Mode(self):
+                yield
+        finally:
+            self.remove()
 
     # --- execution ----------------------------------------------------------
     def _native_dtype(self, name: str, mp: ModulePrecision, device: torch.device) -> torch.dtype | None:
