@@ -46,7 +46,7 @@ __all__ = [
 DEFAULT_CANDIDATES: tuple[str, ...] = ("fp4_e2m1", "fp6_e3m2", "fp8_e5m2", "fp8_e4m3", "fp16", "bf16", "fp32")
 # Fixed-point rungs the CPT / FracTrain / MuPPET policies use.
 FIXED_POINT_CANDIDATES: tuple[str, ...] = ("int4", "int6", "int8", "int12", "int14", "int16")
-MAX_SAMPLE = 2048
+MAX_SAMPLE = 4096
 # Per (format) slot in the sums vector: squared error, overflow count, underflow count.
 _PER_FORMAT = 3
 # Leading slots: element count, nonzero count, signal power.
