@@ -116,7 +116,7 @@ def bench_task(name: str, rounds: int, steps: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--settle", type=int, default=100, help="error-budget steps before timing (warm-up ends)")
     ap.add_argument("--timed", type=int, default=200, help="error-budget steps timed for the monitoring overhead")
