@@ -11,6 +11,7 @@ from torch import nn
 
 import adaprec
 from adaprec.errors import CheckpointError, UsageError
+from adaprec.policies import StaticPolicy
 
 
 def _digits(n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,24 +189,25 @@ def test_optimizer_state_can_be_kept_narrow():
                 assert torch.equal(v, v.bfloat16().float())
 
 
+class _RollbackAt(StaticPolicy):
+    """fp32 throughout; asks for a rollback at one step."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__("fp32")
+        self.at = at
+        self.rollback_requested = False
+
+    def decide(self, snapshot, step):
+        self.rollback_requested = step == self.at
+        return super().decide(snapshot, step)
+
+
 def test_rollback_restores_weights_and_optimizer_state_of_before_the_bad_update():
     """A policy that asks for a rollback at step k undoes the update of step k-1 and skips step k."""
-    from adaprec.policies import StaticPolicy
-
-    class RollbackAt(StaticPolicy):
-        def __init__(self, at: int) -> None:
-            super().__init__("fp32")
-            self.at = at
-            self.rollback_requested = False
-
-        def decide(self, snapshot, step):
-            self.rollback_requested = step == self.at
-            return super().decide(snapshot, step)
-
     x, y = _digits()
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ap = adaprec.AdaptivePrecision(model, opt, RollbackAt(6), guard=False)
+    ap = adaprec.AdaptivePrecision(model, opt, _RollbackAt(6), guard=False)
     snapshots = []
     for i, (xb, yb) in enumerate(_batches(x, y, 8)):
         snapshots.append(([p.detach().clone() for p in model.parameters()],
@@ -224,18 +226,6 @@ def test_rollback_restores_weights_and_optimizer_state_of_before_the_bad_update(
 
 def test_resume_keeps_the_rollback_copy():
     """A rollback asked for on the first step after a resume undoes the step before the save, as without one."""
-    from adaprec.policies import StaticPolicy
-
-    class RollbackAt(StaticPolicy):
-        def __init__(self, at: int) -> None:
-            super().__init__("fp32")
-            self.at = at
-            self.rollback_requested = False
-
-        def decide(self, snapshot, step):
-            self.rollback_requested = step == self.at
-            return super().decide(snapshot, step)
-
     x, y = _digits()
     batches = list(_batches(x, y, 10))
 
@@ -251,7 +241,7 @@ def test_resume_keeps_the_rollback_copy():
         torch.manual_seed(0)
         model = _mlp()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        return model, opt, adaprec.AdaptivePrecision(model, opt, RollbackAt(6), guard=False)
+        return model, opt, adaprec.AdaptivePrecision(model, opt, _RollbackAt(6), guard=False)
 
     whole = fresh()
     run(0, 10, *whole)
