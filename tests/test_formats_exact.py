@@ -171,14 +171,17 @@ def test_compiled_path_gives_identical_bits() -> None:
             assert _same_bits(eager, fused), (name, rnd, seed, t.shape)
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @settings(max_examples=40, deadline=None)
 @given(patterns=st.lists(st.integers(0, 2**32 - 1), min_size=len(ALL_FORMATS), max_size=len(ALL_FORMATS) * 40))
-def test_quantize_each_equals_quantize_row_by_row(patterns: list[int]) -> None:
-    """The monitor's batched rounding (one format per row) is quantize(..., saturate=True) on each row."""
+def test_quantize_each_equals_quantize_row_by_row(fast: bool, patterns: list[int]) -> None:
+    """The monitor's batched rounding (one format per row) is quantize(..., saturate=True) on each row,
+    with native casts for the formats torch has (fast) and with the bit kernels only."""
     cols = len(patterns) // len(ALL_FORMATS)
     x = _from_bits(patterns[: cols * len(ALL_FORMATS)])
     x = x.reshape(len(ALL_FORMATS), cols)
     x = torch.cat([x, torch.tensor(specials).expand(len(ALL_FORMATS), -1)], dim=1)
-    got = quantize_each(x, ALL_FORMATS)
+    with _fast_path(fast):
+        got = quantize_each(x, ALL_FORMATS)
     for i, name in enumerate(ALL_FORMATS):
         assert _same_bits(got[i], quantize(x[i], name, saturate=True)), name

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -259,11 +260,18 @@ def quantize(
 
 
 @functools.lru_cache(maxsize=64)
-def _each_params(names: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Row indices by kind and per-row parameters (``[k, rows, 1]``, to broadcast) for :func:`quantize_each`."""
+def _each_params(names: tuple[str, ...], device: torch.device, native: bool) -> tuple[Any, ...]:
+    """How :func:`quantize_each` rounds each row: by a native cast (rows grouped per format), by the
+    float bit kernel, or by the fixed-point kernel, with their parameters shaped ``[k, rows, 1]``."""
     fmts = [get(n) for n in names]
-    wide = [i for i, f in enumerate(fmts) if f.kind == "float" and f.mbits >= 23 and f.ebits >= 8]
-    floats = [i for i, f in enumerate(fmts) if f.kind == "float" and i not in wide]
+    wide = {i for i, f in enumerate(fmts) if f.kind == "float" and f.mbits >= 23 and f.ebits >= 8}
+    casts: dict[str, list[int]] = {}
+    if native:
+        for i, f in enumerate(fmts):
+            if i not in wide and _native_cast(f, False, True) is not None:
+                casts.setdefault(f.name, []).append(i)
+    cast_rows = {i for rows in casts.values() for i in rows}
+    floats = [i for i, f in enumerate(fmts) if f.kind == "float" and i not in wide and i not in cast_rows]
     ints = [i for i, f in enumerate(fmts) if f.kind == "int"]
     ip, fp = [], []
     for i in floats:
@@ -278,7 +286,9 @@ def _each_params(names: tuple[str, ...], device: torch.device) -> tuple[torch.Te
     def cols(rows: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(rows, dtype=dtype, device=device).T.reshape(-1, len(rows), 1)
 
+    native_groups = tuple((_native_cast(get(n), False, True), idx(rows)) for n, rows in casts.items())
     return (
+        native_groups,
         idx(floats),
         cols(ip, torch.int32) if ip else torch.empty(0),
         cols(fp, torch.float32) if fp else torch.empty(0),
@@ -301,10 +311,12 @@ def quantize_each(x: torch.Tensor, formats: tuple[str, ...] | list[str]) -> torc
             f"quantize_each needs one row per format: got shape {tuple(x.shape)} for {len(names)} formats"
         )
     x32 = x.detach().to(torch.float32).reshape(len(names), -1)
-    floats, ip, fp, ints, ifp = _each_params(names, x32.device)
+    native_groups, floats, ip, fp, ints, ifp = _each_params(names, x32.device, NATIVE_FAST_PATH)
     out = x32.clone()  # fp32 rows hold themselves
     if x32.shape[1] == 0:
         return out.view(x.shape)
+    for cast, rows in native_groups:  # one fast kernel per format torch can cast to (same bits)
+        out[rows] = cast(x32[rows])
     keys = torch.zeros(2, dtype=torch.int64, device=x32.device)
     if floats.numel():
         out[floats] = _round_float(x32[floats], keys, ip, fp, False)
