@@ -229,8 +229,8 @@ def quantize(
     else:
         keys = torch.zeros(2, dtype=torch.int64, device=x.device)
     x32 = x.detach().to(torch.float32).contiguous()
-    if f.kind == "float" and f.mbits >= 23 and f.ebits >= 8:
-        return x32.clone()  # fp32 holds itself
+    if f.holds_float32:
+        return x32.clone()
     native = _native_cast(f, stochastic, saturate)
     if native is not None and not _use_compiled.get():
         return native(x32)
@@ -264,13 +264,14 @@ def _each_params(names: tuple[str, ...], device: torch.device, native: bool) -> 
     """How :func:`quantize_each` rounds each row: by a native cast (rows grouped per format), by the
     float bit kernel, or by the fixed-point kernel, with their parameters shaped ``[k, rows, 1]``."""
     fmts = [get(n) for n in names]
-    wide = {i for i, f in enumerate(fmts) if f.kind == "float" and f.mbits >= 23 and f.ebits >= 8}
-    casts: dict[str, list[int]] = {}
+    wide = {i for i, f in enumerate(fmts) if f.holds_float32}
+    casts: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], list[int]]] = {}
     if native:
         for i, f in enumerate(fmts):
-            if i not in wide and _native_cast(f, False, True) is not None:
-                casts.setdefault(f.name, []).append(i)
-    cast_rows = {i for rows in casts.values() for i in rows}
+            cast = None if i in wide else _native_cast(f, False, True)
+            if cast is not None:
+                casts.setdefault(f.name, (cast, []))[1].append(i)
+    cast_rows = {i for _, rows in casts.values() for i in rows}
     floats = [i for i, f in enumerate(fmts) if f.kind == "float" and i not in wide and i not in cast_rows]
     ints = [i for i, f in enumerate(fmts) if f.kind == "int"]
     ip, fp = [], []
@@ -286,7 +287,7 @@ def _each_params(names: tuple[str, ...], device: torch.device, native: bool) -> 
     def cols(rows: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(rows, dtype=dtype, device=device).T.reshape(-1, len(rows), 1)
 
-    native_groups = tuple((_native_cast(get(n), False, True), idx(rows)) for n, rows in casts.items())
+    native_groups = tuple((cast, idx(rows)) for cast, rows in casts.values())
     return (
         native_groups,
         idx(floats),

@@ -60,6 +60,11 @@ class Format:
         return self.kind == "float"
 
     @property
+    def holds_float32(self) -> bool:
+        """Every float32 value is representable: rounding to this format changes nothing."""
+        return self.kind == "float" and self.ebits >= 8 and self.mbits >= 23
+
+    @property
     def qmax(self) -> int:
         """Largest integer code of a fixed-point format."""
         if self.kind != "int":

@@ -90,12 +90,14 @@ def pow2_scale(amax_: torch.Tensor | float, fmt: str | Format) -> torch.Tensor:
     A power of two, so scaling itself adds no rounding error. 1 where amax is
     0 or not finite. Works elementwise (per-block amax).
     """
-    f = get(fmt)
-    a = torch.as_tensor(amax_, dtype=torch.float64)
+    return _pow2_fit(torch.as_tensor(amax_, dtype=torch.float64), get(fmt).max_finite).to(torch.float32)
+
+
+def _pow2_fit(a: torch.Tensor, max_finite: float | torch.Tensor) -> torch.Tensor:
+    """float64 2^floor(log2(max_finite / a)), clamped to 2^+-126; 1 where ``a`` is 0 or not finite."""
     ok = torch.isfinite(a) & (a > 0)
-    safe = torch.where(ok, a, torch.ones_like(a))
-    e = torch.floor(torch.log2(f.max_finite / safe)).clamp(-126, 126)
-    return torch.where(ok, torch.exp2(e), torch.ones_like(e)).to(torch.float32)
+    e = torch.floor(torch.log2(max_finite / torch.where(ok, a, torch.ones_like(a)))).clamp(-126, 126)
+    return torch.where(ok, torch.exp2(e), torch.ones_like(e))
 
 
 def overflow_frac(x: torch.Tensor, fmt: str | Format, scale: float | torch.Tensor = 1.0) -> float:
@@ -210,8 +212,7 @@ def _many_formats(
     maxf, scaled = _rows_params(names, scalings, xs.device)
     a = amax_.to(torch.float64)
     ok = torch.isfinite(a) & (a > 0)
-    e = torch.floor(torch.log2(maxf / torch.where(ok, a, torch.ones_like(a)))).clamp(-126, 126)
-    s64 = torch.where(scaled & ok, torch.exp2(e), torch.ones_like(e))
+    s64 = torch.where(scaled, _pow2_fit(a, maxf), torch.ones_like(maxf))
     y = xs * s64.to(torch.float32).unsqueeze(1)
     over = (y.abs() > maxf.unsqueeze(1)).sum(1)
     q = quantize_each(y, names)
@@ -228,12 +229,6 @@ def _many_formats(
 def _is_block(name: str, scaling: str) -> bool:
     f = get(name)
     return scaling == "block" and not (f.kind == "float" and f.bits >= 16)
-
-
-def _is_exact(name: str) -> bool:
-    """Formats that hold every float32 value: no error, overflow or underflow to measure."""
-    f = get(name)
-    return f.kind == "float" and f.ebits >= 8 and f.mbits >= 23
 
 
 @dataclass
@@ -301,7 +296,7 @@ def _layout(
     n_obs = len(shape)
     for i, (names, scalings, blocky) in enumerate(shape):
         for j, (n, sc) in enumerate(zip(names, scalings, strict=True)):
-            if j not in blocky and not _is_exact(n):
+            if j not in blocky and not get(n).holds_float32:
                 row_obs.append(i)
                 row_names.append(n)
                 row_scalings.append(sc)
@@ -316,7 +311,7 @@ def _layout(
         start = len(gather)
         gather += [3 * i, 3 * i + 1, 3 * i + 2]
         for j in range(len(names)):
-            if j not in blocky and _is_exact(names[j]):
+            if j not in blocky and get(names[j]).holds_float32:
                 base = zeros
             elif j in blocky:
                 base = 3 * (n_obs + n_rows + block)
