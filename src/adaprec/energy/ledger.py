@@ -20,7 +20,7 @@ from adaprec.energy.profiles import Profile, load_profile
 from adaprec.errors import CheckpointError
 from adaprec.plan import PrecisionPlan
 
-__all__ = ["EnergyLedger"]
+__all__ = ["EnergyLedger", "saving_fraction"]
 
 _CACHE_SIZE = 128
 _STATE_KEYS = ("version", "profile", "grid_intensity_g_per_kwh", "rows", "modules", "macs_by_format", "assumptions")
@@ -162,8 +162,8 @@ class EnergyLedger:
             "modeled_j": tot["modeled_j"],
             "fp32_modeled_j": tot["fp32_modeled_j"],
             "bf16_modeled_j": tot["bf16_modeled_j"],
-            "saving_vs_fp32": _saving(tot["modeled_j"], tot["fp32_modeled_j"]),
-            "saving_vs_bf16": _saving(tot["modeled_j"], tot["bf16_modeled_j"]),
+            "saving_vs_fp32": saving_fraction(tot["modeled_j"], tot["fp32_modeled_j"]),
+            "saving_vs_bf16": saving_fraction(tot["modeled_j"], tot["bf16_modeled_j"]),
             "modules": {n: dict(v) for n, v in self._modules.items()},
             "measured_j": sum(r["measured_j"] for r in measured) if measured else None,
             "measured_steps": len(measured),
@@ -215,7 +215,8 @@ class EnergyLedger:
         self._assumptions = set(d["assumptions"])
 
 
-def _saving(x: float, base: float) -> float:
+def saving_fraction(x: float, base: float) -> float:
+    """1 - x / base: the share of ``base`` (e.g. the fp32 counterfactual) that ``x`` saved; 0 without a base."""
     return 1.0 - x / base if base > 0 else 0.0
 
 

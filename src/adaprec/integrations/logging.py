@@ -31,6 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from adaprec.energy.ledger import saving_fraction
 from adaprec.errors import MissingExtraError
 from adaprec.formats import get
 from adaprec.plan import ROLES, PrecisionPlan
@@ -238,7 +239,7 @@ class RunLoggers:
                 values["energy/modeled_j"] = e["modeled_j"]
                 values["energy/modeled_j_cumulative"] = self._modeled
                 values["energy/fp32_modeled_j_cumulative"] = self._fp32
-                values["energy/saving_vs_fp32"] = _saving(self._modeled, self._fp32)
+                values["energy/saving_vs_fp32"] = saving_fraction(self._modeled, self._fp32)
                 if e.get("measured_j") is not None:
                     values["energy/measured_j"] = e["measured_j"]
             values.update(self._precision)
@@ -306,10 +307,6 @@ class RunLoggers:
                         lg.close("FAILED")
                     except Exception:  # noqa: BLE001, S110 - already reported
                         pass
-
-
-def _saving(x: float, base: float) -> float:
-    return 1.0 - x / base if base > 0 else 0.0  # as the ledger's summary
 
 
 def _warn(name: str, what: str, e: BaseException) -> None:
