@@ -97,7 +97,7 @@ class HealthMonitor:
         self.max_sample = max_sample
         self.grad_sample = grad_sample
         # samples taken this step, measured together when the snapshot (or a reduction) needs them
-        self._samples: list[tuple[tuple[str, str], str, Pending]] = []
+        self._samples: list[tuple[tuple[str, str], Pending]] = []
         # tensor statistics of the current sampled step: (module, role) -> [formats, scalings, current, amax, sums]
         self._pending: dict[tuple[str, str], list[Any]] = {}
         self._pending_losses: list[torch.Tensor | float] = []
@@ -129,21 +129,21 @@ class HealthMonitor:
         """
         candidates = self.role_candidates.get(role, self.candidates)
         pending = prepare(x, recipe, formats_for(recipe, candidates), self.max_sample)
-        self._samples.append(((module, role), recipe.format, pending))
+        self._samples.append(((module, role), pending))
 
     def _measure_samples(self) -> None:
         """Measure the step's samples in one batch and pool them per (module, role)."""
         if not self._samples:
             return
-        sums_all = finish([p for _, _, p in self._samples])
-        for (key, current, p), sums in zip(self._samples, sums_all, strict=True):
+        sums_all = finish([p for _, p in self._samples])
+        for (key, p), sums in zip(self._samples, sums_all, strict=True):
             prev = self._pending.get(key)
             if prev is not None and prev[0] == p.formats and prev[1] == p.scalings:
                 # the same tensor role seen again this step (shared module, several calls): pool
                 prev[3] = torch.maximum(prev[3], p.amax)
                 prev[4] = prev[4] + sums
             else:
-                self._pending[key] = [p.formats, p.scalings, current, p.amax, sums]
+                self._pending[key] = [p.formats, p.scalings, p.formats[0], p.amax, sums]  # current format first
         self._samples.clear()
 
     def observe_grads(self, module: str, grad: torch.Tensor | None) -> None:
