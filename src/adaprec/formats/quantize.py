@@ -5,8 +5,12 @@ values of the target format, so any PyTorch op can consume it. Float formats
 are rounded on the integer bit pattern of float32: within one binade the
 float32 codes are evenly spaced, so rounding the low ``23 - mbits`` bits
 (more below the target's smallest normal) is exact rounding, and a carry
-into the exponent is exactly the step to the next binade. Only values below
-half the smallest subnormal need a separate rule.
+into the exponent is exactly the step to the next binade. A tie goes to the
+neighbour whose kept significand is even; the significand includes float32's
+implicit leading 1, which is the kept bit when all 23 fraction bits are
+dropped (the binade of the smallest subnormal, or any binade of an ExM0
+format). Only values below the smallest subnormal need a separate rule: they
+round to zero or to it (exactly half of it ties to zero).
 
 The same function body runs eagerly or fused by ``torch.compile``
 (:func:`compiled`); both give identical bits because every step is integer
@@ -121,8 +125,12 @@ def _round_float(
         # up with probability |x| / min_sub (24 random bits)
         tiny_up = (r >> 8).to(torch.float32) * (2.0**-24) < ratio
     else:
-        # half an ulp minus one, plus the kept lsb: ties go to even
-        rnd = torch.clamp(((1 << shift_c) >> 1) - 1 + ((mag >> shift_c) & 1), min=0)
+        # half an ulp minus one, plus the lowest kept bit of the significand: ties go to even. The
+        # significand is the 23 fraction bits plus the implicit leading 1 of a normal float32 (a
+        # float32 subnormal has none), so at shift 23 (the binade [min_sub, 2 min_sub), or every
+        # binade of an ExM0 format) the kept bit is that implicit 1, never the exponent's lowest bit
+        sig = (mag & 0x7FFFFF) | ((mag >= 0x800000).to(torch.int32) << 23)
+        rnd = torch.clamp(((1 << shift_c) >> 1) - 1 + ((sig >> shift_c) & 1), min=0)
         tiny_up = ratio > 0.5  # exactly half of min_sub ties to even (zero)
     mag_r = ((mag + rnd) >> shift_c) << shift_c
     mag_r = torch.where(small, tiny_up.to(torch.int32) * ip[2], mag_r)
