@@ -2,15 +2,28 @@
 
 Heavy imports happen inside each command, so ``adaprec formats`` starts fast
 and a missing optional extra only matters to the command that needs it.
+
+Errors: a mistake the user can fix prints one line ``adaprec: error: ...``
+(the problem and the fix) and exits 2; anything else is a bug of ours and
+prints one line ``adaprec: internal error: ...`` and exits 1. ``--debug``
+re-raises instead, to show the traceback. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from collections.abc import Sequence
+import unicodedata
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from adaprec.errors import AdaprecError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:
@@ -66,24 +79,39 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``adaprec: error: ...; see 'adaprec run --help'``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"adaprec: error: {_one_line(message)}; see '{self.prog} --help'\n")
+
+
+_DEBUG_HELP = "on an error, show the Python traceback instead of one line (for bug reports)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="adaprec",
         description="Adaptive precision training: compare precision policies against fp32, with an energy ledger.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("formats", help="print the table of number formats and their ranges")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    # --debug is also accepted after the command (adaprec run x.yaml --debug); SUPPRESS keeps a leading one
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("formats", parents=[common], help="print the table of number formats and their ranges")
     p.set_defaults(func=_cmd_formats)
-    p = sub.add_parser("run", help="train a task under several policies and the fp32 baseline; write a report")
+    p = sub.add_parser("run", parents=[common],
+                       help="train a task under several policies and the fp32 baseline; write a report")
     p.add_argument("config", help="experiment config (YAML), e.g. examples/quickstart.yaml")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars (CI)")
     p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("report", help="(re)write the report of a run directory")
+    p = sub.add_parser("report", parents=[common], help="(re)write the report of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_report)
-    p = sub.add_parser("calibrate", help="fit an energy profile from measured GEMM and bandwidth sweeps (needs a meter)")
+    p = sub.add_parser("calibrate", parents=[common], help="fit an energy profile from measured GEMM and bandwidth sweeps (needs a meter)")
     p.add_argument("--device", default="cuda", help="torch device to run the sweeps on (default cuda)")
     p.add_argument("--formats", nargs="+", default=["fp32", "bf16"], help="formats of the GEMM sweeps")
     p.add_argument("--min-seconds", type=float, default=1.0, help="measure each workload at least this long")
@@ -94,13 +122,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: object) -> str:
+    """``e`` as one printable line: newlines folded, other control or line-separator characters escaped."""
+    text = re.sub(r"\s*[\r\n]\s*", " ", str(e)).strip()
+    text = "".join(
+        c if unicodedata.category(c) not in ("Cc", "Zl", "Zp") else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+    return text or type(e).__name__
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Our own warnings (``adaprec: ...``) as one line ``adaprec: warning: ...``; others as Python prints them."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+            text = str(message)
+            if not text.startswith("adaprec: "):
+                return shown(message, category, filename, lineno, file, line)
+            print(f"adaprec: warning: {_one_line(text.removeprefix('adaprec: '))}", file=file or sys.stderr)
+            return None
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the ``adaprec`` command line; returns the exit status (0 ok, 2 user error, 1 internal error)."""
     try:
-        return int(args.func(args) or 0)
-    except AdaprecError as e:
-        print(f"adaprec: error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER_ERROR)
+    debug = bool(getattr(args, "debug", False))
+    with _one_line_warnings():
+        try:
+            return int(args.func(args) or 0)
+        except AdaprecError as e:
+            if debug:
+                raise
+            print(f"adaprec: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            hint = "; rerun the same command with --resume to continue" if args.command == "run" else ""
+            print(f"adaprec: interrupted{hint}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            if debug:
+                raise
+            print(f"adaprec: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the "
+                  "traceback; please report it)", file=sys.stderr)
+            return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

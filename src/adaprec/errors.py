@@ -64,3 +64,15 @@ class TaskError(AdaprecError, ValueError):
 
 class MissingExtraError(AdaprecError, ImportError):
     """An optional feature whose third-party package is not installed; names the extra that installs it."""
+
+
+class RunDirError(ConfigError):
+    """A run directory that cannot be used: ``--out`` names a file, or ``--resume`` of nothing to resume."""
+
+
+class StoreError(AdaprecError, RuntimeError):
+    """A result store that cannot be opened or written (not a database, read-only, disk full)."""
+
+
+class StoreLockedError(StoreError):
+    """A run directory whose result store another live process is writing; names that process."""

@@ -21,9 +21,16 @@ from typing import Any
 
 import torch
 
-from adaprec.errors import CheckpointError, ConfigError, TaskError, TrainingUnstableError
+from adaprec.errors import (
+    AdaprecError,
+    CheckpointError,
+    ConfigError,
+    RunDirError,
+    TaskError,
+    TrainingUnstableError,
+)
 from adaprec.experiments.config import ExperimentConfig, PolicySpec
-from adaprec.experiments.store import ResultStore
+from adaprec.experiments.store import DB_NAME, ResultStore, remove_stale_temp_files
 from adaprec.experiments.tasks import Task, get_task
 from adaprec.integrations.logging import RunLoggers, check_available
 
@@ -62,8 +69,49 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def _one_line(e: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(e)).strip() or type(e).__name__
+
+
+def _user_task_error(name: str, what: str, e: Exception) -> TaskError:
+    return TaskError(f"{what} of user task {name!r} raised {type(e).__name__}: {_one_line(e)}; fix the task "
+                     "(rerun with --debug for the traceback)")
+
+
+def _load_task(name: str) -> Task:
+    """``get_task``, with a user entry point's own exception wrapped as TaskError naming it (cause kept)."""
+    try:
+        return get_task(name)
+    except AdaprecError:
+        raise
+    except Exception as e:
+        if ":" not in name:
+            raise
+        raise _user_task_error(name, "the entry point", e) from e
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    """An --out that cannot be a run directory, or a --resume of nothing, fails before anything is written."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir} is an existing file, not a directory; choose another --out "
+                          "(a directory to create, or a run directory to --resume)")
+    if resume:
+        if not run_dir.is_dir():
+            raise RunDirError(f"--resume: run directory {run_dir} does not exist; run without --resume to start "
+                              "it, or pass the --out of the run to continue")
+        if not (run_dir / DB_NAME).is_file():
+            raise RunDirError(f"--resume: {run_dir} holds no result store ({DB_NAME}), so nothing to resume; run "
+                              "without --resume to start, or pass the --out of the run to continue")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"cannot create run directory {run_dir} ({getattr(e, 'strerror', None) or e}); "
+                          "choose another --out") from None
+
+
 def _prepare_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> ResultStore:
     """Create or reopen the run directory; refuse to mix results of two configs."""
+    _check_run_dir(run_dir, resume)
     saved = run_dir / CONFIG_NAME
     # what does not change results stays out of the resume identity (a resume may add a logger)
     identity = config.model_dump(mode="json", exclude={"out", "quiet", "compile", "loggers", "mlflow_tracking_uri"})
@@ -79,11 +127,18 @@ def _prepare_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> Resul
                 f"run directory {run_dir} was started with a different config ({saved}); "
                 "resume with the same config, or choose another --out"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not saved.exists():
-        _atomic(saved, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    return ResultStore(run_dir)
+    was_run_dir = saved.exists() or (run_dir / DB_NAME).exists()
+    store = ResultStore(run_dir, writer=True)  # the writer lock: a second live run on this directory stops here
+    try:
+        if was_run_dir:
+            remove_stale_temp_files(run_dir)  # what a killed atomic write left (we hold the lock)
+        if not saved.exists():
+            _atomic(saved, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def run_experiment(
@@ -106,7 +161,7 @@ def run_experiment(
     Returns the run directory.
     """
     run_dir = Path(out_dir or config.out or Path("runs") / _slug(config.task))
-    task = get_task(config.task)  # loads the data: fail before any directory is written
+    task = _load_task(config.task)  # loads the data: fail before any directory is written
     check_available(config.loggers)  # a missing tensorboard/mlflow package, too
     store = _prepare_dir(config, run_dir, resume)
     try:
@@ -115,7 +170,14 @@ def run_experiment(
             for seed in config.seeds:
                 if run_id_for(spec, seed) in done:
                     continue
-                _run_one(task, config, spec, seed, store, run_dir, progress and not config.quiet)
+                try:
+                    _run_one(task, config, spec, seed, store, run_dir, progress and not config.quiet)
+                except AdaprecError:
+                    raise
+                except Exception as e:  # a user task's own code failing mid-run: name it, keep the cause
+                    if ":" not in config.task:
+                        raise
+                    raise _user_task_error(config.task, f"run {run_id_for(spec, seed)}", e) from e
     finally:
         store.close()
     if report:
