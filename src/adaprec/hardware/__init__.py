@@ -1,0 +1,36 @@
+"""What this device runs natively and how fast: the formats policies may choose here.
+
+>>> from adaprec.hardware import probe
+>>> report = probe()                 # cpu; measured once, then cached
+>>> report.fast_formats()            # e.g. ('int8', 'bf16', 'fp32')
+>>> print(report.table())
+
+Nothing is hard-coded: flags (``/proc/cpuinfo``, CUDA compute capability)
+say what the silicon claims, and a short sweep runs each kernel, checks its
+answers and times it against fp32. See docs/hardware.md.
+"""
+
+from adaprec.hardware.flags import (
+    FORMATS,
+    cpu_conditional_formats,
+    cpu_native_formats,
+    cuda_native_formats,
+    read_cpu_info,
+)
+from adaprec.hardware.probing import clear_memo, probe, resolve_device
+from adaprec.hardware.report import FAST_MARGIN, DeviceReport, FormatSupport, HardwareError
+
+__all__ = [
+    "FAST_MARGIN",
+    "FORMATS",
+    "DeviceReport",
+    "FormatSupport",
+    "HardwareError",
+    "clear_memo",
+    "cpu_conditional_formats",
+    "cpu_native_formats",
+    "cuda_native_formats",
+    "probe",
+    "read_cpu_info",
+    "resolve_device",
+]
