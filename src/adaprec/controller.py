@@ -23,7 +23,10 @@ the optimizer updates; only the compute sees narrower formats.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
+import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaprec.energy import EnergyLedger, MacCounter, MeasurementWindow, detect_meter
-from adaprec.engine import PrecisionEngine
-from adaprec.errors import CheckpointError, UsageError
+from adaprec.energy import EnergyLedger, MeasurementWindow, detect_meter
+from adaprec.engine import Capabilities, PrecisionEngine
+from adaprec.errors import CheckpointError, PlanError, UsageError
 from adaprec.formats import get, quantize
 from adaprec.formats.loss_scaling import DynamicLossScaler
 from adaprec.monitor import HealthMonitor
@@ -136,46 +139,49 @@ class AdaptivePrecision:
         total_steps: int | None = None,
         steps_per_epoch: int | None = None,
         compile: bool = False,
+        hardware: Any = "auto",
+        target: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UsageError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if monitor_every < 1:
-            raise UsageError(f"monitor_every must be >= 1, got {monitor_every}")
+        if not isinstance(monitor_every, int) or isinstance(monitor_every, bool) or monitor_every < 1:
+            raise UsageError(f"monitor_every must be an int >= 1, got {monitor_every!r}")
+        if backend not in ("auto", "emulate", "native"):
+            raise UsageError(f"backend must be 'auto', 'native' or 'emulate', got {backend!r}")
         self.model = model
         self.optimizer = optimizer
+        self.target = target
+        self.hardware = self._probe(model, hardware, backend)
+        caps = Capabilities.from_report(self.hardware) if self.hardware is not None else Capabilities()
         self.engine = PrecisionEngine(
-            model, backend=backend, module_filter=module_filter, seed=seed, compile=compile
+            model, backend=backend, module_filter=module_filter, seed=seed, compile=compile, capabilities=caps
         )
-        all_pins: dict[str, str | ModulePrecision] = {}
-        if not quantize_embeddings:
-            all_pins.update({n: "fp32" for n, k in self.engine.kinds.items() if k == "embedding"})
-        all_pins.update(pins or {})
-        template = PrecisionPlan.uniform(self.engine.kinds, "fp32", pins=all_pins)
+        self.engine.on_new_site = self._on_new_site
+        self._user_pins = dict(pins or {})
+        self._quantize_embeddings = quantize_embeddings
+        self._run_length = (total_steps, steps_per_epoch)
         base = build(policy)
         self.policy: Policy = with_guard(base) if guard else base
-        self.engine.set_plan(self.policy.setup(template, total_steps, steps_per_epoch))
-        wanted = self.policy.candidate_formats
-        self.monitor = HealthMonitor(
-            every=monitor_every,
-            **({"candidates": wanted} if wanted else {}),
-            role_candidates=self.policy.candidate_formats_by_role,
-        )
+        self._template = PrecisionPlan()
+        self.engine.set_plan(self.policy.setup(self._template, total_steps, steps_per_epoch))
+        self._decided = False  # no decision yet: discovery may still set the policy up again
+        self._finalized = False
+        self.monitor = HealthMonitor(every=monitor_every)
+        self._configure_monitor()
         self.engine.observer = self.monitor.observe_tensor
         self.loss_scaling = loss_scaling
         self.loss_scaler = DynamicLossScaler()
         self._scaling_for: tuple[PrecisionPlan | None, bool] = (None, False)
         self.timeline = Timeline()
         self.timeline.set_initial(self.engine.plan)
-        self.energy = EnergyLedger(profile=energy_profile)
+        self.energy = EnergyLedger(profile=energy_profile, target=target)
         self.meter, self.meter_reason = detect_meter()
         self._window = MeasurementWindow(self.meter) if self.meter is not None else None
-        self._counter = MacCounter(model, list(self.engine.kinds))
-        self._counter.attach(watch_sdpa=False)
         self.shadow_every = shadow_every
         self.shadow: dict[int, dict[str, tuple[float, float]]] = {}
-        self._owners = _param_owners(model, list(self.engine.kinds))
+        self._owners: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._backup: tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, str]]] | None = None
         # keep a pre-step copy only when something may ask to roll a step back
@@ -186,6 +192,121 @@ class AdaptivePrecision:
         self._loss: torch.Tensor | None = None
         self._scale = 1.0
         self._unscaled: tuple[bool, tuple[str, ...]] | None = None  # set by unscale_()
+        self._t0: float | None = None
+        self._sync_cuda = any(p.is_cuda for p in model.parameters())
+
+    # --- hardware and discovery ------------------------------------------------------
+    @staticmethod
+    def _probe(model: nn.Module, hardware: Any, backend: str) -> Any:
+        """The device report policies choose formats from (None: no native narrow format)."""
+        from adaprec.hardware import DeviceReport, probe
+
+        if isinstance(hardware, DeviceReport):
+            return hardware
+        if hardware is None or hardware == "none":
+            return None
+        if hardware != "auto":
+            raise UsageError(f"hardware must be 'auto', None or an adaprec.hardware.DeviceReport, got {hardware!r}")
+        if backend == "emulate":
+            return None
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return probe(device)
+
+    def _allowed(self) -> tuple[dict[str, set[str]] | None, set[str]]:
+        """Per module, the formats this device runs natively and faster (None: research mode)."""
+        if self.target is not None or self.engine.backend == "emulate":
+            return None, set()
+        caps = self.engine.caps
+        table = caps.native if self.engine.backend == "native" else caps.fast
+        gemm, conv = set(table.get("gemm", ())), set(table.get("conv", ()))
+        floats16 = {"bf16", "fp16"}
+        allowed: dict[str, set[str]] = {}
+        coupled: set[str] = set()
+        for name, site in self.engine.sites.items():
+            if not site.covered:
+                continue
+            fmts = {"fp32", "int8", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2"}
+            for kind in site.kinds:
+                if kind == "linear":
+                    fmts &= gemm
+                elif kind == "conv":
+                    fmts &= conv & floats16
+                elif kind == "embedding":
+                    fmts &= {"fp32"}
+                else:  # attention, matmul, einsum: cast to one 16-bit dtype
+                    fmts &= gemm & floats16
+            if site.kinds - {"linear"}:
+                coupled.add(name)
+            allowed[name] = fmts | {"fp32"}
+        return allowed, coupled
+
+    def _pins_now(self) -> dict[str, str | ModulePrecision]:
+        names = list(self.engine.kinds)
+        pins: dict[str, str | ModulePrecision] = {}
+        if not self._quantize_embeddings:
+            pins.update({n: "fp32" for n, s in self.engine.sites.items() if s.covered and s.kinds == {"embedding"}})
+        for pattern, pin in self._user_pins.items():
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                pins[pattern] = pin
+        return pins
+
+    def _on_new_site(self, name: str) -> None:
+        """The engine met a module that runs GEMMs: set the policy up again with it (before any decision)."""
+        if self._decided:
+            return
+        self._template = PrecisionPlan.uniform(self.engine.kinds, "fp32", pins=self._pins_now())
+        allowed, coupled = self._allowed()
+        self.policy.restrict(allowed, coupled)
+        self.engine.set_plan(self.policy.setup(self._template, *self._run_length))
+        self._configure_monitor()
+        self.timeline.set_initial(self.engine.plan)
+
+    def _configure_monitor(self) -> None:
+        wanted = self.policy.candidate_formats
+        if wanted:
+            self.monitor.set_candidates(wanted, self.policy.candidate_formats_by_role)
+
+    def _finalize(self) -> None:
+        """After discovery: check the pins matched, say what the plan does not cover."""
+        if self._finalized:
+            return
+        self._finalized = True
+        names = list(self.engine.kinds)
+        for pattern in self._user_pins:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise PlanError(
+                    f"pin {pattern!r} matches no module that runs GEMMs; such modules are: {', '.join(names) or '(none)'}"
+                )
+        if not self.engine.sites:
+            warnings.warn(
+                f"adaprec: no matmul-like op ran in {type(self.model).__name__}'s forward pass: there is nothing to "
+                "run under a precision plan, every step runs as plain fp32 and the ledger counts 0 MACs",
+                stacklevel=3,
+            )
+        elif not names:
+            warnings.warn(
+                "adaprec: no module that runs GEMMs is under the plan (all filtered out or fused kernels): "
+                f"{self.engine.uncovered}; training runs fp32",
+                stacklevel=3,
+            )
+        elif all(n in self.plan.pinned for n in names):
+            warnings.warn(
+                "adaprec: every module that runs GEMMs is pinned, so the policy decides nothing; "
+                "unpin some (pins=, quantize_embeddings=True) to let it",
+                stacklevel=3,
+            )
+        self._owners = _param_owners(self.model, names)
+
+    def prepare(self, *example_args: Any, **example_kwargs: Any) -> dict[str, str]:
+        """Find every module that runs GEMMs with one forward pass (no grad, not counted) before training.
+
+        Optional: the first training step does the same. Returns module -> op kind.
+        """
+        if self._decided:
+            raise UsageError("prepare() must come before the first ap.step()")
+        self.engine.discover(*example_args, **example_kwargs)
+        self._finalize()
+        return self.engine.kinds
 
     # --- reading --------------------------------------------------------
     @property
@@ -207,13 +328,17 @@ class AdaptivePrecision:
         """Run the forward pass inside under the current plan."""
         if self._phase == "backward":
             raise UsageError("autocast() entered again before step(): call ap.step() after ap.backward(loss)")
+        if self._phase == "forward":
+            raise UsageError("autocast() entered twice before backward(): one forward pass per step, then ap.backward(loss)")
+        if self.engine._in_mode:
+            raise UsageError("autocast() is already active: do not nest `with ap.autocast():` blocks")
         sampling = enabled and self.monitor.should_sample(self._step)
         self.engine.begin_step(self._step, sampling)
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
         if self._window is not None and self._step == 0:
             self._window.start()
-        # the counter's mode goes on top: its handler pops it, so the engine's
-        # quantization code below runs with no mode in the way
-        with self.engine.activate(enabled), self._counter.watching_sdpa():
+        with self.engine.activate(enabled):
             yield
         self._phase = "forward"
 
@@ -225,13 +350,8 @@ class AdaptivePrecision:
         and is no part of a step's cost, but the MAC counter's hooks would
         otherwise charge it to the next step.
         """
-        attached = self._counter.attached
-        self._counter.detach()
-        try:
+        with self.engine.not_counted():
             yield
-        finally:
-            if attached:
-                self._counter.attach(watch_sdpa=False)
 
     def _scaling_needed(self) -> bool:
         if self.loss_scaling is not None:
@@ -262,6 +382,7 @@ class AdaptivePrecision:
         self._scale = self.loss_scaler.scale() if self._scaling_needed() else 1.0
         self._loss = loss.detach()
         (loss * self._scale if self._scale != 1.0 else loss).backward()
+        self.engine.commit_backward()
         if (
             recompute is not None
             and self.shadow_every
@@ -352,6 +473,8 @@ class AdaptivePrecision:
         """Unscale (unless ``unscale_()`` did), check, step (or skip or roll back), then monitor, decide, account."""
         if self._phase != "backward":
             raise UsageError("step() needs ap.backward(loss) first (forward inside ap.autocast(), then backward)")
+        self._finalize()
+        self._decided = True
         step = self._step
         plan_used = self.plan
         unscaled, self._unscaled = self._unscaled, None
@@ -359,8 +482,11 @@ class AdaptivePrecision:
         loss = float(self._loss) if self._loss is not None else math.nan
         sampled = self.engine.sampling
         overflowed: tuple[str, ...] = ()
-        if nonfinite or not math.isfinite(loss):
+        # a cast that met inf/NaN would hide it (int8 and saturating formats clip): the fault is the engine's to report
+        cast_faults = self.engine.pop_faults()
+        if nonfinite or not math.isfinite(loss) or cast_faults:
             overflowed = unscaled[1] if unscaled is not None and nonfinite else self._overflowed_modules()
+            overflowed = tuple(dict.fromkeys(overflowed + tuple(m for m, _ in cast_faults)))
             nonfinite = True
         else:
             self.monitor.observe_loss(loss)
@@ -378,7 +504,11 @@ class AdaptivePrecision:
         stepped = False
         rolled_back = False
         if nonfinite:
-            reason = "skipped: inf/NaN in gradients" + (f" of {', '.join(overflowed)}" if overflowed else "")
+            if cast_faults:
+                where = ", ".join(f"{r} of {m or '<root>'}" for m, r in cast_faults)
+                reason = f"skipped: inf/NaN in the {where} before its cast"
+            else:
+                reason = "skipped: inf/NaN in gradients" + (f" of {', '.join(overflowed)}" if overflowed else "")
         elif rollback:
             rolled_back = self._restore_backup()
             reason = "rolled back: guard saw a loss spike" if rolled_back else "skipped: guard saw a loss spike"
@@ -418,8 +548,16 @@ class AdaptivePrecision:
 
     # --- parts of step ----------------------------------------------------
     def _account(self, step: int, plan: PrecisionPlan) -> None:
-        cost = self._counter.pop_step_cost()
-        self.energy.record(step, plan, cost, measured_reason=self.meter_reason if self._window is None else None)
+        cost = self.engine.pop_step_cost()
+        wall = None
+        if self._t0 is not None:
+            if self._sync_cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self._t0
+            self._t0 = None
+        self.energy.record(
+            step, plan, cost, measured_reason=self.meter_reason if self._window is None else None, wall_s=wall
+        )
         if self._window is not None:
             closed = self._window.step_done(step)
             if closed:
@@ -467,27 +605,42 @@ class AdaptivePrecision:
 
     # --- reporting --------------------------------------------------------
     def report(self) -> str:
-        """A short human-readable account: plan, changes, energy."""
+        """A short human-readable account: coverage, what ran natively, plan changes, time and energy."""
         self.flush_energy()
         s = self.energy.summary()
+        cov = s["coverage"]
         lines = [
-            f"adaprec: {self._step} steps, policy {self.policy.name}",
+            f"adaprec: {self._step} steps, policy {self.policy.name}, backend {self.engine.backend}",
             f"plan now: {self.plan.summary()}",
+            f"coverage: {100 * cov:.1f} % of {s['macs']:,} MACs under the plan"
+            + ("".join(f"\n  fp32, not covered: {m or '<root>'}: {why}" for m, why in s["uncovered"].items())),
+            "ran natively: " + (", ".join(s["native_formats"]) or "fp32 only")
+            + (f"; emulated: {', '.join(s['emulated_formats'])}" if s["emulated_formats"] else ""),
+            f"narrow MACs (run natively below 32 bits): {100 * s['narrow_mac_fraction']:.1f} %"
+            + (f"; emulated: {100 * s['emulated_mac_fraction']:.1f} %" if s["emulated_mac_fraction"] else ""),
             f"precision changes recorded: {len(self.timeline.events)}",
+            (f"wall time, measured: {s['wall_s']:.3f} s over {s['timed_steps']} steps" if s["wall_s"] is not None
+             else "wall time: not measured"),
             f"energy, {s['kind']['modeled_j']}: {s['modeled_j']:.4g} J; fp32 would be {s['fp32_modeled_j']:.4g} J"
-            f" (saving {100 * (s['saving_vs_fp32'] or 0):.1f}%), static bf16 {s['bf16_modeled_j']:.4g} J",
+            f" (saving {100 * (s['saving_vs_fp32'] or 0):.1f} %), static bf16 {s['bf16_modeled_j']:.4g} J",
             "measured: "
             + (f"{s['measured_j']:.4g} J" if s.get("measured_j") is not None else f"n/a ({s.get('measured_reason')})"),
         ]
+        sim = s.get("simulated")
+        if sim:
+            lines.append(f"{sim['label']}: {sim['modeled_j']:.4g} J vs fp32 {sim['fp32_modeled_j']:.4g} J "
+                         f"(saving {100 * sim['saving_vs_fp32']:.1f} %)")
         return "\n".join(lines)
 
     # --- state --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-exactly (the model and optimizer are saved by the caller)."""
         return {
-            "version": 1,
+            "version": 2,
             "step": self._step,
             "epoch": self._epoch,
+            "decided": self._decided,
+            "template": self._template.to_dict(),
             "engine": self.engine.state_dict(),
             "policy": self.policy.state_dict(),
             "monitor": self.monitor.state_dict(),
@@ -504,23 +657,52 @@ class AdaptivePrecision:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        required = ("step", "epoch", "engine", "policy", "monitor", "loss_scaler", "timeline", "energy")
+        """Restore everything ``state_dict()`` saved: all of it, or (on a bad state) nothing."""
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"adaprec state must be the dict AdaptivePrecision.state_dict() returned, got {type(state).__name__}")
+        required = ("step", "epoch", "engine", "policy", "monitor", "loss_scaler", "timeline", "energy", "template")
         missing = [k for k in required if k not in state]
         if missing:
             raise CheckpointError(
                 f"adaprec state dict lacks {missing}; pass the dict returned by AdaptivePrecision.state_dict()"
             )
-        self._step = int(state["step"])
-        self._epoch = int(state["epoch"])
+        before = self.state_dict()
+        try:
+            self._load(state)
+        except Exception as e:
+            self._load(before)
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(
+                f"adaprec state does not fit this model, optimizer or configuration ({type(e).__name__}: {e}); "
+                "nothing was changed. Load a state saved by the same set-up"
+            ) from e
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        step, epoch = int(state["step"]), int(state["epoch"])
         self.engine.load_state_dict(state["engine"])
+        self._template = PrecisionPlan.from_dict(state["template"])
+        allowed, coupled = self._allowed()
+        self.policy.restrict(allowed, coupled)
+        plan = self.engine.plan
+        self.policy.setup(self._template, *self._run_length)
+        self.engine.set_plan(plan)
         self.policy.load_state_dict(state["policy"])
+        self._configure_monitor()
         self.monitor.load_state_dict(state["monitor"])
         self.loss_scaler.load_state_dict(state["loss_scaler"])
         self.timeline.load_state_dict(state["timeline"])
         self.energy.load_state_dict(state["energy"])
+        backup = self._load_backup(state.get("rollback"))
+        self._step, self._epoch = step, epoch
+        self._decided = bool(state.get("decided", step > 0))
+        self._finalized = False
+        if self.engine.sites:
+            self._finalize()
         self._phase = "ready"
-        self._backup = self._load_backup(state.get("rollback"))
+        self._backup = backup
         self._unscaled = None
+        self._t0 = None
 
     def _load_backup(self, saved: Mapping[str, Any] | None) -> tuple[list, list, list] | None:
         if saved is None:
@@ -539,4 +721,3 @@ class AdaptivePrecision:
     def close(self) -> None:
         """Remove every hook adaprec put on the model."""
         self.engine.remove()
-        self._counter.detach()

@@ -10,7 +10,7 @@ labelled as such. See docs/energy.md.
 
 from adaprec.energy.bitops import bitops
 from adaprec.energy.calibrate import calibrate
-from adaprec.energy.counting import GemmCost, MacCounter, ModuleCost, StepCost
+from adaprec.energy.counting import GemmCost, ModuleCost, StepCost
 from adaprec.energy.ledger import EnergyLedger
 from adaprec.energy.meters import MeasurementWindow, Meter, NvmlMeter, RaplMeter, ZeusMeter, detect_meter
 from adaprec.energy.model import PricedStep, price_step
@@ -36,3 +36,12 @@ __all__ = [
     "price_step",
     "PricedStep",
 ]
+
+
+def __getattr__(name: str):
+    # MacCounter is the engine's op recognition in counting-only mode; imported lazily (energy sits below the engine)
+    if name == "MacCounter":
+        from adaprec.engine.counter import MacCounter
+
+        return MacCounter
+    raise AttributeError(name)

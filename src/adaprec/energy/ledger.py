@@ -1,10 +1,7 @@
-"""The energy ledger: every step's work, its modeled cost, and what a meter saw.
+"""The energy ledger: every step's work as it ran, its modeled cost, wall time, and what a meter saw.
 
-Each step is priced three times: under the plan it ran with, and under the
-two baselines a reader compares against (every module fp32; every module
-static bf16), so a saving needs no second run. Modeled and measured joules
-are kept apart and labelled; a step without a meter reading has
-``measured_j = None`` and the reason, never 0.
+Modeled, simulated and measured figures are kept apart and labelled; a step
+without a meter reading has ``measured_j = None`` and the reason, never 0.
 """
 
 from __future__ import annotations
@@ -24,26 +21,40 @@ __all__ = ["EnergyLedger", "saving_fraction"]
 
 _CACHE_SIZE = 128
 _STATE_KEYS = ("version", "profile", "grid_intensity_g_per_kwh", "rows", "modules", "macs_by_format", "assumptions")
-_TOTALS = ("macs", "bitops", "bytes_moved", "compute_j", "memory_j", "modeled_j", "fp32_modeled_j", "bf16_modeled_j")
+_TOTALS = (
+    "macs", "covered_macs", "narrow_macs", "emulated_macs", "bitops", "bytes_moved", "compute_j", "memory_j",
+    "modeled_j", "fp32_modeled_j", "bf16_modeled_j",
+)
 
 
 class EnergyLedger:
-    """Records the cost of every training step under its precision plan.
+    """Records what every training step ran and what it cost.
+
+    Each step is priced on what executed (every GEMM at the format it ran in
+    natively, emulated ones as the fp32 they were), and against the two
+    counterfactuals a reader compares with (everything fp32; everything
+    static bf16), so a saving needs no second run. With ``target`` set, the
+    plan is also priced as if ``target`` ran every planned format natively:
+    the *simulated* figure, kept apart from what ran. Measured wall time and
+    meter joules sit beside the modeled figures, labelled.
 
     Args:
-        profile: a bundled profile name (``"7nm"``, ``"45nm"``, ``"h100-sxm"``),
-            a path to a TOML profile, or a :class:`Profile`.
-        grid_intensity_g_per_kwh: grams CO2e per kWh of the electricity used;
-            when given, summaries add ``co2e_g``.
+        profile: the device profile pricing what executed: a bundled name
+            (``"7nm"``, ``"45nm"``, ``"h100-sxm"``), a TOML path or a :class:`Profile`.
+        grid_intensity_g_per_kwh: grams CO2e per kWh; when given, summaries add ``co2e_g``.
+        target: a profile to simulate the plan on (research mode), or None.
     """
 
     def __init__(
-        self, profile: str | Path | Profile = "7nm", grid_intensity_g_per_kwh: float | None = None
+        self,
+        profile: str | Path | Profile = "7nm",
+        grid_intensity_g_per_kwh: float | None = None,
+        target: str | Path | Profile | None = None,
     ) -> None:
         self.profile = load_profile(profile)
+        self.target = load_profile(target) if target is not None else None
         self.grid_intensity_g_per_kwh = grid_intensity_g_per_kwh
         self._cache: OrderedDict[tuple, PricedStep] = OrderedDict()
-        self._baselines: dict[tuple[str, tuple[str, ...]], PrecisionPlan] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -51,27 +62,21 @@ class EnergyLedger:
         self._index: dict[int, int] = {}
         self._modules: dict[str, dict[str, float]] = {}
         self._macs_by_format: dict[str, int] = {}
+        self._uncovered: dict[str, str] = {}
         self._assumptions: set[str] = set()
 
     # --- pricing -----------------------------------------------------------
-    def _price(self, plan: PrecisionPlan, cost: StepCost, sig: tuple) -> PricedStep:
-        key = (plan, sig)
+    def _price(self, cost: StepCost, sig: tuple, mode: str, profile: Profile) -> PricedStep:
+        key = (sig, mode, profile.name)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        priced = price_step(cost, plan, self.profile)
+        priced = price_step(cost, profile, mode)
         self._cache[key] = priced
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return priced
-
-    def _baseline(self, preset: str, names: Iterable[str]) -> PrecisionPlan:
-        key = (preset, tuple(sorted(names)))
-        plan = self._baselines.get(key)
-        if plan is None:
-            plan = self._baselines[key] = PrecisionPlan.uniform(key[1], preset)
-        return plan
 
     # --- recording -----------------------------------------------------------
     def record(
@@ -82,22 +87,31 @@ class EnergyLedger:
         measured_j: float | None = None,
         measured_reason: str | None = None,
         meter: str | None = None,
+        wall_s: float | None = None,
     ) -> dict[str, Any]:
-        """Price ``cost`` under ``plan`` (and the fp32/bf16 baselines) and append a row.
+        """Price ``cost`` (what ran under ``plan``) and the counterfactuals; append a row.
 
         ``measured_j`` is a meter's reading for this step, if any; otherwise
-        say why in ``measured_reason``. Returns the row.
+        say why in ``measured_reason``. ``wall_s``: the step's measured wall
+        time. Returns the row.
         """
         sig = cost.signature()
-        actual = self._price(plan, cost, sig)
-        fp32 = self._price(self._baseline("fp32", cost.modules), cost, sig)
-        bf16 = self._price(self._baseline("bf16", cost.modules), cost, sig)
+        actual = self._price(cost, sig, "executed", self.profile)
+        fp32 = self._price(cost, sig, "fp32", self.profile)
+        bf16 = self._price(cost, sig, "bf16", self.profile)
         by_fmt = actual.macs_by_format()
+        macs = int(actual.total("macs"))
+        covered = cost.covered_macs
+        native_narrow = sum(g.macs for m in cost.modules.values() for g in m.gemms if g.native and g.fmt != "fp32")
+        emulated = sum(g.macs for m in cost.modules.values() for g in m.gemms if not g.native)
         row: dict[str, Any] = {
             "step": int(step),
             "plan": plan.summary(),
             "profile": self.profile.name,
-            "macs": int(actual.total("macs")),
+            "macs": macs,
+            "covered_macs": int(covered),
+            "narrow_macs": int(native_narrow),
+            "emulated_macs": int(emulated),
             "bitops": int(actual.total("bitops")),
             "bytes_moved": float(actual.total("bytes_moved")),
             "compute_j": actual.total("compute_j"),
@@ -106,17 +120,24 @@ class EnergyLedger:
             "fp32_modeled_j": fp32.modeled_j,
             "bf16_modeled_j": bf16.modeled_j,
             "macs_by_format": by_fmt,
+            "wall_s": None if wall_s is None else float(wall_s),
             "measured_j": None if measured_j is None else float(measured_j),
             "measured_reason": measured_reason
             if measured_j is None
             else (measured_reason or f"measured ({meter or 'meter'})"),
         }
+        if self.target is not None:
+            row["simulated_j"] = self._price(cost, sig, "planned", self.target).modeled_j
+            row["simulated_fp32_j"] = self._price(cost, sig, "fp32", self.target).modeled_j
         if measured_j is None and not measured_reason:
             row["measured_reason"] = "no meter reading was given for this step"
         self._index[row["step"]] = len(self._rows)
         self._rows.append(row)
         for f, n in by_fmt.items():
             self._macs_by_format[f] = self._macs_by_format.get(f, 0) + n
+        for name, mc in cost.modules.items():
+            if not mc.covered:
+                self._uncovered[name] = mc.reason
         for name, pm in actual.modules.items():
             acc = self._modules.setdefault(name, dict.fromkeys(("macs", "bitops", "bytes_moved", "modeled_j"), 0))
             acc["macs"] += pm.macs
@@ -142,18 +163,29 @@ class EnergyLedger:
         return [dict(r, macs_by_format=dict(r["macs_by_format"])) for r in self._rows]
 
     def summary(self) -> dict[str, Any]:
-        """Totals over every step so far, with labels saying what is modeled and what measured."""
+        """Totals over every step so far, with labels saying what is modeled, measured and simulated."""
         rows = self._rows
         tot = {k: sum(r[k] for r in rows) for k in _TOTALS}
         measured = [r for r in rows if r["measured_j"] is not None]
+        timed = [r["wall_s"] for r in rows if r.get("wall_s") is not None]
         p = self.profile
-        label = f"modeled (profile {p.name})"
+        label = f"modeled (profile {p.name}) on what executed"
+        macs = int(tot["macs"])
+        native = sorted({f for f in self._macs_by_format if "(emulated)" not in f and f != "fp32"})
+        emulated = sorted({f.removesuffix(" (emulated)") for f in self._macs_by_format if "(emulated)" in f})
         out: dict[str, Any] = {
             "profile": p.name,
             "profile_sources": list(p.sources),
             "uncertainty": p.uncertainty,
             "steps": len(rows),
-            "macs": int(tot["macs"]),
+            "macs": macs,
+            "covered_macs": int(tot["covered_macs"]),
+            "coverage": tot["covered_macs"] / macs if macs else 0.0,
+            "uncovered": dict(self._uncovered),
+            "narrow_mac_fraction": tot["narrow_macs"] / macs if macs else 0.0,
+            "emulated_mac_fraction": tot["emulated_macs"] / macs if macs else 0.0,
+            "native_formats": native,
+            "emulated_formats": emulated,
             "macs_by_format": dict(self._macs_by_format),
             "bitops": int(tot["bitops"]),
             "bytes_moved": tot["bytes_moved"],
@@ -164,6 +196,8 @@ class EnergyLedger:
             "bf16_modeled_j": tot["bf16_modeled_j"],
             "saving_vs_fp32": saving_fraction(tot["modeled_j"], tot["fp32_modeled_j"]),
             "saving_vs_bf16": saving_fraction(tot["modeled_j"], tot["bf16_modeled_j"]),
+            "wall_s": sum(timed) if timed else None,
+            "timed_steps": len(timed),
             "modules": {n: dict(v) for n, v in self._modules.items()},
             "measured_j": sum(r["measured_j"] for r in measured) if measured else None,
             "measured_steps": len(measured),
@@ -171,12 +205,23 @@ class EnergyLedger:
             "measured_reason": _measured_reason(rows, measured),
             "kind": {
                 "modeled_j": label,
-                "fp32_modeled_j": f"modeled counterfactual: every module fp32 (profile {p.name})",
-                "bf16_modeled_j": f"modeled counterfactual: every module static bf16 (profile {p.name})",
+                "fp32_modeled_j": f"modeled counterfactual: every GEMM fp32 (profile {p.name})",
+                "bf16_modeled_j": f"modeled counterfactual: every GEMM static bf16 (profile {p.name})",
                 "measured_j": "measured" if measured else "not measured",
+                "wall_s": "measured wall time (perf_counter) of the steps",
             },
             "assumptions": sorted(self._assumptions),
         }
+        if self.target is not None:
+            sim = sum(r.get("simulated_j", 0.0) for r in rows)
+            sim32 = sum(r.get("simulated_fp32_j", 0.0) for r in rows)
+            out["simulated"] = {
+                "target": self.target.name,
+                "label": f"simulated for {self.target.name}: the plan's formats priced as if they ran natively there",
+                "modeled_j": sim,
+                "fp32_modeled_j": sim32,
+                "saving_vs_fp32": saving_fraction(sim, sim32),
+            }
         if self.grid_intensity_g_per_kwh is not None:
             full = bool(rows) and len(measured) == len(rows)
             joules = out["measured_j"] if full else tot["modeled_j"]
@@ -188,12 +233,14 @@ class EnergyLedger:
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values only: loadable with ``torch.load(weights_only=True)``."""
         return {
-            "version": 1,
+            "version": 2,
             "profile": self.profile.name,
+            "target": None if self.target is None else self.target.name,
             "grid_intensity_g_per_kwh": self.grid_intensity_g_per_kwh,
             "rows": self.steps(),
             "modules": {n: dict(v) for n, v in self._modules.items()},
             "macs_by_format": dict(self._macs_by_format),
+            "uncovered": dict(self._uncovered),
             "assumptions": sorted(self._assumptions),
         }
 
@@ -206,12 +253,18 @@ class EnergyLedger:
                 f"energy ledger state was priced with profile {d['profile']!r}, this ledger uses "
                 f"{self.profile.name!r}; build EnergyLedger(profile=...) with the same profile"
             )
+        target = None if self.target is None else self.target.name
+        if d.get("target") != target:
+            raise CheckpointError(
+                f"energy ledger state simulated target {d.get('target')!r}, this ledger {target!r}; use the same target="
+            )
         self._reset()
         self.grid_intensity_g_per_kwh = d["grid_intensity_g_per_kwh"]
         self._rows = [dict(r, macs_by_format=dict(r["macs_by_format"])) for r in d["rows"]]
         self._index = {r["step"]: i for i, r in enumerate(self._rows)}
         self._modules = {n: dict(v) for n, v in d["modules"].items()}
         self._macs_by_format = dict(d["macs_by_format"])
+        self._uncovered = dict(d.get("uncovered", {}))
         self._assumptions = set(d["assumptions"])
 
 

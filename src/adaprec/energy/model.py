@@ -9,10 +9,11 @@ Roofline profiles, per module::
 
     t = max(sum over GEMMs 2 MACs / peak(format), bytes / bandwidth);  E = t x board power
 
-Mixed operands (e.g. fp8 x bf16): the GEMM runs on the units of the wider
-format (more bits; at equal bits a float beats an int, then more mantissa
-bits), because hardware upcasts the narrower operand. Its MACs are also
-attributed to that format in ``macs_by_format``.
+A GEMM is priced at the format it executed in (the engine records it: the
+wider of its operands', natively or emulated); emulated GEMMs ran as fp32
+arithmetic and are priced so. ``mode="planned"`` prices what the plan asked
+for as if every format ran natively: the *simulated* figure for a target
+device, never mixed with what ran.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from adaprec.energy.counting import StepCost
 from adaprec.energy.profiles import Profile
 from adaprec.energy.rules import storage_bits
 from adaprec.formats import Format, get
-from adaprec.plan import ModulePrecision, PrecisionPlan
 
-__all__ = ["PricedModule", "PricedStep", "price_step", "wider", "OPTIMIZER_STATE_ACCESSES", "role_bytes"]
+__all__ = ["PricedModule", "PricedStep", "price_step", "wider", "OPTIMIZER_STATE_ACCESSES", "role_bytes", "PRICING_MODES"]
 
 # Adam-like optimizers keep two state tensors per parameter and read and
 # write each once per step: four accesses per counted element.
@@ -76,37 +76,57 @@ class PricedStep:
         return out
 
 
-def _role_format(mp: ModulePrecision, role: str) -> tuple[Format, str, int]:
-    if role == "optimizer_state":
-        return get(mp.optimizer_state), "none", 32
-    r = mp.recipe(role)
-    return get(r.format), r.scaling, r.block_size
+PRICING_MODES = ("executed", "planned", "fp32", "bf16")
 
 
-def role_bytes(mp: ModulePrecision, role: str, elements: int) -> float:
-    """Bytes of ``elements`` values of ``role`` stored in the plan's format for it."""
-    fmt, scaling, block = _role_format(mp, role)
+def _gemm_format(g, mode: str) -> str:
+    if mode == "executed":
+        return g.executed
+    if mode == "planned":
+        return g.fmt
+    return mode
+
+
+def _traffic_bits(key: tuple, mode: str) -> float:
+    role, executed, planned, scaling, block = key
+    if mode == "executed":
+        return storage_bits(get(executed))
+    if mode == "planned":
+        return storage_bits(get(planned), scaling, block)
+    if mode == "bf16" and role != "optimizer_state":
+        return 16.0
+    return 32.0
+
+
+def role_bytes(role: str, elements: int, bits: float) -> float:
+    """Bytes of ``elements`` values of ``role`` at ``bits`` each (optimizer state: several accesses)."""
     n = elements * (OPTIMIZER_STATE_ACCESSES if role == "optimizer_state" else 1)
-    return n * storage_bits(fmt, scaling, block) / 8
+    return n * bits / 8
 
 
-def price_step(cost: StepCost, plan: PrecisionPlan, profile: Profile) -> PricedStep:
-    """Price every module of ``cost`` under ``plan`` with ``profile``."""
+def price_step(cost: StepCost, profile: Profile, mode: str = "executed") -> PricedStep:
+    """Price every module of ``cost`` with ``profile``.
+
+    ``mode``: ``executed`` (each GEMM at the format it ran in natively,
+    emulated ones at fp32; tensors at the format they were stored in),
+    ``planned`` (each at the plan's format, as if this device ran all of them
+    natively: the *simulated* figure for a target profile), or a
+    counterfactual: ``fp32`` or ``bf16`` for everything.
+    """
+    if mode not in PRICING_MODES:
+        raise ValueError(f"pricing mode {mode!r}; use one of {PRICING_MODES}")
     assumptions: set[str] = set()
     modules = {}
     table = profile.kind == "energy_table"
     for name, mc in cost.modules.items():
-        mp = plan.get(name)
         by_fmt: dict[str, int] = {}
         bops = 0
         compute = 0.0  # joules (table) or seconds (roofline)
         for g in mc.gemms:
-            fa, fb = get(mp.recipe(g.a_role).format), get(mp.recipe(g.b_role).format)
-            bops += g.macs * fa.bits * fb.bits
-            f = wider(fa, fb)
-            if fa != fb:
-                assumptions.add(MIXED_RULE)
-            by_fmt[f.name] = by_fmt.get(f.name, 0) + g.macs
+            f = get(_gemm_format(g, mode))
+            bops += g.macs * f.bits * f.bits
+            label = g.label if mode == "executed" else f.name
+            by_fmt[label] = by_fmt.get(label, 0) + g.macs
             if table:
                 op, assumed = profile.op_energy(f)
                 compute += g.macs * op.mac * 1e-12
@@ -119,7 +139,7 @@ def price_step(cost: StepCost, plan: PrecisionPlan, profile: Profile) -> PricedS
                 compute += 2 * g.macs / peak
                 if assumed:
                     assumptions.add(f"{f.name} runs at {peak / 1e12:g} TFLOP/s on {profile.name} (no peak of its own)")
-        nbytes = sum(role_bytes(mp, r, n) for r, n in mc.elements.items() if n)
+        nbytes = sum(role_bytes(k[0], n, _traffic_bits(k, mode)) for k, n in mc.traffic.items() if n)
         if table:
             memory = nbytes * profile.pj_per_byte * 1e-12
             total = compute + memory
@@ -140,5 +160,10 @@ def price_step(cost: StepCost, plan: PrecisionPlan, profile: Profile) -> PricedS
     if cost.elements().get("optimizer_state"):
         assumptions.add(
             f"optimizer state: {OPTIMIZER_STATE_ACCESSES} accesses per trainable parameter per step (Adam-like)"
+        )
+    if mode == "executed" and any(not g.native for m in cost.modules.values() for g in m.gemms):
+        assumptions.add(
+            "emulated GEMMs are priced as the fp32 GEMMs they ran as; the extra passes that round their "
+            "operands are not priced (see the measured wall time)"
         )
     return PricedStep(modules, frozenset(assumptions))

@@ -1,5 +1,7 @@
-"""Applying a precision plan to a live model: emulation and native execution."""
+"""Applying a precision plan to a live model, op by op: native kernels where the device has them, emulation elsewhere."""
 
-from adaprec.engine.engine import BACKENDS, PrecisionEngine, find_quantizable
+from adaprec.engine.counter import MacCounter
+from adaprec.engine.engine import BACKENDS, PrecisionEngine
+from adaprec.engine.execution import Capabilities
 
-__all__ = ["PrecisionEngine", "find_quantizable", "BACKENDS"]
+__all__ = ["PrecisionEngine", "BACKENDS", "Capabilities", "MacCounter"]

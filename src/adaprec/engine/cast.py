@@ -54,6 +54,8 @@ class RecipeCaster:
         self.history_len = history
         self.amax_history: list[torch.Tensor] = []
         self.last_scale: torch.Tensor | float = 1.0
+        # the amax of the last scaled cast, for the engine's inf/NaN check (a saturating cast hides them)
+        self.last_amax: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, recipe: TensorRecipe, seed: int) -> torch.Tensor:
         if recipe.is_fp32:
@@ -68,9 +70,11 @@ class RecipeCaster:
             return quantize_mx(x, fmt, block_size=recipe.block_size, rounding=rounding, seed=seed)
         if recipe.scaling == "row":
             row_amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+            self.last_amax = row_amax.amax()
             scale = pow2_scale(row_amax, fmt)
             return fast_quantize(x.float() * scale, fmt, rounding, seed, saturate=True) / scale
         amax = x.detach().abs().amax().float()
+        self.last_amax = amax
         if recipe.scaling == "tensor":
             scale = pow2_scale(amax, fmt)
         else:  # delayed: scale from the history before this tensor, then remember it (no host sync)

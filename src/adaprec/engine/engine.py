@@ -1,14 +1,18 @@
-"""The engine: makes a live model compute under a PrecisionPlan.
+"""The engine: makes a live model compute under a PrecisionPlan, op by op, and counts what ran.
 
-Two PyTorch mechanisms, no monkey-patching:
+A ``TorchFunctionMode``, active only inside :meth:`PrecisionEngine.activate`,
+sees every matmul-like op the model calls (:mod:`adaprec.engine.ops`),
+whoever calls it: ``nn.Linear``, Hugging Face ``Conv1D``'s ``addmm``, an
+attention function called from a helper, an ``einsum`` in user code. Each
+op is attributed to a module (:mod:`adaprec.engine.sites`), run as the
+plan says for that module (:mod:`adaprec.engine.execution`: natively where
+the device has the format, emulated otherwise) and recorded, GEMM by GEMM,
+with the format it executed in. Ops of modules the plan does not cover run
+in fp32 and are recorded too, with the reason: every MAC is in the ledger.
 
-* forward pre/post hooks on every module keep a stack of the modules whose
-  ``forward`` is running, so an op knows which module (and so which part of
-  the plan) it belongs to;
-* a ``TorchFunctionMode``, active only inside :meth:`PrecisionEngine.activate`,
-  intercepts the matmul-like ops (linear, conv, embedding, attention) and
-  runs them with quantized operands and gradients (emulation) or in a
-  hardware dtype (native).
+The first forward pass discovers the modules that run GEMMs (the plan's
+modules); the controller hears of each through ``on_new_site`` and can set
+the policy up before that module's first op runs.
 
 Swapping the plan is an attribute assignment: nothing is re-wrapped, and the
 optimizer never sees a new parameter.
@@ -17,7 +21,6 @@ optimizer never sees a new parameter.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,78 +30,46 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from adaprec.energy.counting import GemmCost, ModuleCost, StepCost
 from adaprec.engine.autograd import cast_grad, cast_operand
 from adaprec.engine.cast import RecipeCaster, stream_seed
-from adaprec.engine.native import can_run_native, fp8_linear, native_dtype_for
+from adaprec.engine.execution import FP32_EXEC, Capabilities, Exec, decide, gemm_name
+from adaprec.engine.gemm import GemmContext, LinearExec, RoleCast, planned_linear
+from adaprec.engine.native import fp8_linear
+from adaprec.engine.ops import HANDLED, KIND_OF, OpCall, describe, is_param_like
+from adaprec.engine.quant import NoiseTable, Scratch
+from adaprec.engine.sites import Site, SiteMap
 from adaprec.errors import ModuleNotSupportedError, PlanError
 from adaprec.formats import compiled
-from adaprec.plan import ROLES, ModulePrecision, PrecisionPlan
+from adaprec.plan import FP32, ROLES, ModulePrecision, PrecisionPlan
 
-__all__ = ["PrecisionEngine", "find_quantizable", "BACKENDS"]
+__all__ = ["PrecisionEngine", "BACKENDS", "ModuleFilter"]
 
 BACKENDS = ("auto", "emulate", "native")
 ModuleFilter = Callable[[nn.Module, str], bool]
-
-_LINEAR = {F.linear}
-_CONV = {F.conv1d, F.conv2d}
-_EMBED = {F.embedding}
-_SDPA = {F.scaled_dot_product_attention}
-_BMM = {torch.bmm, torch.matmul, torch.baddbmm, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.Tensor.bmm}
-# nn.MultiheadAttention runs this functional; its inner ops are out of a mode's
-# reach (a mode is off inside its own handler), so it is quantized at its
-# boundary: inputs and projection weights in, output gradient out.
+_ROLE_INDEX = {r: i for i, r in enumerate(ROLES)}
+_LINEAR_FUNCS = {F.linear}
+_ADDMM = set(f for f in (torch.addmm, getattr(torch.Tensor, "addmm", None)) if f is not None)
 _MHA = {F.multi_head_attention_forward}
 _MHA_WEIGHT_ARGS = (5, 11)
-_MHA_WEIGHT_KWARGS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-_ROLE_INDEX = {r: i for i, r in enumerate(ROLES)}
-# Numerically sensitive layers stay fp32 by design (as torch.autocast keeps
-# them), so they are not reported as unsupported.
-_KEPT_FP32 = (
-    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
-)
-
-
-def _module_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return "conv"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, nn.MultiheadAttention):
-        return "attention"
-    try:
-        src = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return None
-    if "scaled_dot_product_attention" in src:
-        return "attention"
-    return None
-
-
-def find_quantizable(
-    model: nn.Module, module_filter: ModuleFilter | None = None
-) -> tuple[dict[str, str], list[str]]:
-    """Modules the engine can quantize (fqn -> kind), and modules with weights it cannot.
-
-    Children of nn.MultiheadAttention are run by their parent's functional
-    forward, so the parent is the unit.
-    """
-    kinds: dict[str, str] = {}
-    unsupported: list[str] = []
-    skip_prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p) for p in skip_prefixes):
-            continue
-        kind = _module_kind(module)
-        if kind is not None and (module_filter is None or module_filter(module, name)):
-            kinds[name] = kind
-            if isinstance(module, nn.MultiheadAttention):
-                skip_prefixes.append(name + "." if name else "")
-        elif kind is None and not isinstance(module, _KEPT_FP32) and any(True for _ in module.parameters(recurse=False)):
-            unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
-    return kinds, unsupported
+_MHA_WEIGHT_KWARGS = ("q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj_weight", "in_proj_weight")
+# operand positions of each op (the tensors a GEMM multiplies); einsum: every tensor after the equation
+_OPERANDS: dict[Any, tuple[int, ...]] = {}
+for _f in (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
+    _OPERANDS[_f] = (0, 1)
+for _f in _ADDMM | {torch.baddbmm, getattr(torch.Tensor, "baddbmm", None)}:
+    if _f is not None:
+        _OPERANDS[_f] = (1, 2)
+for _name in ("matmul", "mm", "bmm", "__matmul__", "__rmatmul__"):
+    for _owner in (torch, torch.Tensor):
+        _f = getattr(_owner, _name, None)
+        if _f is not None:
+            _OPERANDS[_f] = (0, 1)
+_OPERANDS[F.scaled_dot_product_attention] = (0, 1, 2)
+_OPERANDS[F.embedding] = (1,)
+_FP32_LINEAR = LinearExec(RoleCast("fp32", FP32), RoleCast("fp32", FP32), RoleCast("fp32", FP32), FP32, False)
+_OBSERVE_LINEAR = Exec("planned", FP32_EXEC.formats, FP32_EXEC.storage, linear=_FP32_LINEAR)
+_OBSERVE_OTHER = Exec("emulate", FP32_EXEC.formats, FP32_EXEC.storage)
 
 
 class _Mode(TorchFunctionMode):
@@ -107,32 +78,37 @@ class _Mode(TorchFunctionMode):
         self.engine = engine
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        eng = self.engine
-        stack = eng._stack
-        if not stack or func not in eng._handled:
-            return func(*args, **kwargs)
-        return eng._run(stack[-1], func, args, kwargs)
+        if func not in HANDLED:
+            return func(*args, **(kwargs or {}))
+        return self.engine._dispatch(func, args, kwargs or {})
+
+
+def _float_tensor(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
 class PrecisionEngine:
-    """Applies plans to ``model``.
+    """Applies plans to ``model`` and records every GEMM it runs.
 
     Args:
         model: the model; its parameters stay fp32 (they are the master weights).
-        backend: ``"emulate"`` quantizes in fp32 arithmetic on any device;
-            ``"native"`` runs bf16/fp16/fp8 modules in hardware dtypes wherever
-            the plan allows; ``"auto"`` does so only where the device has fast
-            units for that dtype.
+        backend: ``"auto"`` runs a format natively where the device probe
+            found it native and faster than fp32, emulates it otherwise;
+            ``"native"`` runs natively wherever a kernel exists (even slower);
+            ``"emulate"`` quantizes in fp32 arithmetic everywhere (research mode).
         module_filter: ``(module, fqn) -> bool``; False keeps a module out of
-            every plan (it runs in fp32).
+            every plan (its GEMMs run in fp32 and are counted as not covered).
         seed: seed of the stochastic-rounding streams (mixed with step, module, role, call).
-        compile: run the casts as fused ``torch.compile`` kernels (identical
-            bits; a one-off compile of seconds, then much faster stochastic
-            rounding than eager).
+        compile: run the emulation casts as fused ``torch.compile`` kernels (identical bits).
+        capabilities: what the device runs natively and fast (from
+            :func:`adaprec.hardware.probe`); None: nothing narrow is native
+            (everything emulated), as on a device never probed.
+        quantize_embeddings: embeddings (gathers, no GEMM) enter plans unpinned;
+            by default the controller pins them to fp32.
 
     Attribute ``observer``, when set, is called as ``observer(module, role,
     tensor, recipe)`` on sampled steps before each cast (the health monitor).
+    ``on_new_site(name)`` is called when an op of a not yet seen module runs.
     """
 
     def __init__(
@@ -142,6 +118,7 @@ class PrecisionEngine:
         module_filter: ModuleFilter | None = None,
         seed: int = 0,
         compile: bool = False,
+        capabilities: Capabilities | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise PlanError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -149,52 +126,84 @@ class PrecisionEngine:
         self.backend = backend
         self.seed = int(seed)
         self.compile = bool(compile)
-        self.kinds, self.unsupported = find_quantizable(model, module_filter)
-        self.module_index = {n: i for i, n in enumerate(self.kinds)}
-        self.plan = PrecisionPlan.uniform(self.kinds)
+        self.caps = capabilities or Capabilities()
+        self.module_filter = module_filter
+        self.map = SiteMap(model)
+        self.sites: dict[str, Site] = {}
+        self._index: dict[str, int] = {}
+        self.plan = PrecisionPlan()
         self.observer: Callable[[str, str, torch.Tensor, Any], None] | None = None
+        self.on_new_site: Callable[[str], None] | None = None
         self.sampling = False
+        self.counting = True
         self.step = 0
+        self.discovering = True
+        self._in_mode = False
         self._calls: dict[str, int] = {}
         self._casters: dict[tuple[str, str], RecipeCaster] = {}
-        self._stack: list[str] = []
-        self._handled = _LINEAR | _CONV | _EMBED | _SDPA | _BMM | _MHA
+        self._exec_cache: dict[tuple, Exec] = {}
         self._notes: set[str] = set()
-        self._native_cache: dict[str, torch.dtype | None] = {}
-        # module-stack hooks, present only while a plan is being applied (see activate): a module
-        # with hooks takes nn.Module's slow call path, which an all-fp32 step need not pay
-        self._named_modules = list(model.named_modules())
-        self._hooks: list[Any] = []
-        if self.unsupported:
-            self.note(
-                "modules with parameters the engine cannot quantize stay fp32: "
-                + ", ".join(self.unsupported)
+        self._cost = StepCost()
+        self._pending: list[tuple[str, GemmCost]] = []
+        self._faults: list[tuple[str, str, Any]] = []
+        self._weight_cache: dict[Any, Any] = {}
+        self._cast_cache: dict[Any, torch.Tensor] = {}
+        self.scratch = Scratch()
+        self.noise = NoiseTable(self.seed)
+        self.emulated_seen: dict[str, set[str]] = {}  # format -> modules that emulated it
+        self.map.hook(None)  # every module until the first forward pass has shown which ones run GEMMs
+
+    # --- sites ------------------------------------------------------------------------
+    @property
+    def kinds(self) -> dict[str, str]:
+        """Covered modules in the order their first GEMM ran -> op kind (``linear``, ``attention``, ...)."""
+        return {n: s.kind for n, s in self.sites.items() if s.covered}
+
+    @property
+    def uncovered(self) -> dict[str, str]:
+        """Modules whose GEMMs run fp32 outside every plan -> why."""
+        return {n: s.reason for n, s in self.sites.items() if not s.covered}
+
+    @property
+    def module_index(self) -> dict[str, int]:
+        """Module -> its position in discovery order (mixed into stochastic-rounding seeds)."""
+        return self._index
+
+    def _new_site(self, name: str, call: OpCall) -> Site:
+        kind = KIND_OF.get(call.kind, call.kind)
+        site = Site(name, {kind}, has_weight_op=call.weight is not None)
+        module = self.map.modules.get(name)
+        if kind == "rnn":
+            site.covered, site.reason = False, (
+                f"fused recurrent kernel ({call.func_name}): counted by hand, runs fp32; "
+                "to narrow it, write the cell with nn.Linear"
             )
+        elif self.module_filter is not None and module is not None and not self.module_filter(module, name):
+            site.covered, site.reason = False, "excluded by module_filter"
+        elif not self.discovering:
+            site.covered, site.reason = False, (
+                f"first ran at step {self.step}, after the plan was set up: runs fp32. Call "
+                "ap.prepare(example_batch) before training (or run one step first) so the plan covers it"
+            )
+        self.sites[name] = site
+        self._index[name] = len(self._index)
+        if not site.covered:
+            self.note(
+                f"{name or '<root>'} ({type(module).__name__ if module is not None else '?'}) runs "
+                f"{call.func_name} in fp32: {site.reason}"
+            )
+        elif self.on_new_site is not None:
+            self.on_new_site(name)
+        return site
 
-    # --- hooks ------------------------------------------------------------
-    def _push(self, name: str) -> Callable[..., None]:
-        stack = self._stack
-
-        def hook(module: nn.Module, args: Any) -> None:
-            stack.append(name)
-
-        return hook
-
-    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._stack:
-            self._stack.pop()
-
-    def _attach_stack_hooks(self) -> None:
-        for name, module in self._named_modules:
-            self._hooks.append(module.register_forward_pre_hook(self._push(name)))
-            self._hooks.append(module.register_forward_hook(self._pop, always_call=True))
-
-    def remove(self) -> None:
-        """Detach every hook (the model is left exactly as it was)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        self._stack.clear()
+    def end_forward(self) -> None:
+        """After the first forward pass: keep the module stack only where attribution needs it."""
+        if not self.discovering:
+            return
+        self.discovering = False
+        need = {n for n, s in self.sites.items() if not s.has_weight_op}
+        need |= self.map.shared_owners() & set(self.sites)
+        self.map.hook(need)
 
     def note(self, message: str) -> None:
         """Tell the user once per distinct message."""
@@ -202,106 +211,281 @@ class PrecisionEngine:
             self._notes.add(message)
             warnings.warn(f"adaprec: {message}", stacklevel=3)
 
-    # --- plan -------------------------------------------------------------
+    def remove(self) -> None:
+        """Detach every hook (the model is left exactly as it was)."""
+        self.map.unhook()
+
+    # --- plan ---------------------------------------------------------------------------
     def set_plan(self, plan: PrecisionPlan) -> None:
         """Make ``plan`` the one in force from the next op on (cheap)."""
-        stray = [n for n in plan.modules if n not in self.kinds]
+        stray = [n for n in plan.modules if n not in self.map.modules]
         if stray:
             raise ModuleNotSupportedError(
-                f"plan names modules the engine does not quantize: {stray}. Quantizable modules: "
+                f"plan names modules the model does not have: {stray}. Modules that run GEMMs: "
                 f"{list(self.kinds)}; build plans with PrecisionPlan.uniform(ap.engine.kinds, ...)"
             )
+        off = [n for n in plan.modules if n in self.sites and not self.sites[n].covered]
+        if off:
+            raise ModuleNotSupportedError(
+                "plan names modules adaprec does not run under a plan: "
+                + "; ".join(f"{n}: {self.sites[n].reason}" for n in off)
+            )
         self.plan = plan
-        self._native_cache.clear()
 
     def begin_step(self, step: int, sampling: bool) -> None:
         self.step = step
         self.sampling = sampling
         self._calls.clear()
+        self._weight_cache.clear()
+        self._cast_cache.clear()
+        self._pending.clear()
 
     @contextlib.contextmanager
     def activate(self, enabled: bool = True) -> Iterator[None]:
-        """Ops inside run under the plan in force."""
-        if not enabled or (self.plan.is_fp32 and not self.sampling):
+        """Ops inside run under the plan in force (and are counted)."""
+        if not enabled:
             yield
             return
-        self._attach_stack_hooks()
+        self._in_mode = True
         try:
             with _Mode(self):
                 yield
         finally:
-            self.remove()
+            self._in_mode = False
+            self.end_forward()
 
-    # --- execution ----------------------------------------------------------
-    def _native_dtype(self, name: str, mp: ModulePrecision, device: torch.device) -> torch.dtype | None:
-        if name in self._native_cache:
-            return self._native_cache[name]
-        dtype = None
-        if self.backend != "emulate":
-            dtype = native_dtype_for(mp)
-            if dtype is not None and self.kinds[name] == "embedding":
-                dtype = None
-            if dtype is not None and dtype.itemsize == 1 and self.kinds[name] != "linear":
-                dtype = None  # fp8 runs natively only for Linear
-            if dtype is not None and self.backend == "auto":
-                ok, why = can_run_native(device, dtype)
-                if not ok:
-                    self.note(why)
-                    dtype = None
-        self._native_cache[name] = dtype
-        return dtype
+    @contextlib.contextmanager
+    def not_counted(self) -> Iterator[None]:
+        """Ops inside run under the plan but are left out of the step's cost."""
+        was, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = was
 
-    def _caster(self, name: str, role: str, recipe, call: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    # --- accounting ---------------------------------------------------------------------
+    def commit_backward(self) -> None:
+        """The backward pass ran: its GEMMs (recorded at forward time) join the step's cost."""
+        for name, g in self._pending:
+            self._entry(name).gemms.append(g)
+        self._pending.clear()
+
+    def pop_step_cost(self) -> StepCost:
+        """Everything counted since the last pop; the tally starts again empty."""
+        cost, self._cost = self._cost, StepCost()
+        self._pending.clear()
+        return cost
+
+    def pop_faults(self) -> list[tuple[str, str]]:
+        """(module, role) whose tensors held inf/NaN when cast this step (one sync, here only)."""
+        faults, self._faults = self._faults, []
+        out: list[tuple[str, str]] = []
+        tensors = [(m, r, a) for m, r, a in faults if isinstance(a, torch.Tensor)]
+        out += [(m, r) for m, r, a in faults if not isinstance(a, torch.Tensor)]
+        if tensors:
+            bad = ~torch.stack([a.detach().float().amax().reshape(()).to("cpu") for _, _, a in tensors]).isfinite()
+            out += [(m, r) for (m, r, _), b in zip(tensors, bad.tolist(), strict=True) if b]
+        return sorted(set(out))
+
+    def _entry(self, name: str) -> ModuleCost:
+        mc = self._cost.modules.get(name)
+        if mc is None:
+            site = self.sites.get(name)
+            mc = self._cost.modules[name] = ModuleCost(
+                site.kind if site else "unknown", covered=site.covered if site else False,
+                reason=site.reason if site else "",
+            )
+        return mc
+
+    def _record(self, name: str, call: OpCall, ex: Exec, mp: ModulePrecision | None) -> None:
+        mc = self._entry(name)
+        fwd_fmt, fwd_native = ex.formats["forward"]
+        for g in call.gemms:
+            mc.gemms.append(GemmCost("forward", g.macs, g.a_role, g.b_role, g.label, fwd_fmt, fwd_native))
+            for role, other, has in ((g.a_role, g.b_role, g.grad_a), (g.b_role, g.a_role, g.grad_b)):
+                if has:
+                    gname = gemm_name(role)
+                    fmt, native = ex.formats[gname]
+                    self._pending.append((name, GemmCost(gname, g.macs, "grad_output", other, g.label, fmt, native)))
+        for role, n in call.elements.items():
+            rec = mp.recipe(role) if mp is not None else FP32
+            mc.add_traffic(role, n, ex.storage.get(role, "fp32"), rec.format, rec.scaling, rec.block_size)
+        if call.trainable:
+            gw = mp.grad_weight if mp is not None else FP32
+            mc.add_traffic("grad_weight", call.trainable, "fp32", gw.format, gw.scaling, gw.block_size)
+            opt = mp.optimizer_state if mp is not None else "fp32"
+            mc.add_traffic("optimizer_state", call.trainable, "fp32", opt)
+
+    # --- dispatch -----------------------------------------------------------------------
+    def _dispatch(self, func, args, kwargs):
+        call = describe(func, args, kwargs)
+        if call is None:
+            return func(*args, **kwargs)
+        name = self.map.owner(call.weight)
+        if name is None:
+            return func(*args, **kwargs)  # not inside this model (e.g. the loss function)
+        site = self.sites.get(name)
+        kind = KIND_OF.get(call.kind, call.kind)
+        if site is None:
+            site = self._new_site(name, call)
+        elif kind not in site.kinds:
+            site.kinds.add(kind)
+        mp = self.plan.modules.get(name) if site.covered else None
+        ex = self._exec_for(name, kind, mp, call.weight is not None)
+        if ex.mode == "fp32" and self.sampling and mp is not None and self.observer is not None \
+                and name not in self.plan.pinned:
+            ex = _OBSERVE_LINEAR if kind == "linear" else _OBSERVE_OTHER
+        if self.counting:
+            self._record(name, call, ex, mp)
+        if ex.mode == "fp32":
+            return func(*args, **kwargs)
+        if ex.emulated:
+            for f in ex.emulated:
+                seen = self.emulated_seen.setdefault(f, set())
+                if name not in seen:
+                    seen.add(name)
+                    self.note(self._emulation_note(f))
+        n_call = self._calls.get(name, 0)
+        self._calls[name] = n_call + 1
+        if ex.mode == "planned":
+            canon = self._canonical_linear(func, args, kwargs)
+            if canon is not None:
+                return planned_linear(*canon, ex.linear, self._gemm_context(name, mp, n_call))
+            ex = _OBSERVE_OTHER if mp is None else Exec("emulate", ex.formats, ex.storage)
+        if ex.mode == "cast16":
+            return self._run_cast16(name, func, args, kwargs, mp, ex.dtype)
+        if ex.mode == "fp8":
+            canon = self._canonical_linear(func, args, kwargs)
+            if canon is not None:
+                return fp8_linear(canon[0], canon[1], canon[2], mp)
+        return self._run_emulated(name, func, args, kwargs, mp or ModulePrecision(), n_call)
+
+    def _exec_for(self, name: str, kind: str, mp: ModulePrecision | None, weight_op: bool) -> Exec:
+        key = (kind, mp, weight_op)
+        ex = self._exec_cache.get(key)
+        if ex is None:
+            ex = self._exec_cache[key] = decide(kind, mp, self.caps, self.backend, weight_op)
+        return ex
+
+    def _emulation_note(self, fmt: str) -> str:
+        if self.backend == "emulate":
+            return (f"backend='emulate': {fmt} runs as fp32 arithmetic on rounded values (research mode); "
+                    "the ledger records it as emulated")
+        why = self.caps.reasons.get(fmt)
+        return (
+            f"the plan asks for {fmt}, which this device can only emulate"
+            + (f" ({why})" if why else "")
+            + ": it runs as fp32 arithmetic on rounded values, slower than fp32, and the ledger records it "
+            "as emulated. Use hardware-aware policies (the default) or a target= to study another device"
+        )
+
+    @staticmethod
+    def _canonical_linear(func, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(x, W in (out, in) layout, bias) of a linear-like call, or None if it is not one."""
+        if func in _LINEAR_FUNCS:
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            return (x, w, b) if w is not None and w.dim() == 2 else None
+        if func in _ADDMM:
+            if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
+                return None
+            b, m1, m2 = args[0], args[1], args[2]
+            if not is_param_like(m2) or b.dim() != 1:
+                return None
+            return (m1, m2.t(), b)
+        if len(args) >= 2 and isinstance(args[1], torch.Tensor) and is_param_like(args[1]) and args[1].dim() == 2 \
+                and isinstance(args[0], torch.Tensor) and not is_param_like(args[0]) and args[0].dim() >= 1 \
+                and not kwargs:
+            return (args[0], args[1].t(), None)
+        return None
+
+    def _gemm_context(self, name: str, mp: ModulePrecision | None, n_call: int) -> GemmContext:
+        idx = self.module_index.get(name, 0)
+        mp = mp or ModulePrecision()
+        observer = self.observer if self.sampling else None
+        offsets = {r: stream_seed(self.seed, self.step, idx, _ROLE_INDEX[r], n_call) for r in ("grad_output", "activation", "weight")}
+
+        def emulate(role: str, t: torch.Tensor) -> torch.Tensor:
+            return self._caster(name, role, mp.recipe(role), n_call, observe=False)(t)
+
+        observe = None
+        if observer is not None:
+            def observe(role: str, t: torch.Tensor) -> None:
+                observer(name, role, t, mp.recipe(role))
+
+        def fault(role: str, amax: Any) -> None:
+            self._faults.append((name, role, amax))
+
+        return GemmContext(name, self.scratch, self.noise, offsets, emulate, observe, fault, self._weight_cache)
+
+    # --- execution paths ----------------------------------------------------------------
+    def _cast16_tensor(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if t.dtype == dtype:
+            return t
+        if is_param_like(t):
+            key = (id(t), t._version, dtype, torch.is_grad_enabled())
+            hit = self._cast_cache.get(key)
+            if hit is None:
+                hit = self._cast_cache[key] = t.to(dtype)
+            return hit
+        return t.to(dtype)
+
+    def _run_cast16(self, name, func, args, kwargs, mp: ModulePrecision, dtype: torch.dtype):
+        out_dtype = next((a.dtype for a in args if _float_tensor(a)), torch.float32)
+        observe = self.observer if self.sampling else None
+        positions = _OPERANDS.get(func, ())
+
+        def cast(i: int, a: Any) -> Any:
+            if not _float_tensor(a):
+                if isinstance(a, (list, tuple)) and a and all(_float_tensor(t) for t in a):
+                    return type(a)(cast(-1, t) for t in a)
+                return a
+            if observe is not None and (i in positions or i == -1):
+                role = "weight" if is_param_like(a) else "activation"
+                observe(name, role, a.detach(), mp.recipe(role))
+            return self._cast16_tensor(a, dtype)
+
+        cargs = [cast(i, a) for i, a in enumerate(args)]
+        ckw = {k: (self._cast16_tensor(v, dtype) if _float_tensor(v) else v) for k, v in kwargs.items()}
+        out = func(*cargs, **ckw)
+
+        def back(o: Any) -> Any:
+            if isinstance(o, torch.Tensor) and o.dtype == dtype:
+                o = o.to(out_dtype)
+                if observe is not None and o.requires_grad:
+                    recipe = mp.recipe("grad_output")
+                    o = cast_grad(o, lambda g: g, lambda g: observe(name, "grad_output", g.detach(), recipe))
+                return o
+            if isinstance(o, tuple):
+                return type(o)(back(x) for x in o)
+            return o
+
+        return back(out)
+
+    def _caster(self, name: str, role: str, recipe, call: int, observe: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         key = (name, role)
         caster = self._casters.get(key)
         if caster is None:
             caster = self._casters[key] = RecipeCaster()
-        seed = stream_seed(self.seed, self.step, self.module_index[name], _ROLE_INDEX[role], call)
-        observer = self.observer if self.sampling else None
+        seed = stream_seed(self.seed, self.step, self.module_index.get(name, 0), _ROLE_INDEX[role], call)
+        observer = self.observer if (self.sampling and observe) else None
         fused = self.compile
+        faults = self._faults
 
         def cast(x: torch.Tensor) -> torch.Tensor:
             if observer is not None:
                 observer(name, role, x.detach(), recipe)
             with compiled(fused):
-                return caster(x, recipe, seed)
+                y = caster(x, recipe, seed)
+            if caster.last_amax is not None:
+                faults.append((name, role, caster.last_amax))
+                caster.last_amax = None
+            return y
 
         return cast
 
-    def _run(self, name: str, func, args, kwargs):
-        mp = self.plan.modules.get(name)
-        kind = self.kinds.get(name)
-        if mp is None or kind is None:
-            return func(*args, **kwargs)
-        if kind == "embedding" and func not in _EMBED:
-            return func(*args, **kwargs)
-        if kind in ("linear", "conv") and func in _BMM:
-            return func(*args, **kwargs)
-        if kind != "attention" and func in _MHA:
-            return func(*args, **kwargs)
-        if mp.is_fp32 and not self.sampling:
-            return func(*args, **kwargs)
-        call = self._calls.get(name, 0)
-        self._calls[name] = call + 1
-        first = args[0]
-        dtype = self._native_dtype(name, mp, first.device) if torch.is_tensor(first) else None
-        if dtype is not None and func not in _MHA:
-            return self._run_native(func, args, kwargs, mp, dtype)
-        return self._run_emulated(name, kind, func, args, kwargs, mp, call)
-
-    def _run_native(self, func, args, kwargs, mp: ModulePrecision, dtype: torch.dtype):
-        if dtype.itemsize == 1:
-            x, w = args[0], args[1]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            return fp8_linear(x, w, b, mp)
-        out_dtype = args[0].dtype
-        cast_args = [a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-        cast_kwargs = {
-            k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()
-        }
-        return func(*cast_args, **cast_kwargs).to(out_dtype)
-
-    def _run_emulated(self, name, kind, func, args, kwargs, mp: ModulePrecision, call: int):
+    def _run_emulated(self, name, func, args, kwargs, mp: ModulePrecision, call: int):
         def c(role: str) -> Callable[[torch.Tensor], torch.Tensor]:
             return self._caster(name, role, mp.recipe(role), call)
 
@@ -314,28 +498,35 @@ class PrecisionEngine:
         go_cast = c("grad_output")
         go_obs = obs_grad("grad_output")
         args = list(args)
-        if func in _EMBED:
-            weight = args[1]
-            args[1] = cast_operand(weight, c("weight"), c("grad_weight"), obs_grad("grad_weight"))
-            return cast_grad(func(*args, **kwargs), go_cast, go_obs)
         if func in _MHA:
             return self._run_mha(func, args, kwargs, c, go_cast, go_obs, obs_grad)
-        if func in _SDPA or func in _BMM:
-            act = c("activation")
-            n = 3 if func in _SDPA else (2 if func is not torch.baddbmm else 3)
-            start = 1 if func is torch.baddbmm else 0
-            for i in range(start, min(start + n, len(args))):
-                if torch.is_tensor(args[i]) and args[i].is_floating_point():
-                    args[i] = cast_operand(args[i], act)
-            out = func(*args, **kwargs)
+        act = c("activation")
+        weight, gw, gw_obs = c("weight"), c("grad_weight"), obs_grad("grad_weight")
+
+        def cast_one(t: Any) -> Any:
+            if not _float_tensor(t):
+                return t
+            if is_param_like(t):
+                return cast_operand(t, weight, gw, gw_obs)
+            return cast_operand(t, act)
+
+        if func is torch.einsum:
+            ops = args[1:]
+            if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+                args = [args[0], [cast_one(t) for t in ops[0]]]
+            else:
+                args = [args[0], *(cast_one(t) for t in ops)]
+        else:
+            for i in _OPERANDS.get(func, (0, 1)):
+                if i < len(args):
+                    args[i] = cast_one(args[i])
+            for k in ("input", "weight", "other", "mat1", "mat2", "query", "key", "value"):
+                if k in kwargs:
+                    kwargs[k] = cast_one(kwargs[k])
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
             return cast_grad(out, go_cast, go_obs)
-        # linear / conv: (input, weight, bias, ...)
-        args[0] = cast_operand(args[0], c("activation"))
-        if len(args) > 1:
-            args[1] = cast_operand(args[1], c("weight"), c("grad_weight"), obs_grad("grad_weight"))
-        elif "weight" in kwargs:
-            kwargs["weight"] = cast_operand(kwargs["weight"], c("weight"), c("grad_weight"), obs_grad("grad_weight"))
-        return cast_grad(func(*args, **kwargs), go_cast, go_obs)
+        return out
 
     def _run_mha(self, func, args, kwargs, c, go_cast, go_obs, obs_grad):
         act = c("activation")
@@ -347,26 +538,65 @@ class PrecisionEngine:
             args[i] = cast_inputs[id(t)]
         w, gw, gw_obs = c("weight"), c("grad_weight"), obs_grad("grad_weight")
         for i in _MHA_WEIGHT_ARGS:
-            if i < len(args) and torch.is_tensor(args[i]):
+            if i < len(args) and isinstance(args[i], torch.Tensor):
                 args[i] = cast_operand(args[i], w, gw, gw_obs)
-        for k in _MHA_WEIGHT_KWARGS + ("out_proj_weight", "in_proj_weight"):
-            if torch.is_tensor(kwargs.get(k)):
+        for k in _MHA_WEIGHT_KWARGS:
+            if isinstance(kwargs.get(k), torch.Tensor):
                 kwargs[k] = cast_operand(kwargs[k], w, gw, gw_obs)
         out, weights = func(*args, **kwargs)
         return cast_grad(out, go_cast, go_obs), weights
 
-    # --- state ------------------------------------------------------------
+    # --- discovery without training ---------------------------------------------------------
+    def discover(self, *args: Any, **kwargs: Any) -> dict[str, str]:
+        """Run one forward pass of ``model(*args, **kwargs)`` (no grad, not counted) to find the sites.
+
+        Leaves no trace: buffers (batch-norm statistics) and the RNG state are restored.
+        """
+        was = self.counting
+        self.counting = False
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        rng = torch.get_rng_state()
+        try:
+            with torch.no_grad(), self.activate():
+                self.model(*args, **kwargs)
+        finally:
+            self.counting = was
+            torch.set_rng_state(rng)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        return self.kinds
+
+    # --- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "plan": self.plan.to_dict(),
             "seed": self.seed,
             "step": self.step,
+            "sites": [
+                {"name": s.name, "kinds": sorted(s.kinds), "has_weight_op": s.has_weight_op,
+                 "covered": s.covered, "reason": s.reason}
+                for s in self.sites.values()
+            ],
             "casters": {f"{n}|{r}": c.state_dict() for (n, r), c in self._casters.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        sites = {}
+        for s in state.get("sites", []):
+            sites[s["name"]] = Site(s["name"], set(s["kinds"]), bool(s["has_weight_op"]), bool(s["covered"]), s["reason"])
+        missing = [n for n in sites if n not in self.map.modules]
+        if missing:
+            raise PlanError(f"saved engine state names modules this model does not have: {missing}")
+        self.sites = sites
+        self._index = {n: i for i, n in enumerate(sites)}
+        if sites and self.discovering:
+            self.discovering = False
+            need = {n for n, s in sites.items() if not s.has_weight_op} | (self.map.shared_owners() & set(sites))
+            self.map.hook(need)
         self.set_plan(PrecisionPlan.from_dict(state["plan"]))
         self.seed = int(state["seed"])
+        self.noise = NoiseTable(self.seed)
         self.step = int(state["step"])
         self._casters.clear()
         for key, cs in state["casters"].items():

@@ -1,10 +1,8 @@
-"""Native execution: run a module's ops in a hardware dtype instead of emulating.
+"""fp8 Linear on tensor cores: ``torch._scaled_mm`` with power-of-two scales, all three GEMMs.
 
-bf16/fp16 run the op on operands cast to the dtype (what a torch.autocast
-region does for that op), and cast the result back so that the rest of the
-model sees the dtype it expects. fp8 Linear runs through
-``torch._scaled_mm`` with per-tensor power-of-two scales, all three GEMMs:
-E4M3 forward, the chosen gradient format backward.
+E4M3 forward, the plan's gradient format backward; per-tensor or row-wise
+forward scales. Used where the device probe finds fp8 GEMMs fast (CUDA
+sm_89+); int8 and bf16 run through :mod:`adaprec.engine.gemm`.
 """
 
 from __future__ import annotations
@@ -15,46 +13,9 @@ from adaprec.formats import get
 from adaprec.formats.scaling import pow2_scale
 from adaprec.plan import ModulePrecision
 
-__all__ = ["native_dtype_for", "fp8_linear", "can_run_native"]
+__all__ = ["fp8_linear"]
 
-_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-
-
-def native_dtype_for(mp: ModulePrecision) -> torch.dtype | None:
-    """The dtype a module can run in natively under ``mp``, or None if only emulation fits."""
-    w, a, g = mp.weight, mp.activation, mp.grad_output
-    plain = all(r.rounding == "nearest" for r in (w, a, g))
-    if not plain:
-        return None  # stochastic rounding has no native cast
-    if w.format == a.format == g.format and w.format in _HALF and w.scaling == a.scaling == "none":
-        return _HALF[w.format]
-    if (
-        w.format == a.format == "fp8_e4m3"
-        and g.format in _FP8
-        and w.scaling == a.scaling
-        and w.scaling in ("tensor", "row")
-        and g.scaling == "tensor"
-    ):
-        return torch.float8_e4m3fn
-    return None
-
-
-def can_run_native(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether this device has fast arithmetic for ``dtype`` (and why not)."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            ok = (major, minor) >= (8, 9)
-            return ok, "" if ok else f"fp8 GEMMs need compute capability 8.9+, this GPU has {major}.{minor}"
-        if dtype == torch.bfloat16:
-            ok = torch.cuda.is_bf16_supported()
-            return ok, "" if ok else "this GPU has no bf16 support"
-        return True, ""
-    return False, (
-        f"{device.type} has no {str(dtype).removeprefix('torch.')} arithmetic units here: native "
-        "execution would be slower than fp32, so the plan is emulated (backend='native' forces it)"
-    )
 
 
 def _to_fp8(x: torch.Tensor, dtype: torch.dtype, rowwise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

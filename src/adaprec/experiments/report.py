@@ -26,9 +26,16 @@ from adaprec.experiments.store import DB_NAME, ResultStore
 __all__ = ["write_report", "policy_table"]
 
 COLUMNS = (
-    "policy", "seeds", "quality", "vs fp32", "energy modeled", "energy measured", "saving vs fp32",
-    "MACs by format", "guard fallbacks", "wall time",
+    "policy", "seeds", "quality", "vs fp32", "step time (measured)", "time saving vs fp32 (measured)",
+    "energy modeled", "saving vs fp32 (modeled)", "energy measured", "MACs by format", "coverage",
+    "guard fallbacks",
 )
+
+
+def _step_time(s: Mapping[str, Any]) -> float | None:
+    """Mean measured wall time of a run's training steps (s), from its ledger summary."""
+    wall, n = s.get("wall_s"), s.get("timed_steps")
+    return float(wall) / n if wall is not None and n else None
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -59,6 +66,8 @@ def policy_table(store: ResultStore) -> tuple[list[dict[str, Any]], dict[str, An
     base_j = statistics.fmean(base) if base and None not in base else None
     base_q = [r["final_metric"] for r in finished if r["policy"] == "fp32"]
     base_mean = statistics.fmean(base_q) if base_q else None
+    base_t = [_step_time(summaries[r["run_id"]]) for r in finished if r["policy"] == "fp32"]
+    base_step = statistics.fmean(base_t) if base_t and None not in base_t else None
     reasons: dict[str, str] = {}
     rows = []
     for p in policies:
@@ -79,6 +88,9 @@ def policy_table(store: ResultStore) -> tuple[list[dict[str, Any]], dict[str, An
             for f, n in (s.get("macs_by_format") or {}).items():
                 macs[f] = macs.get(f, 0.0) + float(n)
         total_macs = sum(macs.values()) or 1.0
+        times = [_step_time(s) for s in sums]
+        step_t = statistics.fmean(times) if times and None not in times else None
+        cov = [float(s.get("coverage") or 0.0) for s in sums]
         if any(m is None for m in measured):
             why = _short_reason(next((s.get("measured_reason") for s in sums if s.get("measured_j") is None), None))
             reasons[why] = next((s.get("measured_reason") or why for s in sums if s.get("measured_j") is None), why)
@@ -88,13 +100,18 @@ def policy_table(store: ResultStore) -> tuple[list[dict[str, Any]], dict[str, An
         row.update({
             "quality": f"{q_mean:.4f} ± {q_std:.4f}",
             "vs fp32": "baseline" if p == "fp32" else (f"{q_mean - base_mean:+.4f}" if base_mean is not None else "n/a"),
+            "step time (measured)": f"{1e3 * step_t:.2f} ms" if step_t is not None else "n/a",
+            "time saving vs fp32 (measured)": "baseline" if p == "fp32" else (
+                f"{100 * (1 - step_t / base_step):.1f} %" if step_t is not None and base_step else "n/a"),
             "energy modeled": f"{modeled:.4g} J",
             "energy measured": measured_txt,
-            "saving vs fp32": "baseline" if p == "fp32" else (f"{100 * (1 - modeled / ref):.1f} %" if ref else "n/a"),
+            "saving vs fp32 (modeled)": "baseline" if p == "fp32" else (
+                f"{100 * (1 - modeled / ref):.1f} %" if ref else "n/a"),
             "MACs by format": ", ".join(f"{f} {100 * n / total_macs:.0f}%" for f, n in sorted(macs.items(), key=lambda kv: -kv[1])),
+            "coverage": f"{100 * statistics.fmean(cov):.0f} %",
             "guard fallbacks": str(sum(guard.get(r["run_id"], 0) for r in mine)),
-            "wall time": f"{statistics.fmean(r['wall_time_s'] or 0.0 for r in mine):.1f} s",
         })
+        row["_step_s"] = step_t
         row["_quality"], row["_modeled_j"] = q_mean, modeled
         rows.append(row)
     facts = {
@@ -102,6 +119,8 @@ def policy_table(store: ResultStore) -> tuple[list[dict[str, Any]], dict[str, An
         "policies": policies, "measured_reasons": reasons,
         "failed": [(r["run_id"], r["status"], r.get("error") or "") for r in runs if r["status"] != "finished"],
         "assumptions": sorted({a for s in summaries.values() for a in s.get("assumptions", [])}),
+        "uncovered": {m: why for s in summaries.values() for m, why in (s.get("uncovered") or {}).items()},
+        "emulated": sorted({f for s in summaries.values() for f in s.get("emulated_formats") or []}),
     }
     return rows, facts
 
@@ -163,8 +182,23 @@ def _headers(facts: Mapping[str, Any]) -> list[str]:
     arrow = "higher is better" if facts["higher_is_better"] else "lower is better"
     h = list(COLUMNS)
     h[2] = f"{facts['metric']} (mean ± std; {arrow})"
-    h[4] = f"energy, modeled (profile {facts['profile']})"
+    h[6] = f"energy, modeled (profile {facts['profile']}, what executed)"
     return h
+
+
+def _notes(facts: Mapping[str, Any]) -> list[str]:
+    """Plain-text notes under the table: what is modeled, measured, emulated and not covered."""
+    notes = [
+        f"Energy is modeled from the device profile {facts['profile']} on what executed (emulated formats "
+        "priced as the fp32 arithmetic they ran as); it is not a measurement. Step time is measured on this machine."
+    ]
+    if facts.get("emulated"):
+        notes.append("Emulated (no native kernel on this device, or slower than fp32): " + ", ".join(facts["emulated"]))
+    for m, why in (facts.get("uncovered") or {}).items():
+        notes.append(f"Not under the plan, run in fp32: {m or '<root>'}: {why}")
+    notes += [f"Measured energy n/a: {full}" for full in facts["measured_reasons"].values()]
+    notes += [f"Run {rid} {st}: {err}" for rid, st, err in facts["failed"]]
+    return notes
 
 
 def _html(rows: Sequence[Mapping[str, Any]], facts: Mapping[str, Any], figs: Mapping[str, Path]) -> str:
@@ -180,9 +214,7 @@ def _html(rows: Sequence[Mapping[str, Any]], facts: Mapping[str, Any], figs: Map
         f"<figcaption>{e(CAPTIONS[name])}</figcaption></figure>"
         for name, p in figs.items()
     )
-    notes = [f"Energy is modeled from the device profile <b>{e(facts['profile'])}</b>; it is not a measurement."]
-    notes += [f"Measured energy n/a: {e(full)}" for full in facts["measured_reasons"].values()]
-    notes += [f"Run {e(rid)} {e(st)}: {e(err)}" for rid, st, err in facts["failed"]]
+    notes = [e(n) for n in _notes(facts)]
     notes += [f"Assumption: {e(a)}" for a in facts["assumptions"]]
     return (
         f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>adaprec report: {e(facts['task'])}</title>"
@@ -198,9 +230,8 @@ def _markdown(rows: Sequence[Mapping[str, Any]], facts: Mapping[str, Any], figs:
     lines = [f"# adaprec report: {facts['task']}", "", "| " + " | ".join(map(cell, _headers(facts))) + " |",
              "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows]
-    lines += ["", f"Energy is modeled from the device profile **{facts['profile']}**; it is not a measurement."]
-    lines += [f"Measured energy n/a: {full}" for full in facts["measured_reasons"].values()]
-    lines += [f"Run {rid} {st}: {err}" for rid, st, err in facts["failed"]]
+    lines.append("")
+    lines += _notes(facts)
     lines.append("")
     for name, p in figs.items():
         lines += [f"![{CAPTIONS[name]}]({p.relative_to(run_dir).as_posix()})", ""]

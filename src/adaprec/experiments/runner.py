@@ -212,6 +212,8 @@ def _run_one(
         guard=not _is_baseline(spec),  # the baseline is plain fp32 training: nothing to fall back to
         compile=config.compile,
     )
+    x0, _ = next(iter(task.train_loader(epoch_seed(seed, 0))))
+    ap.prepare(x0)  # find every module that runs GEMMs, so the stored initial plan is the one step 0 runs
     initial_plan = ap.plan.to_dict()
     ckpt = run_dir / "checkpoints" / f"{_slug(run_id)}.pt"
     done, wall_before = 0, 0.0

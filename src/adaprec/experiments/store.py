@@ -39,7 +39,7 @@ __all__ = ["ResultStore", "SCHEMA", "DB_NAME", "LOCK_NAME", "SCHEMA_VERSION", "r
 
 DB_NAME = "runs.sqlite"
 LOCK_NAME = "writer.lock"
-SCHEMA_VERSION = 2  # PRAGMA user_version; 1 (or 0) = the first schema, whose timeline had no primary key
+SCHEMA_VERSION = 3  # PRAGMA user_version; 1 (or 0): timeline had no primary key; 2: energy lacked wall time and coverage
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -67,7 +67,10 @@ CREATE TABLE IF NOT EXISTS timeline (
 CREATE TABLE IF NOT EXISTS energy (
     run_id TEXT NOT NULL, step INTEGER NOT NULL, macs REAL, bitops REAL, bytes REAL,
     modeled_j REAL, fp32_modeled_j REAL, bf16_modeled_j REAL, measured_j REAL, measured_reason TEXT,
-    macs_by_format TEXT,              -- JSON {format: MACs}
+    macs_by_format TEXT,              -- JSON {executed format: MACs}; "fp8_e4m3 (emulated)" when emulated
+    wall_s REAL,                      -- measured wall time of the step
+    covered_macs REAL, narrow_macs REAL, emulated_macs REAL,  -- under the plan; run natively < 32 bits; emulated
+    simulated_j REAL,                 -- the plan priced on a target= profile (research mode), else NULL
     PRIMARY KEY (run_id, step)
 );
 CREATE TABLE IF NOT EXISTS summary (
@@ -79,8 +82,12 @@ _STEP_COLS = ("step", "loss", "lr", "loss_scale", "plan_summary", "stepped", "re
 _TIMELINE_COLS = ("step", "module", "role", "old", "new", "policy", "reason")
 _ENERGY_COLS = (
     "step", "macs", "bitops", "bytes", "modeled_j", "fp32_modeled_j", "bf16_modeled_j",
-    "measured_j", "measured_reason", "macs_by_format",
+    "measured_j", "measured_reason", "macs_by_format", "wall_s", "covered_macs", "narrow_macs", "emulated_macs",
+    "simulated_j",
 )
+# columns schema 3 added to the energy table (ALTER TABLE on an older store)
+_ENERGY_V3 = (("wall_s", "REAL"), ("covered_macs", "REAL"), ("narrow_macs", "REAL"), ("emulated_macs", "REAL"),
+              ("simulated_j", "REAL"))
 
 
 def _get(row: Any, key: str) -> Any:
@@ -307,6 +314,10 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE timeline RENAME TO timeline_v1")
     for stmt in _schema_statements():
         conn.execute(stmt)
+    have = {r[1] for r in conn.execute("PRAGMA table_info(energy)")}
+    for col, typ in _ENERGY_V3:
+        if col not in have:
+            conn.execute(f"ALTER TABLE energy ADD COLUMN {col} {typ}")
     if old_timeline:
         names = ", ".join(("run_id", *_TIMELINE_COLS))
         conn.execute(

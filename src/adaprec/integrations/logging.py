@@ -242,6 +242,11 @@ class RunLoggers:
                 values["energy/saving_vs_fp32"] = saving_fraction(self._modeled, self._fp32)
                 if e.get("measured_j") is not None:
                     values["energy/measured_j"] = e["measured_j"]
+                if e.get("wall_s") is not None:
+                    values["time/step_s"] = e["wall_s"]  # measured
+                if e.get("macs"):
+                    values["coverage/covered_mac_fraction"] = (e.get("covered_macs") or 0) / e["macs"]
+                    values["coverage/narrow_mac_fraction"] = (e.get("narrow_macs") or 0) / e["macs"]
             values.update(self._precision)
             self._emit("log_scalars", s, values)
             if s in changes:
@@ -338,15 +343,17 @@ def _open_mlflow(run_dir: Path, run_id: str, uri: str | None, start_step: int) -
 def ledger_metrics(ap: AdaptivePrecision) -> dict[str, float]:
     """Scalars worth logging from the energy ledger and the timeline (energies are modeled unless named measured)."""
     s = ap.energy.summary()
-    macs = s["macs"]
-    narrow = sum(n for f, n in s["macs_by_format"].items() if f != "fp32")
     out = {
         "energy_modeled_j": float(s["modeled_j"]),
         "energy_fp32_modeled_j": float(s["fp32_modeled_j"]),
         "saving_vs_fp32": float(s["saving_vs_fp32"] or 0.0),
-        "narrow_mac_fraction": narrow / macs if macs else 0.0,
+        "narrow_mac_fraction": float(s["narrow_mac_fraction"]),  # run natively below 32 bits, whole model
+        "emulated_mac_fraction": float(s["emulated_mac_fraction"]),
+        "coverage": float(s["coverage"]),  # share of the model's MACs under the plan
         "plan_changes": float(len(ap.timeline.events)),
     }
+    if s.get("wall_s") is not None and s.get("timed_steps"):
+        out["step_time_s"] = float(s["wall_s"]) / s["timed_steps"]
     if s.get("measured_j") is not None:
         out["energy_measured_j"] = float(s["measured_j"])
     return out

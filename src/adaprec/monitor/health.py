@@ -116,6 +116,11 @@ class HealthMonitor:
         self._epoch_sum = 0.0
         self._epoch_count = 0
 
+    def set_candidates(self, candidates: Sequence[str], role_candidates: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Measure these formats from now on (the policy's candidates, known once its modules are)."""
+        self.candidates = tuple(get(c).name for c in candidates)
+        self.role_candidates = {r: tuple(get(c).name for c in cs) for r, cs in (role_candidates or {}).items()}
+
     # --- what the engine and controller call -----------------------------------
     def should_sample(self, step: int) -> bool:
         """Whether tensor statistics are measured at ``step``."""

@@ -44,6 +44,25 @@ class Policy(ABC):
         self.total_steps: int | None = None
         self.steps_per_epoch: int | None = None
         self.last_reasons: dict[tuple[str, str], str] = {}
+        # module -> formats this device executes natively and faster than fp32 (None: unrestricted)
+        self.allowed: dict[str, frozenset[str]] | None = None
+        # modules whose activation, weight and output gradient must share one format (their native kernels need it)
+        self.coupled: frozenset[str] = frozenset()
+
+    def restrict(self, allowed: Mapping[str, Iterable[str]] | None, coupled: Iterable[str] = ()) -> None:
+        """Tell the policy which formats each module may use on this device (hardware-aware decisions).
+
+        Called by the controller before :meth:`setup`; ``None`` lifts the
+        restriction (research mode: any format, emulated where needed).
+        """
+        self.allowed = None if allowed is None else {m: frozenset(f) | {"fp32"} for m, f in allowed.items()}
+        self.coupled = frozenset(coupled)
+
+    def allowed_for(self, module: str) -> frozenset[str] | None:
+        """The formats ``module`` may use, or None when unrestricted."""
+        if self.allowed is None:
+            return None
+        return self.allowed.get(module, frozenset({"fp32"}))
 
     def setup(
         self, template: PrecisionPlan, total_steps: int | None = None, steps_per_epoch: int | None = None

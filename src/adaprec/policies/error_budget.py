@@ -69,16 +69,41 @@ class ErrorBudgetPolicy(Policy):
 
     name = "error-budget"
 
+    def _usable(self) -> frozenset[str] | None:
+        if self.allowed is None:
+            return None
+        return frozenset().union(*self.allowed.values()) | {"fp32"}
+
     @property
     def candidate_formats(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}
-        for ladder in self.ladders.values():
+        for ladder in self.candidate_formats_by_role.values():
             seen.update(dict.fromkeys(ladder))
         return tuple(seen)
 
     @property
     def candidate_formats_by_role(self) -> Mapping[str, tuple[str, ...]]:
-        return dict(self.ladders)
+        usable = self._usable()
+        if usable is None:
+            return dict(self.ladders)
+        return {r: tuple(f for f in ladder if f in usable) for r, ladder in self.ladders.items()}
+
+    def ladder_for(self, module: str, role: str) -> tuple[str, ...]:
+        """The role's ladder, keeping only the formats this device runs natively for ``module``."""
+        allowed = self.allowed_for(module)
+        ladder = self.ladders[role]
+        if allowed is None or not ladder:
+            return ladder
+        kept = tuple(f for f in ladder if f in allowed)
+        return kept or ("fp32",)
+
+    def _warm_for(self, module: str):  # noqa: ANN202
+        allowed = self.allowed_for(module)
+        if allowed is None or all(
+            self._warm_mp.recipe(r).format in allowed for r in ("weight", "activation", "grad_output")
+        ):
+            return self._warm_mp
+        return preset("fp32")
 
     def __init__(
         self,
@@ -172,7 +197,7 @@ class ErrorBudgetPolicy(Policy):
 
     def initial_plan(self, template: PrecisionPlan) -> PrecisionPlan:
         """Training starts in the warm-up format (the first step included)."""
-        return template.map(lambda _n, _old: self._warm_mp) if self.warmup_steps > 0 else template
+        return template.map(lambda n, _old: self._warm_for(n)) if self.warmup_steps > 0 else template
 
     # --- the rule -----------------------------------------------------------------------
     def _check(self, stats: TensorStats, fmt: str, target: float, role: str = "weight") -> tuple[bool, str]:
@@ -210,7 +235,7 @@ class ErrorBudgetPolicy(Policy):
         template = self._template()
         self.last_reasons = {}
         if step < self.warmup_steps:
-            plan = template.map(lambda _n, _old: self._warm_mp)
+            plan = template.map(lambda n, _old: self._warm_for(n))
             self._explain(snapshot.plan, plan, f"warm-up in {self.warmup_format} until step {self.warmup_steps}")
             return plan
         plan = snapshot.plan
@@ -223,7 +248,7 @@ class ErrorBudgetPolicy(Policy):
                 continue
             mp = plan.get(module)
             for role in ROLES:
-                ladder = self.ladders[role]
+                ladder = self.ladder_for(module, role)
                 stats = snapshot.stats(module, role)
                 if not ladder or stats is None:
                     continue
@@ -253,10 +278,25 @@ class ErrorBudgetPolicy(Policy):
                 if new_fmt is not None and new_fmt != current.format:
                     mp = mp.with_role(role, recipe_for(new_fmt, role, current))
                     reasons[key] = why
+            if module in self.coupled:
+                mp = self._couple(module, mp, plan.get(module), reasons)
             if mp != plan.get(module):
                 plan = plan.with_module(module, mp)
         self.last_reasons = reasons
         return plan
+
+    def _couple(self, module: str, mp, old, reasons: dict) -> Any:  # noqa: ANN001
+        """Activation, weight and output gradient in the widest of the three (their kernel runs one dtype)."""
+        roles = ("activation", "weight", "grad_output")
+        widest = max((mp.recipe(r).format for r in roles), key=width_rank)
+        for r in roles:
+            if mp.recipe(r).format != widest:
+                mp = mp.with_role(r, recipe_for(widest, r, mp.recipe(r)))
+                if old.recipe(r).format != widest:
+                    reasons[(module, r)] = f"{widest}: kept with the module's other roles (one native dtype per op)"
+                else:
+                    reasons.pop((module, r), None)
+        return mp
 
     # --- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -95,6 +95,10 @@ class Guard(Policy):
         """Alias of ``rollback_requested``: restore weights and optimizer, run the step again."""
         return self.rollback_requested
 
+    def restrict(self, allowed, coupled=()) -> None:  # noqa: ANN001 - as Policy.restrict
+        super().restrict(allowed, coupled)
+        self.policy.restrict(allowed, coupled)
+
     def setup(
         self, template: PrecisionPlan, total_steps: int | None = None, steps_per_epoch: int | None = None
     ) -> PrecisionPlan:
@@ -194,10 +198,9 @@ class Guard(Policy):
         self.last_reasons = {(c.module, c.role): f"guard at step {step}: {why}" for c in current.diff(plan)}
         return plan
 
-    @staticmethod
-    def _widen(plan: PrecisionPlan, modules: list[str]) -> PrecisionPlan:
+    def _widen(self, plan: PrecisionPlan, modules: list[str]) -> PrecisionPlan:
         for m in modules:
-            wider = widen_module(plan.get(m))
+            wider = widen_module(plan.get(m), self.allowed_for(m))
             if wider is not None:
                 plan = plan.with_module(m, wider)
         return plan

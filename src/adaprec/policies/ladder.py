@@ -57,12 +57,18 @@ def widen_recipe(recipe: TensorRecipe, role: str) -> TensorRecipe | None:
     return TensorRecipe("fp32")
 
 
-def widen_module(mp: ModulePrecision) -> ModulePrecision | None:
-    """Every role of ``mp`` one rung wider; None when all four are fp32 already."""
+def widen_module(mp: ModulePrecision, allowed: frozenset[str] | None = None) -> ModulePrecision | None:
+    """Every role of ``mp`` one rung wider; None when all four are fp32 already.
+
+    With ``allowed`` (the formats this device runs natively for the module),
+    a rung this device cannot run is skipped to the next one it can.
+    """
     if mp.is_fp32:
         return None
     for role in ROLES:
         wider = widen_recipe(mp.recipe(role), role)
+        while wider is not None and allowed is not None and wider.format not in allowed and not wider.is_fp32:
+            wider = widen_recipe(wider, role)
         if wider is not None:
             mp = mp.with_role(role, wider)
     return mp

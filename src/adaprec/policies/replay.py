@@ -39,17 +39,21 @@ class ReplayPolicy(Policy):
 
     def initial_plan(self, template: PrecisionPlan) -> PrecisionPlan:
         start = self.timeline.initial if self.timeline.initial is not None else template
-        stray = sorted(set(start.modules) - set(template.modules))
-        if stray:
-            raise PolicyError(
-                f"replay policy: the recorded timeline names modules this model does not have: {stray}; "
-                "replay a timeline recorded on the same model"
-            )
+        # while the engine is still discovering modules the template grows; the check waits for decide()
+        self._stray = sorted(set(start.modules) - set(template.modules))
+        if self._stray:
+            known = {n: mp for n, mp in start.modules.items() if n in template.modules}
+            start = PrecisionPlan({**dict(template.modules), **known}, start.pinned & set(template.modules))
         self._start = start
         return self.timeline.plans_at(-1, start) if any(e.step < 0 for e in self.timeline.events) else start
 
     def decide(self, snapshot: Snapshot, step: int) -> PrecisionPlan:
         self._template()
+        if getattr(self, "_stray", None):
+            raise PolicyError(
+                f"replay policy: the recorded timeline names modules this model does not run: {self._stray}; "
+                "replay a timeline recorded on the same model"
+            )
         plan = self._plan_at(step)
         reasons = {(e.module, e.role): e.reason for e in self.timeline.changes_at(step)}
         changed = {(c.module, c.role) for c in snapshot.plan.diff(plan)}

@@ -1,0 +1,166 @@
+"""How one op runs under a module's precision: natively, emulated, or in fp32.
+
+The engine asks :func:`decide` once per (module, op kind, module precision)
+and caches the answer. Native means the arithmetic really runs in the
+format: int8 GEMMs through ``torch._int_mm``, bf16/fp16 in those dtypes,
+fp8 through ``torch._scaled_mm``, where the device probe
+(:mod:`adaprec.hardware`) found units for it, and, under ``backend="auto"``,
+found them faster than fp32. Everything else a plan asks for is emulated:
+rounded in fp32 and computed in fp32, the research mode, recorded as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from adaprec.engine.gemm import LinearExec, RoleCast, gemm_format
+from adaprec.plan import ModulePrecision, TensorRecipe
+
+__all__ = ["Exec", "Capabilities", "decide", "FP32_EXEC"]
+
+_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this device runs natively, and which of those formats run faster than fp32, per op class."""
+
+    native: Mapping[str, frozenset[str]] = field(default_factory=dict)  # op class -> formats
+    fast: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    device_type: str = "cpu"
+    reasons: Mapping[str, str] = field(default_factory=dict)  # format -> why it is not native / how fast
+
+    @classmethod
+    def from_report(cls, report) -> Capabilities:  # noqa: ANN001 - adaprec.hardware.DeviceReport
+        """Capabilities from a device probe (:func:`adaprec.hardware.probe`)."""
+        native, fast = {}, {}
+        for op in ("gemm", "conv"):
+            table = report.formats if op == "gemm" else report.conv
+            native[op] = frozenset(f for f, fs in table.items() if fs.native)
+            fast[op] = frozenset(report.fast_formats(op))
+        reasons = {f: fs.reason for f, fs in report.formats.items()}
+        return cls(native, fast, report.device.split(":")[0], reasons)
+
+    def allows(self, fmt: str, op_class: str, backend: str) -> bool:
+        if fmt == "fp32":
+            return True
+        if backend == "emulate":
+            return False
+        table = self.native if backend == "native" else self.fast
+        return fmt in table.get(op_class, frozenset())
+
+
+@dataclass(frozen=True)
+class Exec:
+    """The decision for one op: mode, and per GEMM the (format, native) it executes in."""
+
+    mode: str  # fp32 | cast16 | planned | fp8 | emulate
+    formats: Mapping[str, tuple[str, bool]]
+    storage: Mapping[str, str]  # role -> format the tensor is really stored in
+    dtype: torch.dtype | None = None  # cast16
+    linear: LinearExec | None = None  # planned
+    emulated: tuple[str, ...] = ()  # formats this op only emulates (for the one-time note)
+
+
+_FP32_FORMATS = {"forward": ("fp32", True), "input_grad": ("fp32", True), "weight_grad": ("fp32", True)}
+_FP32_STORAGE = dict.fromkeys(("weight", "activation", "grad_output", "grad_weight", "optimizer_state"), "fp32")
+FP32_EXEC = Exec("fp32", _FP32_FORMATS, _FP32_STORAGE)
+
+
+def _wider(a: str, b: str) -> str:
+    from adaprec.formats import get
+
+    fa, fb = get(a), get(b)
+    ka = (fa.bits, int(fa.kind == "float"), fa.mbits)
+    kb = (fb.bits, int(fb.kind == "float"), fb.mbits)
+    return a if ka >= kb else b
+
+
+def _uniform16(mp: ModulePrecision) -> str | None:
+    """bf16/fp16 when activation, weight and output gradient all are that dtype, unscaled, to nearest."""
+    rs = (mp.activation, mp.weight, mp.grad_output)
+    f = rs[0].format
+    if f not in _DTYPE:
+        return None
+    if all(r.format == f and r.rounding == "nearest" and r.scaling == "none" for r in rs):
+        if mp.grad_weight.format in ("fp32", f):
+            return f
+    return None
+
+
+def _role_cast(recipe: TensorRecipe, caps: Capabilities, backend: str) -> RoleCast:
+    f = recipe.format
+    if f == "fp32":
+        return RoleCast("fp32", recipe)
+    if f in _DTYPE and recipe.scaling == "none" and recipe.rounding == "nearest" and caps.allows(f, "gemm", backend):
+        return RoleCast(f, recipe)
+    if f == "int8" and recipe.scaling in ("tensor", "row"):
+        return RoleCast("int8", recipe, per_gemm=recipe.scaling == "row")
+    return RoleCast("emulate", recipe)
+
+
+def _planned_formats(mp: ModulePrecision, weight_op: bool) -> dict[str, str]:
+    b = mp.weight.format if weight_op else mp.activation.format
+    return {
+        "forward": _wider(mp.activation.format, b),
+        "input_grad": _wider(mp.grad_output.format, b),
+        "weight_grad": _wider(mp.grad_output.format, mp.activation.format),
+    }
+
+
+def decide(
+    kind: str, mp: ModulePrecision | None, caps: Capabilities, backend: str, weight_op: bool = True
+) -> Exec:
+    """How an op of ``kind`` runs under ``mp`` on this device (``backend``: auto | native | emulate)."""
+    if mp is None or kind == "rnn" or mp.is_fp32:
+        return FP32_EXEC
+    planned = _planned_formats(mp, weight_op)
+    op_class = "conv" if kind == "conv" else "gemm"
+    f16 = _uniform16(mp)
+    if f16 is not None and kind != "embedding" and caps.allows(f16, op_class, backend):
+        storage = dict(_FP32_STORAGE, weight=f16, activation=f16, grad_output=f16)
+        return Exec("cast16", {g: (f16, True) for g in planned}, storage, dtype=_DTYPE[f16])
+    if kind == "linear":
+        if (
+            caps.device_type == "cuda"
+            and mp.weight.format == mp.activation.format == "fp8_e4m3"
+            and mp.grad_output.format in ("fp8_e4m3", "fp8_e5m2")
+            and mp.weight.scaling == mp.activation.scaling
+            and mp.weight.scaling in ("tensor", "row")
+            and mp.grad_output.scaling == "tensor"
+            and all(caps.allows(f, "gemm", backend) for f in ("fp8_e4m3", mp.grad_output.format))
+        ):
+            storage = dict(_FP32_STORAGE, weight="fp8_e4m3", activation="fp8_e4m3", grad_output=mp.grad_output.format)
+            return Exec("fp8", {g: (f, True) for g, f in planned.items()}, storage)
+        int8_native = caps.allows("int8", "gemm", backend)
+        ex = LinearExec(
+            activation=_role_cast(mp.activation, caps, backend),
+            weight=_role_cast(mp.weight, caps, backend),
+            grad_output=_role_cast(mp.grad_output, caps, backend),
+            grad_weight=mp.grad_weight,
+            int8_native=int8_native,
+        )
+        formats = ex.formats()
+        storage = dict(_FP32_STORAGE)
+        for role in ("activation", "weight", "grad_output"):
+            rc: RoleCast = getattr(ex, role)
+            if rc.kind == "int8" and int8_native:
+                storage[role] = "int8"
+            elif rc.kind in _DTYPE:
+                storage[role] = rc.kind
+        emulated = tuple(sorted({f for f, nat in formats.values() if not nat}))
+        return Exec("planned", formats, storage, linear=ex, emulated=emulated)
+    formats = {g: (f, f == "fp32") for g, f in planned.items()}
+    emulated = tuple(sorted({f for f, nat in formats.values() if not nat}))
+    return Exec("emulate", formats, _FP32_STORAGE, emulated=emulated)
+
+
+def gemm_name(role_with_grad: str) -> str:
+    """The backward GEMM that computes the gradient of an operand of ``role``."""
+    return "weight_grad" if role_with_grad == "weight" else "input_grad"
+
+
+__all__ += ["gemm_name", "gemm_format"]

@@ -1,0 +1,265 @@
+"""One autograd function that runs the three GEMMs of a linear-like op, each in its planned format.
+
+``Y = X W^T + b`` (``F.linear``; ``torch.addmm`` of HF ``Conv1D`` and
+``x @ W`` with a parameter ``W`` are brought to this form by a transposed
+view) runs three GEMMs:
+
+============  =================  ==========================
+GEMM          operands (roles)   contraction
+============  =================  ==========================
+forward       X x W^T            in-features  (K)
+input grad    G x W              out-features (N)
+weight grad   G^T x X            tokens       (M)
+============  =================  ==========================
+
+Each operand is cast by its role's :class:`RoleCast`: ``fp32``; ``bf16`` /
+``fp16`` (a native copy); ``int8`` (codes with a power-of-two scale: one per
+tensor, cast once and shared by both GEMMs that read it, or ``row``: one per
+outer index of each GEMM, so each operand is cast along that GEMM's
+contraction, as SwitchBack and torchao's int8 training do); or ``emulate``
+(any other format: rounded in fp32 by the research-mode caster). A GEMM whose
+two operands are int8 runs ``torch._int_mm`` (int32 accumulation) when
+``int8_native``, otherwise the same codes are multiplied in fp32 (the
+emulation the native kernel is tested against); a GEMM with a 16-bit operand
+runs in that dtype (int8 codes dequantize into bf16 exactly); anything else
+runs in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adaprec.engine.quant import Int8Operand, NoiseTable, Scratch, quantize_int8
+from adaprec.plan import TensorRecipe
+
+__all__ = ["RoleCast", "LinearExec", "GemmContext", "planned_linear", "gemm_format"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RoleCast:
+    """How one operand role is cast for a native GEMM."""
+
+    kind: str  # fp32 | bf16 | fp16 | int8 | emulate
+    recipe: TensorRecipe
+    per_gemm: bool = False  # int8 with a scale per outer index of each GEMM ("row")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.recipe.rounding == "stochastic"
+
+
+def _rank(fmt: str) -> tuple[int, int, int]:
+    from adaprec.formats import get
+
+    f = get(fmt)
+    return (f.bits, int(f.kind == "float"), f.mbits)
+
+
+def gemm_format(a: RoleCast, b: RoleCast, int8_native: bool) -> tuple[str, bool]:
+    """The format one GEMM executes in, and whether natively (the wider operand's format)."""
+    fa, fb = a.recipe.format, b.recipe.format
+    fmt = fa if _rank(fa) >= _rank(fb) else fb
+    if fmt == "fp32":
+        return "fp32", True
+    if a.kind == b.kind == "int8":
+        return "int8", int8_native
+    kinds = {a.kind, b.kind}
+    if fmt in _DTYPES and kinds <= {"int8", "bf16", "fp16"}:
+        return fmt, True
+    return fmt, False
+
+
+@dataclass(frozen=True)
+class LinearExec:
+    """The casts of a linear-like op's roles and which GEMM kernels may run natively."""
+
+    activation: RoleCast
+    weight: RoleCast
+    grad_output: RoleCast
+    grad_weight: TensorRecipe
+    int8_native: bool
+
+    def formats(self) -> dict[str, tuple[str, bool]]:
+        """Per GEMM (forward, input_grad, weight_grad): (executed format, native)."""
+        return {
+            "forward": gemm_format(self.activation, self.weight, self.int8_native),
+            "input_grad": gemm_format(self.grad_output, self.weight, self.int8_native),
+            "weight_grad": gemm_format(self.grad_output, self.activation, self.int8_native),
+        }
+
+
+@dataclass
+class GemmContext:
+    """What the kernel needs from the engine for one call (no reference back to the engine)."""
+
+    module: str
+    scratch: Scratch
+    noise: NoiseTable
+    offsets: dict[str, int]  # per role: the stochastic-rounding noise offset of this call
+    emulate: Callable[[str, torch.Tensor], torch.Tensor]  # role, tensor -> tensor rounded by the recipe
+    observe: Callable[[str, torch.Tensor], None] | None  # role, fp32 tensor (sampled steps)
+    fault: Callable[[str, Any], None]  # role, amax: a non-finite value met a cast
+    weight_cache: dict[Any, Any]
+
+
+# --- operand preparation ---------------------------------------------------------------
+class _Operand:
+    """One cast operand as a GEMM reads it: int8 codes or a float tensor, possibly transposed."""
+
+    __slots__ = ("int8", "t")
+
+    def __init__(self, int8: Int8Operand | None, t: torch.Tensor | None) -> None:
+        self.int8, self.t = int8, t
+
+
+def _int8(x: torch.Tensor, rc: RoleCast, dim: int | None, ctx: GemmContext, role: str) -> Int8Operand:
+    q = quantize_int8(x, dim if rc.per_gemm else None, rc.stochastic, ctx.scratch, ctx.noise, ctx.offsets.get(role, 0))
+    a = q.amax
+    if isinstance(a, float):
+        if not (a < float("inf")):  # inf or NaN
+            ctx.fault(role, a)
+    else:
+        ctx.fault(role, a)  # a tensor: the engine folds it into a device flag without a sync
+    return q
+
+
+def _cast(x: torch.Tensor, rc: RoleCast, dim: int | None, ctx: GemmContext, role: str) -> _Operand:
+    if rc.kind == "int8":
+        return _Operand(_int8(x, rc, dim, ctx, role), None)
+    if rc.kind in _DTYPES:
+        return _Operand(None, x.to(_DTYPES[rc.kind]))
+    if rc.kind == "emulate":
+        return _Operand(None, ctx.emulate(role, x))
+    return _Operand(None, x)
+
+
+def _weight(w: torch.Tensor, rc: RoleCast, dim: int | None, ctx: GemmContext) -> _Operand:
+    """The weight's cast, cached until the optimizer changes it (in-place updates bump ``_version``)."""
+    if rc.kind == "fp32":
+        return _Operand(None, w)
+    key = (id(w), w._version, w.data_ptr(), rc, dim if rc.per_gemm else None)
+    hit = ctx.weight_cache.get(key)
+    if hit is None:
+        hit = ctx.weight_cache[key] = _cast(w, rc, dim, ctx, "weight")
+    return hit
+
+
+def _as_float(op: _Operand, dtype: torch.dtype, transpose: bool) -> torch.Tensor:
+    if op.int8 is not None:
+        q = op.int8
+        t = q.codes.to(dtype)
+        inv = q.inv_scale
+        t = t.mul_(inv if isinstance(inv, float) else inv.to(dtype))
+    else:
+        t = op.t if op.t.dtype == dtype else op.t.to(dtype)
+    return t.t() if transpose else t
+
+
+def _inv(q: Int8Operand, transpose: bool) -> Any:
+    inv = q.inv_scale
+    if isinstance(inv, float):
+        return inv
+    return inv.t() if transpose else inv
+
+
+def _mm(a: _Operand, at: bool, b: _Operand, bt: bool, fmt: str, native: bool, scratch: Scratch) -> torch.Tensor:
+    """C = op(A) @ op(B) in ``fmt`` (``at``/``bt``: use the transpose), returned in fp32."""
+    if fmt == "int8" and a.int8 is not None and b.int8 is not None:
+        ia, ib = _inv(a.int8, at), _inv(b.int8, bt)
+        ca = a.int8.codes.t() if at else a.int8.codes
+        cb = b.int8.codes.t() if bt else b.int8.codes
+        if native:  # the int32 result lands in a reused buffer: only the fp32 output is a new allocation
+            c = torch._int_mm(ca, cb, out=scratch.get((ca.shape[0], cb.shape[1]), ca.device, torch.int32))
+        else:  # emulation: the same codes, multiplied in fp32
+            c = torch.mm(ca.float(), cb.float())
+        if isinstance(ia, float) and isinstance(ib, float):
+            return torch.mul(c, ia * ib)
+        out = torch.mul(c, ia)
+        return out.mul_(ib)
+    dtype = _DTYPES.get(fmt, torch.float32) if native else torch.float32
+    c = torch.mm(_as_float(a, dtype, at), _as_float(b, dtype, bt))
+    return c if c.dtype == torch.float32 else c.float()
+
+
+class _PlannedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, ex: LinearExec, gc: GemmContext):  # type: ignore[override]
+        shape = x.shape
+        x2 = x.detach().reshape(-1, shape[-1])
+        wd = w.detach()
+        if gc.observe is not None:
+            gc.observe("activation", x2)
+            gc.observe("weight", wd)
+        fmts = ex.formats()
+        xa = _cast(x2, ex.activation, 1, gc, "activation")
+        wa = _weight(wd, ex.weight, 1, gc)
+        fmt, native = fmts["forward"]
+        out = _mm(xa, False, wa, True, fmt, native, gc.scratch)
+        if bias is not None:
+            out.add_(bias.detach())
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # the activation as the weight-grad GEMM reads it (its own cast when scaled per column)
+        x_for_wgrad = None
+        if need_w:
+            if ex.activation.kind == "int8" and ex.activation.per_gemm:
+                x_for_wgrad = _cast(x2, ex.activation, 0, gc, "activation")
+            else:
+                x_for_wgrad = xa
+        ctx.ex, ctx.gc, ctx.fmts = ex, gc, fmts
+        ctx.shape = shape
+        ctx.has_bias = bias is not None
+        ctx.x_op = x_for_wgrad
+        ctx.w_op = wa if not (ex.weight.kind == "int8" and ex.weight.per_gemm) else None
+        ctx.save_for_backward(w)
+        del need_x
+        return out.view(*shape[:-1], wd.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        ex: LinearExec = ctx.ex
+        gc: GemmContext = ctx.gc
+        (w,) = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if g2.dtype != torch.float32:
+            g2 = g2.float()
+        if gc.observe is not None:
+            gc.observe("grad_output", g2)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            ga = _cast(g2, ex.grad_output, 1, gc, "grad_output")
+            wop = ctx.w_op if ctx.w_op is not None else _weight(w.detach(), ex.weight, 0, gc)
+            fmt, native = ctx.fmts["input_grad"]
+            grad_x = _mm(ga, False, wop, False, fmt, native, gc.scratch).view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            per = ex.grad_output.kind == "int8" and ex.grad_output.per_gemm
+            if ctx.needs_input_grad[0] and not per:
+                gw_op = ga
+            else:
+                gw_op = _cast(g2, ex.grad_output, 0, gc, "grad_output")
+            fmt, native = ctx.fmts["weight_grad"]
+            grad_w = _mm(gw_op, True, ctx.x_op, False, fmt, native, gc.scratch)
+            if gc.observe is not None:
+                gc.observe("grad_weight", grad_w)
+            if not ex.grad_weight.is_fp32:
+                grad_w = gc.emulate("grad_weight", grad_w)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        ctx.x_op = ctx.w_op = None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def planned_linear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ex: LinearExec, gc: GemmContext
+) -> torch.Tensor:
+    """``x @ w.T + bias`` with each of its three GEMMs in the format ``ex`` plans (fp32 result)."""
+    out_dtype = x.dtype
+    if x.dtype != torch.float32:
+        x = x.float()
+    y = _PlannedLinear.apply(x, w, bias, ex, gc)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
