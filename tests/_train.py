@@ -9,6 +9,33 @@ import torch
 
 import adaprec
 from adaprec.experiments.tasks import get_task
+from adaprec.hardware import DeviceReport, FormatSupport
+
+
+def fake_report(fast: tuple[str, ...] = ("int8", "bf16"), conv_fast: tuple[str, ...] = ("bf16",),
+                attention_fast: tuple[str, ...] = ()) -> DeviceReport:
+    """A device report whose fast formats are fixed, so tests do not depend on the CPU they run on.
+
+    Every format named runs through a real kernel on any x86 or Arm CPU (``torch._int_mm``,
+    bf16 matmul), only slower on a CPU without the units; the speedups are made up (3x).
+    """
+    def table(names: tuple[str, ...]) -> dict[str, FormatSupport]:
+        out = {"fp32": FormatSupport("fp32", True, "torch.mm(float32)", 1.0, "reference")}
+        for f in names:
+            out[f] = FormatSupport(f, True, "test", 3.0, "fixed by the test")
+        return out
+
+    kwargs = dict(
+        device="cpu", name="test CPU", torch_version=torch.__version__, threads=torch.get_num_threads(),
+        capability="test", flags=(), formats=table(fast), conv=table(conv_fast), sweep="none",
+    )
+    try:
+        return DeviceReport(**kwargs, attention=table(attention_fast))
+    except TypeError:  # a report without the attention op class
+        return DeviceReport(**kwargs)
+
+
+FAST_INT8_BF16 = fake_report()
 
 
 @dataclass
@@ -28,6 +55,8 @@ def train(
     **ap_kwargs,
 ) -> Trained:
     task = get_task(task_name)
+    if ap_kwargs.get("backend") != "emulate":
+        ap_kwargs.setdefault("hardware", FAST_INT8_BF16)
     model = task.make_model(seed)
     opt = task.make_optimizer(model)
     ap = adaprec.AdaptivePrecision(
@@ -63,12 +92,32 @@ def same_state(a, b) -> bool:
     return a == b
 
 
+def state_diff(a, b, path: str = "") -> list[str]:
+    """Where two nested states differ (paths), for assertion messages."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return [] if same_state(a, b) else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path} keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a for d in state_diff(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in state_diff(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {str(a)[:80]} != {str(b)[:80]}"]
+
+
+def _untimed(state: dict) -> dict:
+    """The state without measured wall times (two runs never take the same time)."""
+    energy = dict(state["energy"], rows=[{k: v for k, v in r.items() if k != "wall_s"} for r in state["energy"]["rows"]])
+    return dict(state, energy=energy)
+
+
 def assert_resumed_exactly(a: adaprec.AdaptivePrecision, b: adaprec.AdaptivePrecision,
                            model_a: torch.nn.Module, model_b: torch.nn.Module) -> None:
     """A resumed run ``b`` ended exactly where the uninterrupted run ``a`` did: adaprec state and weights."""
     assert b.plan == a.plan
     assert b.loss_scaler.state_dict() == a.loss_scaler.state_dict()
     assert b.timeline == a.timeline
-    assert same_state(b.state_dict(), a.state_dict())
+    sa, sb = _untimed(a.state_dict()), _untimed(b.state_dict())
+    assert same_state(sb, sa), state_diff(sb, sa)[:10]
     for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(p, q)

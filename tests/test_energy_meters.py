@@ -175,7 +175,7 @@ def test_ledger_takes_window_attribution(rapl: dict[str, Path]) -> None:
     w.start()
     out = None
     energies = [1_100_000, 1_400_000]
-    with MacCounter(model, [""]) as c:
+    with MacCounter(model) as c:
         for step in range(2):
             model(torch.randn(2, 4)).sum().backward()
             ledger.record(step, plan, c.pop_step_cost(), measured_reason="window open")

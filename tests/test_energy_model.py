@@ -8,6 +8,7 @@ from torch import nn
 
 import adaprec.energy.ledger as ledger_mod
 from adaprec.energy import EnergyLedger, MacCounter, StepCost, bitops, list_profiles, load_profile, price_step
+from adaprec.engine import Capabilities, PrecisionEngine
 from adaprec.errors import CheckpointError, ProfileError
 from adaprec.formats import get
 from adaprec.plan import ModulePrecision, PrecisionPlan, TensorRecipe
@@ -16,13 +17,26 @@ NAMES = ["0", "1"]
 B, D0, D1, D2 = 5, 8, 16, 4
 
 
-def _step_cost() -> StepCost:
-    """One training step of a pure-matmul model: x(B,D0) -> W1 -> W2, no bias, x without grad."""
+BF16_FAST = Capabilities(native={"gemm": frozenset({"bf16"})}, fast={"gemm": frozenset({"bf16"})})
+
+
+def _step_cost(plan: str | ModulePrecision = "fp32", caps: Capabilities | None = None) -> StepCost:
+    """One training step of a pure-matmul model: x(B,D0) -> W1 -> W2, no bias, x without grad.
+
+    Run by the engine under ``plan``: natively where ``caps`` allows, emulated otherwise.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D0, D1, bias=False), nn.Linear(D1, D2, bias=False))
-    with MacCounter(model, NAMES) as c:
-        model(torch.randn(B, D0)).sum().backward()
-        return c.pop_step_cost()
+    x = torch.randn(B, D0)
+    eng = PrecisionEngine(model, backend="auto" if caps else "emulate", capabilities=caps)
+    eng.discover(x)
+    eng.set_plan(PrecisionPlan.uniform(eng.kinds, plan))
+    eng.begin_step(0, False)
+    with eng.activate():
+        y = model(x)
+    y.sum().backward()
+    eng.commit_backward()
+    return eng.pop_step_cost()
 
 
 def _by_hand(profile_name: str, mac_pj: dict[str, float], fmt_bytes: dict[str, float]) -> float:
@@ -54,13 +68,20 @@ def test_modeled_saving_of_bf16_and_fp8_plans_matches_hand_computation(profile_n
     e16 = _by_hand(profile_name, {"gemm": mac["bf16"]}, dict(weight=2, activation=2, grad_output=2, grad_weight=2, opt=4))
     # fp8 preset: w/a/go in E4M3 (1 byte), weight grad kept in bf16, optimizer state fp32
     e8 = _by_hand(profile_name, {"gemm": mac["fp8_e4m3"]}, dict(weight=1, activation=1, grad_output=1, grad_weight=2, opt=4))
-    got = {}
-    for preset in ("fp32", "bf16", "fp8"):
-        got[preset] = price_step(cost, PrecisionPlan.uniform(NAMES, preset), p).modeled_j
-    assert got["fp32"] == pytest.approx(e32, rel=1e-12)
-    assert 1 - got["bf16"] / got["fp32"] == pytest.approx(1 - e16 / e32, rel=1e-12)
-    assert 1 - got["fp8"] / got["fp32"] == pytest.approx(1 - e8 / e32, rel=1e-12)
-    assert got["fp8"] < got["bf16"] < got["fp32"]
+    # the plan's formats, priced as if they ran natively (the simulated figure)
+    planned = {preset: price_step(_step_cost(preset), p, "planned").modeled_j for preset in ("fp32", "bf16", "fp8")}
+    assert price_step(cost, p).modeled_j == pytest.approx(e32, rel=1e-12)
+    assert planned["fp32"] == pytest.approx(e32, rel=1e-12)
+    assert 1 - planned["bf16"] / planned["fp32"] == pytest.approx(1 - e16 / e32, rel=1e-12)
+    assert 1 - planned["fp8"] / planned["fp32"] == pytest.approx(1 - e8 / e32, rel=1e-12)
+    assert planned["fp8"] < planned["bf16"] < planned["fp32"]
+    # what executed: emulated formats are the fp32 they ran as; native bf16 stores w/a/go in 2 bytes,
+    # while the weight gradient and the optimizer state stay fp32 in memory
+    assert price_step(_step_cost("fp8"), p).modeled_j == pytest.approx(e32, rel=1e-12)
+    e16_native = _by_hand(profile_name, {"gemm": mac["bf16"]}, dict(weight=2, activation=2, grad_output=2, grad_weight=4, opt=4))
+    assert price_step(_step_cost("bf16", BF16_FAST), p).modeled_j == pytest.approx(e16_native, rel=1e-12)
+    # the counterfactuals do not depend on what ran
+    assert price_step(_step_cost("bf16", BF16_FAST), p, "fp32").modeled_j == pytest.approx(e32, rel=1e-12)
 
 
 def test_scaling_rule_for_uncovered_formats_by_hand() -> None:
@@ -84,7 +105,7 @@ def test_cpt_bitops_formula() -> None:
     mp = ModulePrecision(weight="int8", activation="fp6_e3m2", grad_output="bf16")
     assert (get("int8").bits, get("fp6_e3m2").bits, get("bf16").bits) == (bw, ba, bg)
     model = nn.Linear(12, 7)
-    with MacCounter(model, [""]) as c:
+    with MacCounter(model) as c:
         model(torch.randn(3, 12, requires_grad=True)).sum().backward()
         cost = c.pop_step_cost()
     assert {g.gemm for g in cost.modules[""].gemms} == {"forward", "input_grad", "weight_grad"}
@@ -96,8 +117,8 @@ def test_cpt_bitops_formula() -> None:
 
 def test_roofline_profile_by_hand() -> None:
     h = load_profile("h100-sxm")
-    cost = _step_cost()
-    priced = price_step(cost, PrecisionPlan.uniform(NAMES, "bf16"), h)
+    cost = _step_cost("bf16")
+    priced = price_step(cost, h, "planned")
     for name, mc in cost.modules.items():
         pm = priced.modules[name]
         t_compute = 2 * mc.macs / h.peak_flops["bf16"]
@@ -153,37 +174,45 @@ def test_user_profile_path_and_validation(tmp_path) -> None:
 
 
 def test_ledger_summary_counterfactuals_and_labels() -> None:
-    cost = _step_cost()
-    ledger = EnergyLedger("7nm", grid_intensity_g_per_kwh=400.0)
+    cost = _step_cost("fp8")  # emulated here: no fp8 units
+    ledger = EnergyLedger("7nm", grid_intensity_g_per_kwh=400.0, target="h100-sxm")
     plan = PrecisionPlan.uniform(NAMES, "fp8")
     for step in range(3):
-        ledger.record(step, plan, cost, measured_reason="no meter: test machine")
+        ledger.record(step, plan, cost, measured_reason="no meter: test machine", wall_s=0.25)
     s = ledger.summary()
-    p = load_profile("7nm")
-    one = price_step(cost, plan, p).modeled_j
-    assert s["modeled_j"] == pytest.approx(3 * one)
-    assert s["fp32_modeled_j"] == pytest.approx(3 * price_step(cost, PrecisionPlan.uniform(NAMES, "fp32"), p).modeled_j)
-    assert s["bf16_modeled_j"] == pytest.approx(3 * price_step(cost, PrecisionPlan.uniform(NAMES, "bf16"), p).modeled_j)
-    assert s["saving_vs_fp32"] == pytest.approx(1 - s["modeled_j"] / s["fp32_modeled_j"])
-    assert s["macs_by_format"] == {"fp8_e4m3": 3 * cost.macs}
-    assert s["bitops"] == 3 * bitops(cost, plan)
+    p, h = load_profile("7nm"), load_profile("h100-sxm")
+    assert s["modeled_j"] == pytest.approx(3 * price_step(cost, p).modeled_j)
+    assert s["modeled_j"] == pytest.approx(s["fp32_modeled_j"])  # emulation saves nothing
+    assert s["fp32_modeled_j"] == pytest.approx(3 * price_step(cost, p, "fp32").modeled_j)
+    assert s["bf16_modeled_j"] == pytest.approx(3 * price_step(cost, p, "bf16").modeled_j)
+    assert s["saving_vs_fp32"] == pytest.approx(0.0)
+    assert s["macs_by_format"] == {"fp8_e4m3 (emulated)": 3 * cost.macs}
+    assert s["emulated_formats"] == ["fp8_e4m3"] and s["native_formats"] == []
+    assert s["emulated_mac_fraction"] == 1.0 and s["narrow_mac_fraction"] == 0.0 and s["coverage"] == 1.0
+    assert s["wall_s"] == pytest.approx(0.75) and s["timed_steps"] == 3
+    sim = s["simulated"]
+    assert sim["target"] == "h100-sxm" and "simulated for h100-sxm" in sim["label"]
+    assert sim["modeled_j"] == pytest.approx(3 * price_step(cost, h, "planned").modeled_j)
+    assert 0 < sim["saving_vs_fp32"] < 1
     assert s["measured_j"] is None and s["measured_reason"] == "no meter: test machine"
-    assert s["kind"]["modeled_j"] == "modeled (profile 7nm)"
-    assert any("fp8_e4m3" in a and "rule" in a for a in s["assumptions"])
+    assert s["kind"]["modeled_j"] == "modeled (profile 7nm) on what executed"
+    assert any("emulated GEMMs are priced as the fp32" in a for a in s["assumptions"])
     assert s["co2e_g"] == pytest.approx(s["modeled_j"] / 3.6e6 * 400.0)
-    assert s["co2e_basis"] == "modeled (profile 7nm)"
+    assert s["co2e_basis"] == "modeled (profile 7nm) on what executed"
     assert [r["step"] for r in ledger.steps()] == [0, 1, 2]
+    assert s["bitops"] == 3 * cost.macs * 32 * 32  # what ran: fp32 arithmetic
+    assert bitops(cost, plan) == cost.macs * 8 * 8  # the papers' measure: the plan's operand widths
 
 
 def test_mixed_operands_are_attributed_to_the_wider_format() -> None:
-    cost = _step_cost()
     mixed = ModulePrecision(weight="fp8_e4m3", activation="bf16", grad_output="fp8_e5m2")
-    plan = PrecisionPlan({"0": mixed, "1": mixed})
-    s = EnergyLedger().record(0, plan, cost)
-    by = s["macs_by_format"]
-    # forward (a=bf16, w=fp8) and weight grad (go=e5m2, a=bf16) -> bf16; input grad (e5m2 x e4m3) -> e4m3
+    cost = _step_cost(mixed)
     m1, m2 = B * D0 * D1, B * D1 * D2
+    by = price_step(cost, load_profile("7nm"), "planned").macs_by_format()
+    # forward (a=bf16, w=fp8) and weight grad (go=e5m2, a=bf16) -> bf16; input grad (e5m2 x e4m3) -> e4m3
     assert by == {"bf16": 2 * m1 + 2 * m2, "fp8_e4m3": m2}
+    s = EnergyLedger().record(0, PrecisionPlan.uniform(NAMES, mixed), cost)
+    assert s["macs_by_format"] == {"bf16 (emulated)": 2 * m1 + 2 * m2, "fp8_e4m3 (emulated)": m2}
     assert s["measured_j"] is None and s["measured_reason"]
 
 
@@ -191,12 +220,12 @@ def test_ledger_caches_pricing_and_round_trips_state(tmp_path, monkeypatch) -> N
     calls = []
     real = ledger_mod.price_step
     monkeypatch.setattr(ledger_mod, "price_step", lambda *a: calls.append(1) or real(*a))
-    cost = _step_cost()
-    ledger = EnergyLedger("45nm")
     plan = PrecisionPlan.uniform(NAMES, "bf16").with_role("1", "weight", TensorRecipe("fp8_e4m3"))
+    cost = _step_cost(plan.get("1"))
+    ledger = EnergyLedger("45nm")
     for step in range(5):
         ledger.record(step, plan, cost, measured_j=0.5 if step % 2 else None, measured_reason="window not closed")
-    assert len(calls) == 3  # actual, fp32, bf16 priced once each
+    assert len(calls) == 3  # executed, fp32, bf16 priced once each
     path = tmp_path / "ledger.pt"
     torch.save(ledger.state_dict(), path)
     other = EnergyLedger("45nm")

@@ -102,13 +102,14 @@ def test_fp8_hybrid_trains_digits_and_ledger_shows_narrow_macs(tmp_path):
                             num_train_epochs=epochs, eval_strategy="epoch")
     assert _accuracy(model) > 0.85
     s = trainer.ap.energy.summary()
-    narrow = sum(n for f, n in s["macs_by_format"].items() if f != "fp32")
-    assert narrow / s["macs"] > 0.9, s["macs_by_format"]
-    assert s["saving_vs_fp32"] > 0.2
+    # this CPU has no fp8 units: the plan runs emulated, and the ledger says so instead of crediting a saving
+    assert s["emulated_mac_fraction"] > 0.9 and s["emulated_formats"], s["macs_by_format"]
+    assert s["saving_vs_fp32"] == pytest.approx(0.0) and s["coverage"] == 1.0
     assert s["macs"] == epochs * STEPS_PER_EPOCH * MACS_PER_STEP  # evaluation is not charged
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert train_logs and all("adaprec/energy_modeled_j" in h for h in train_logs)
-    assert train_logs[-1]["adaprec/narrow_mac_fraction"] > 0.9
+    assert train_logs[-1]["adaprec/narrow_mac_fraction"] == 0.0  # nothing narrow ran natively
+    assert train_logs[-1]["adaprec/emulated_mac_fraction"] > 0.9
     assert train_logs[-1]["adaprec/skipped_steps"] == 0.0
 
 

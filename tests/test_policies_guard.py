@@ -29,32 +29,51 @@ def snap(step, plan, **kw):
     return Snapshot(step=step, epoch=0, plan=plan, **kw)
 
 
-def test_nonfinite_raises_the_named_module_one_rung_and_requests_rollback():
+def test_one_nonfinite_step_is_only_skipped_as_gradscaler_would():
     g, plan = guarded()
-    new = g.decide(snap(5, plan, nonfinite=True, overflowed=("b",)), 5)
-    assert g.rollback_requested and g.retry
+    new = g.decide(snap(5, plan, nonfinite=True, nonfinite_cause="gradients", overflowed=("b",)), 5)
+    assert new == plan and not g.rollback_requested  # the controller skips the step; nothing else changes
+    assert "skipped" in g.incident and "b" in g.incident
+    assert g.decide(snap(6, plan), 6) == plan and g.skips == []  # a clean step ends the streak
+
+
+def test_repeated_nonfinite_gradients_raise_the_named_module_one_rung():
+    g, plan = guarded()
+    g.decide(snap(5, plan, nonfinite=True, nonfinite_cause="gradients", overflowed=("b",)), 5)
+    new = g.decide(snap(6, plan, nonfinite=True, nonfinite_cause="gradients", overflowed=("b",)), 6)
     b = new.get("b")
     assert (b.weight.format, b.grad_output.format, b.grad_weight.format) == ("bf16", "bf16", "fp32")
     assert new.get("a") == plan.get("a") and new.get("c") == plan.get("c")
-    assert "nonfinite" in g.last_reasons[("b", "weight")]
-    # a clean retry: no rollback, b held wide
-    again = g.decide(snap(5, new), 5)
-    assert not g.rollback_requested and again.get("b") == b
+    assert not g.rollback_requested  # nothing to roll back: the failed steps were skipped
+    assert "steps 5-6" in g.last_reasons[("b", "weight")]
+    again = g.decide(snap(7, new), 7)  # a clean step: b held wide
+    assert again.get("b") == b
 
 
-def test_unnamed_incident_raises_every_module():
-    g, plan = guarded()
-    new = g.decide(snap(1, plan, nonfinite=True), 1)
+def test_nonfinite_loss_twice_is_not_blamed_on_precision():
+    """Two bad batches in a row (steps 40, 41): skipped, the plan stays; GradScaler survives this too."""
+    g, plan = guarded(max_retries=3)
+    for step in (40, 41):
+        assert g.decide(snap(step, plan, nonfinite=True, nonfinite_cause="loss"), step) == plan
+    assert g.decide(snap(42, plan), 42) == plan
+
+
+def test_unnamed_incident_raises_every_module_after_max_retries():
+    g, plan = guarded(max_retries=2)
+    for step in range(2):
+        assert g.decide(snap(step, plan, nonfinite=True, nonfinite_cause="loss"), step) == plan
+    new = g.decide(snap(2, plan, nonfinite=True, nonfinite_cause="loss"), 2)
     assert all(new.get(m).weight.format == "bf16" for m in MODS)
 
 
 def test_quiet_period_then_back_to_the_wrapped_policy():
     g, plan = guarded(quiet_steps=10)
-    plan = g.decide(snap(0, plan, nonfinite=True, overflowed=("a",)), 0)
-    for step in range(1, 10):
+    g.decide(snap(0, plan, nonfinite=True, nonfinite_cause="cast", overflowed=("a",)), 0)
+    plan = g.decide(snap(1, plan, nonfinite=True, nonfinite_cause="cast", overflowed=("a",)), 1)
+    for step in range(2, 11):
         plan = g.decide(snap(step, plan), step)
         assert plan.get("a").weight.format == "bf16", step
-    plan = g.decide(snap(10, plan), 10)
+    plan = g.decide(snap(11, plan), 11)
     assert plan.get("a").weight.format == "fp8_e4m3"
     assert "quiet" in g.last_reasons[("a", "weight")]
 
@@ -77,21 +96,23 @@ def test_overflow_storm_and_loss_spike_are_incidents():
     assert not g2.rollback_requested  # too little history for a trend
 
 
-def test_all_fp32_and_still_failing_raises():
-    g, plan = guarded("fp32")
-    with pytest.raises(TrainingUnstableError, match="fp32"):
-        g.decide(snap(0, plan, nonfinite=True), 0)
+def test_all_fp32_and_still_failing_raises_after_max_retries_naming_steps():
+    g, plan = guarded("fp32", max_retries=3)
+    for step in range(10, 13):
+        assert g.decide(snap(step, plan, nonfinite=True, overflowed=("a",)), step) == plan
+    with pytest.raises(TrainingUnstableError, match=r"4 consecutive steps \(steps 10-13\).*in a.*fp32"):
+        g.decide(snap(13, plan, nonfinite=True, overflowed=("a",)), 13)
 
 
 def test_repeated_failure_climbs_to_fp32_then_stops():
     g, plan = guarded("fp8", max_retries=2)
     seen = []
     with pytest.raises(TrainingUnstableError):
-        for _ in range(10):
-            plan = g.decide(snap(7, plan, nonfinite=True, overflowed=("a",)), 7)
+        for step in range(20):
+            plan = g.decide(snap(step, plan, nonfinite=True, nonfinite_cause="gradients", overflowed=("a",)), step)
             seen.append(plan.get("a").weight.format)
-    assert seen[:2] == ["bf16", "fp32"]
-    assert len(seen) <= 4  # no endless loop: at most max_retries + 1 plans before the error
+    assert seen[:3] == ["fp8_e4m3", "bf16", "fp32"]  # skip, then one rung per repeat
+    assert len(seen) <= 6  # no endless loop
 
 
 def test_named_module_already_fp32_raises_the_others():
@@ -99,17 +120,19 @@ def test_named_module_already_fp32_raises_the_others():
     tpl = PrecisionPlan.uniform(MODS)
     g.setup(tpl)
     plan = tpl.with_role("b", "weight", "fp8_e4m3")  # all fp32 except b.weight
-    new = g.decide(snap(0, plan, nonfinite=True, overflowed=("a",)), 0)
+    g.decide(snap(0, plan, nonfinite=True, nonfinite_cause="gradients", overflowed=("a",)), 0)
+    new = g.decide(snap(1, plan, nonfinite=True, nonfinite_cause="gradients", overflowed=("a",)), 1)
     assert new.get("b").weight.format == "bf16"
 
 
 def test_guard_state_round_trip():
     a, pa = guarded(quiet_steps=5)
-    pa = a.decide(snap(0, pa, nonfinite=True, overflowed=("b",)), 0)
+    a.decide(snap(0, pa, nonfinite=True, nonfinite_cause="gradients", overflowed=("b",)), 0)
+    pa = a.decide(snap(1, pa, nonfinite=True, nonfinite_cause="gradients", overflowed=("b",)), 1)
     b = Guard(StaticPolicy("fp8"), quiet_steps=5)
     b.setup(PrecisionPlan.uniform(MODS))
     b.load_state_dict(roundtrip(a.state_dict()))
-    for step in (1, 4, 5):
+    for step in (2, 5, 6):
         s = snap(step, pa)
         assert a.decide(s, step) == b.decide(s, step)
 

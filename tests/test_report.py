@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import statistics
 import subprocess
@@ -35,6 +36,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     task = get_task("digits-cnn")
     plan = {"modules": {m: {r: {"format": "fp32"} for r in ("weight", "activation", "grad_output", "grad_weight")}
                         for m in ("conv1", "conv2", "fc")}, "pinned": []}
+    step_ms: dict[str, list[float]] = {"fp32": [], "bf16": []}
     with ResultStore(d) as store:
         for policy in ("fp32", "bf16"):
             for seed in (0, 1):
@@ -44,15 +46,17 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                 config={}, initial_plan=plan)
                 model, t0 = task.make_model(seed), time.perf_counter()
                 opt = task.make_optimizer(model)
-                steps, energy = [], []
+                steps, energy, wall = [], [], []
                 for s, (x, y) in enumerate(task.train_loader(seed)):
                     if s == STEPS:
                         break
+                    t_step = time.perf_counter()
                     opt.zero_grad()
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=policy == "bf16"):
                         loss = task.loss_fn(model(x), y)
                     loss.backward()
                     opt.step()
+                    wall.append(time.perf_counter() - t_step)
                     macs = 3 * _macs_per_sample(model) * len(x)  # forward + two backward GEMMs
                     steps.append({"step": s, "loss": loss.item(), "lr": 3e-3, "loss_scale": 1.0,
                                   "plan_summary": f"{policy}:3", "stepped": True, "reason": "ok"})
@@ -75,7 +79,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 totals = {k: sum(e[k] for e in energy) for k in ("modeled_j", "fp32_modeled_j", "bf16_modeled_j")}
                 store.finish_run(run_id, final_metric=final["accuracy"], wall_time_s=time.perf_counter() - t0,
                                  summary={**totals, "measured_j": None, "measured_reason": "no meter in this test (a stub)",
-                                          "macs_by_format": {policy: sum(e["macs"] for e in energy)}})
+                                          "macs_by_format": {policy: sum(e["macs"] for e in energy)},
+                                          "wall_s": sum(wall), "timed_steps": len(wall), "coverage": 1.0})
+                step_ms[policy].append(1e3 * sum(wall) / len(wall))
+    (d / "step_ms.json").write_text(json.dumps(step_ms))  # what the table must show, from the timings above
     return d
 
 
@@ -89,7 +96,12 @@ def test_table_rows_match_the_store(run_dir: Path) -> None:
     assert bf16["quality"] == f"{statistics.fmean(accs):.4f} ± {statistics.stdev(accs):.4f}"
     base = statistics.fmean([finals["fp32-seed0"], finals["fp32-seed1"]])
     assert bf16["vs fp32"] == f"{statistics.fmean(accs) - base:+.4f}"
-    assert bf16["saving vs fp32"] == f"{100 * (1 - PJ_PER_MAC['bf16'] / PJ_PER_MAC['fp32']):.1f} %"
+    assert bf16["saving vs fp32 (modeled)"] == f"{100 * (1 - PJ_PER_MAC['bf16'] / PJ_PER_MAC['fp32']):.1f} %"
+    ms = json.loads((run_dir / "step_ms.json").read_text())
+    mean = {p: statistics.fmean(v) for p, v in ms.items()}
+    assert bf16["step time (measured)"] == f"{mean['bf16']:.2f} ms" and fp32["step time (measured)"] == f"{mean['fp32']:.2f} ms"
+    assert bf16["time saving vs fp32 (measured)"] == f"{100 * (1 - mean['bf16'] / mean['fp32']):.1f} %"
+    assert fp32["time saving vs fp32 (measured)"] == "baseline" and bf16["coverage"] == "100 %"
     assert bf16["energy measured"] == "n/a: no meter in this test"
     assert bf16["MACs by format"] == "bf16 100%" and fp32["MACs by format"] == "fp32 100%"
     assert (bf16["guard fallbacks"], fp32["guard fallbacks"]) == ("2", "0")  # one per seed, summed
@@ -110,7 +122,7 @@ def test_report_files_are_self_contained(run_dir: Path) -> None:
     paths = write_report(run_dir)
     page = paths["html"].read_text()
     assert page.count('<tr class="policy">') == 1 and page.count('<tr class="baseline">') == 1
-    assert "energy, modeled (profile test-profile)" in page
+    assert "energy, modeled (profile test-profile, what executed)" in page and "step time (measured)" in page
     assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page
     imgs = page.split('src="data:image/png;base64,')[1:]
     assert len(imgs) == 4

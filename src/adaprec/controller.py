@@ -86,19 +86,22 @@ class AdaptivePrecision:
     """Trains ``model`` with per-layer precision decided by ``policy``.
 
     Args:
-        model: an ``nn.Module``; Linear, Conv1d/2d, Embedding and attention
-            (nn.MultiheadAttention, modules calling
-            ``F.scaled_dot_product_attention``) are quantized; other modules
-            run in fp32 and modules with weights the engine cannot handle
-            are reported once.
+        model: an ``nn.Module``. Every matmul-like op it runs (linear,
+            addmm, matmul/bmm, einsum, convolutions, attention, embedding,
+            recurrent kernels) is recognised, whoever calls it, and
+            attributed to the module owning its weight (or running it); the
+            first forward pass finds them (or :meth:`prepare`). Ops adaprec
+            cannot narrow run in fp32 and are counted and reported.
         optimizer: any torch optimizer over the model's (fp32) parameters.
         policy: a policy name (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp8"``,
             ``"fp8-hybrid"``, ``"schedule"``, ``"cyclic"``, ``"progressive"``,
             ``"gradient-diversity"``, ``"error-budget"``,
             ``"replay:timeline.json"``), a ``{"name": ..., **kwargs}`` dict, a
             :class:`PrecisionPlan` or a :class:`Policy`. Default ``"error-budget"``.
-        backend: ``"auto"`` (native dtypes where the device has fast units,
-            emulation elsewhere), ``"emulate"`` or ``"native"``.
+        backend: ``"auto"`` (a format runs natively where the device probe
+            found it native and faster than fp32, emulated elsewhere),
+            ``"native"`` (natively wherever a kernel exists, even if slower) or
+            ``"emulate"`` (every narrow format emulated in fp32: research mode).
         loss_scaling: ``None`` (on whenever the plan has an output gradient in
             a narrow format with no per-tensor scaling, e.g. fp16), ``True``
             or ``False``.
@@ -116,8 +119,19 @@ class AdaptivePrecision:
             that precision whatever the policy decides.
         quantize_embeddings: embeddings are pinned to fp32 unless True.
         total_steps, steps_per_epoch: tell schedule-based policies the run length.
-        compile: fuse the quantization kernels with ``torch.compile`` (same
+        compile: fuse the emulation casts with ``torch.compile`` (same
             bits, seconds of one-off compile, far faster stochastic rounding).
+        hardware: ``"auto"`` probes the model's device (:func:`adaprec.hardware.probe`,
+            cached) so policies choose only formats it runs natively and faster
+            than fp32; a :class:`~adaprec.hardware.DeviceReport`; or None (no
+            native narrow format: everything narrow is emulated).
+        target: a device profile (e.g. ``"h100-sxm"``) to study instead of this
+            device (research mode): policies may choose any format, formats this
+            device lacks are emulated, and the ledger adds a figure labelled
+            *simulated for* that target, kept apart from what ran.
+        tune_allocator: on CPU, raise glibc's mmap threshold once per process
+            (:func:`adaprec.engine.allocator.tune_cpu_allocator`): fresh pages for
+            every large tensor cost more than an int8 GEMM (measured). Process-wide.
     """
 
     def __init__(
@@ -141,6 +155,7 @@ class AdaptivePrecision:
         compile: bool = False,
         hardware: Any = "auto",
         target: str | None = None,
+        tune_allocator: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -154,6 +169,11 @@ class AdaptivePrecision:
         self.optimizer = optimizer
         self.target = target
         self.hardware = self._probe(model, hardware, backend)
+        self.allocator = "glibc defaults (tune_allocator=False)"
+        if tune_allocator and backend != "emulate" and not any(p.is_cuda for p in model.parameters()):
+            from adaprec.engine.allocator import tune_cpu_allocator
+
+            self.allocator = tune_cpu_allocator()[1]
         caps = Capabilities.from_report(self.hardware) if self.hardware is not None else Capabilities()
         self.engine = PrecisionEngine(
             model, backend=backend, module_filter=module_filter, seed=seed, compile=compile, capabilities=caps
@@ -498,7 +518,12 @@ class AdaptivePrecision:
                             break
         if self._scale != 1.0 or self._scaling_needed():
             self.loss_scaler.update(nonfinite)
-        snap = self.monitor.snapshot(step, self._epoch, plan_used, nonfinite=nonfinite, overflowed=overflowed)
+        cause = ""
+        if nonfinite:
+            cause = "loss" if not math.isfinite(loss) else ("cast" if cast_faults else "gradients")
+        snap = self.monitor.snapshot(
+            step, self._epoch, plan_used, nonfinite=nonfinite, overflowed=overflowed, nonfinite_cause=cause
+        )
         new_plan = self.policy.decide(snap, step)
         rollback = bool(getattr(self.policy, "rollback_requested", False))
         stepped = False
@@ -511,7 +536,8 @@ class AdaptivePrecision:
                 reason = "skipped: inf/NaN in gradients" + (f" of {', '.join(overflowed)}" if overflowed else "")
         elif rollback:
             rolled_back = self._restore_backup()
-            reason = "rolled back: guard saw a loss spike" if rolled_back else "skipped: guard saw a loss spike"
+            what = getattr(self.policy, "incident", None) or "an incident"
+            reason = f"rolled back: guard saw {what}" if rolled_back else f"skipped: guard saw {what}"
         else:
             if self._guarded:
                 self._save_backup()
@@ -619,6 +645,7 @@ class AdaptivePrecision:
             f"narrow MACs (run natively below 32 bits): {100 * s['narrow_mac_fraction']:.1f} %"
             + (f"; emulated: {100 * s['emulated_mac_fraction']:.1f} %" if s["emulated_mac_fraction"] else ""),
             f"precision changes recorded: {len(self.timeline.events)}",
+            f"device: {self.hardware.name if self.hardware is not None else 'not probed'}; allocator: {self.allocator}",
             (f"wall time, measured: {s['wall_s']:.3f} s over {s['timed_steps']} steps" if s["wall_s"] is not None
              else "wall time: not measured"),
             f"energy, {s['kind']['modeled_j']}: {s['modeled_j']:.4g} J; fp32 would be {s['fp32_modeled_j']:.4g} J"

@@ -175,6 +175,10 @@ def _mm(a: _Operand, at: bool, b: _Operand, bt: bool, fmt: str, native: bool, sc
         ca = a.int8.codes.t() if at else a.int8.codes
         cb = b.int8.codes.t() if bt else b.int8.codes
         if native:  # the int32 result lands in a reused buffer: only the fp32 output is a new allocation
+            # torch's CPU _int_mm reads a (1, n) operand with strides (1, 1) (a transposed column, e.g.
+            # the output gradient of a 1-feature layer in the weight-grad GEMM) as garbage: give it (n, 1)
+            ca = ca.reshape(1, -1) if ca.shape[0] == 1 else ca
+            cb = cb.reshape(1, -1) if cb.shape[0] == 1 else cb
             c = torch._int_mm(ca, cb, out=scratch.get((ca.shape[0], cb.shape[1]), ca.device, torch.int32))
         else:  # emulation: the same codes, multiplied in fp32
             c = torch.mm(ca.float(), cb.float())

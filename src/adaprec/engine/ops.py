@@ -443,8 +443,7 @@ def _d_embedding(args, kwargs) -> OpCall | None:
     call.elements = {"weight": rows, "activation": rows + idx.numel()}
     if _rg(w):
         call.elements["grad_output"] = rows
-        call.elements["grad_weight"] = w.numel()
-        call.trainable += w.numel()
+        call.trainable += w.numel()  # the engine adds its grad_weight and optimizer_state traffic (once)
     return call
 
 

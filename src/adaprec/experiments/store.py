@@ -67,9 +67,9 @@ CREATE TABLE IF NOT EXISTS timeline (
 CREATE TABLE IF NOT EXISTS energy (
     run_id TEXT NOT NULL, step INTEGER NOT NULL, macs REAL, bitops REAL, bytes REAL,
     modeled_j REAL, fp32_modeled_j REAL, bf16_modeled_j REAL, measured_j REAL, measured_reason TEXT,
-    macs_by_format TEXT,              -- JSON {executed format: MACs}; "fp8_e4m3 (emulated)" when emulated
+    macs_by_format TEXT,              -- JSON {executed format: MACs}, "fp8_e4m3 (emulated)" when emulated
     wall_s REAL,                      -- measured wall time of the step
-    covered_macs REAL, narrow_macs REAL, emulated_macs REAL,  -- under the plan; run natively < 32 bits; emulated
+    covered_macs REAL, narrow_macs REAL, emulated_macs REAL,  -- under the plan, run natively below 32 bits, emulated
     simulated_j REAL,                 -- the plan priced on a target= profile (research mode), else NULL
     PRIMARY KEY (run_id, step)
 );

@@ -229,6 +229,7 @@ class HealthMonitor:
         plan: PrecisionPlan,
         nonfinite: bool = False,
         overflowed: Iterable[str] = (),
+        nonfinite_cause: str = "",
     ) -> Snapshot:
         """Freeze what was observed since the last snapshot into plain data (one host sync)."""
         ema_before, latest = self._fold_losses()
@@ -285,6 +286,7 @@ class HealthMonitor:
             epoch_losses=tuple(self.epoch_losses),
             nonfinite=bool(nonfinite) or loss_nonfinite,
             overflowed=tuple(overflowed),
+            nonfinite_cause=nonfinite_cause or ("loss" if loss_nonfinite else ("gradients" if nonfinite else "")),
             modules=modules,
             grad_norm=grad_norm,
             grad_diversity=diversity,

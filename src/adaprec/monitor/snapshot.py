@@ -75,6 +75,8 @@ class Snapshot:
     epoch_losses: tuple[float, ...] = ()
     nonfinite: bool = False
     overflowed: tuple[str, ...] = ()
+    # where the inf/NaN was seen: "loss" (the forward pass), "gradients", or "cast" (a tensor met a cast)
+    nonfinite_cause: str = ""
     modules: Mapping[str, Mapping[str, TensorStats]] = field(default_factory=dict)
     grad_norm: Mapping[str, float] = field(default_factory=dict)
     grad_diversity: Mapping[str, float] = field(default_factory=dict)
@@ -100,6 +102,7 @@ class Snapshot:
             "epoch_losses": list(self.epoch_losses),
             "nonfinite": self.nonfinite,
             "overflowed": list(self.overflowed),
+            "nonfinite_cause": self.nonfinite_cause,
             "modules": {m: {r: s.to_dict() for r, s in roles.items()} for m, roles in self.modules.items()},
             "grad_norm": dict(self.grad_norm),
             "grad_diversity": dict(self.grad_diversity),

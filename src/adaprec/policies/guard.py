@@ -1,11 +1,15 @@
 """The guard: overrides any policy when training goes unstable.
 
-On a nonfinite loss or gradient, an overflow storm, or a loss spike, the
-guard raises the offending modules one rung wider and asks the controller
-to roll back and retry the step. It keeps them at least that wide until
-``quiet_steps`` pass without incident, then hands control back to the
-wrapped policy. When every module is fp32 and training still fails, it
-stops with :class:`TrainingUnstableError` instead of looping.
+An inf/NaN loss or gradient first costs only the step (the controller skips
+it, as ``torch.amp.GradScaler`` does): one bad batch is not a precision
+problem. Precision is raised only when the evidence points at it: the
+same failure again on the next step (gradients or a cast overflowing in a
+narrow format), an overflow storm (values saturating the format in force),
+a loss spike under a narrow plan, or ``max_retries`` failures in a row of
+any kind. Raised modules stay at least that wide until ``quiet_steps``
+pass without incident, then the wrapped policy is back in control. Only
+when every module is fp32 and ``max_retries`` consecutive steps still fail
+does it stop, with :class:`TrainingUnstableError` naming modules and steps.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class Guard(Policy):
         self.consecutive = 0
         self.rollback_requested = False
         self.incident: str | None = None
+        self.skips: list[int] = []  # steps of the current run of consecutive inf/NaN steps
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -140,6 +145,9 @@ class Guard(Policy):
         template = self._template()
         self.rollback_requested = False
         self.incident, offenders = self.detect(snapshot)
+        if snapshot.nonfinite:
+            return self._nonfinite(snapshot, step, offenders)
+        self.skips = []
         if self.incident is not None:
             return self._raise(snapshot, step, offenders)
         self.consecutive = 0
@@ -166,6 +174,45 @@ class Guard(Policy):
                 self.floor = {}
         self.last_reasons = reasons
         return plan
+
+    def _nonfinite(self, snapshot: Snapshot, step: int, offenders: list[str]) -> PrecisionPlan:
+        """An inf/NaN step: skipped by the controller; precision raised only on evidence; stop in fp32."""
+        current = snapshot.plan
+        cause = snapshot.nonfinite_cause or "loss or gradients"
+        self.skips.append(step)
+        n = len(self.skips)
+        where = f" in {', '.join(offenders)}" if offenders else ""
+        free = [m for m in current.modules if m not in current.pinned]
+        narrow = [m for m in free if not current.get(m).is_fp32]
+        self.last_reasons = {}
+        if not narrow:
+            if n > self.max_retries:
+                raise TrainingUnstableError(
+                    f"{n} consecutive steps ({self._steps_text()}) produced inf/NaN ({cause}{where}) with every "
+                    "adjustable module in fp32, so higher precision cannot help. Lower the learning rate, clip "
+                    "gradients, or check the data and the loss for inf/NaN."
+                )
+            self.incident = f"inf/NaN in the {cause}{where}: step skipped ({n} in a row, every module fp32)"
+            return current
+        repeated = n >= 2 and cause in ("gradients", "cast")
+        if not (repeated or n > self.max_retries):
+            # one failure (or a non-finite loss, which a narrow format rarely causes): skip, as GradScaler does
+            self.incident = f"inf/NaN in the {cause}{where}: step skipped ({n} in a row)"
+            return current
+        self.last_incident_step = step
+        targets = [m for m in (offenders or free) if m in narrow] or narrow
+        plan = self._widen(current, targets)
+        why = (f"inf/NaN in the {cause}{where} on {n} consecutive steps ({self._steps_text()}): raised one rung")
+        self.incident = why
+        for c in current.diff(plan):
+            self.floor[c.module] = plan.get(c.module)
+        self.policy.on_guard_raise(dict.fromkeys(c.module for c in current.diff(plan)))
+        self.last_reasons = {(c.module, c.role): f"guard at step {step}: {why}" for c in current.diff(plan)}
+        return plan
+
+    def _steps_text(self) -> str:
+        s = self.skips
+        return f"step {s[0]}" if len(s) == 1 else f"steps {s[0]}-{s[-1]}"
 
     def _raise(self, snapshot: Snapshot, step: int, offenders: list[str]) -> PrecisionPlan:
         current = snapshot.plan
@@ -213,6 +260,7 @@ class Guard(Policy):
             "last_incident_step": self.last_incident_step,
             "consecutive": self.consecutive,
             "first_loss": self.first_loss,
+            "skips": list(self.skips),
         }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
@@ -225,4 +273,5 @@ class Guard(Policy):
         self.last_incident_step = d["last_incident_step"]
         self.consecutive = int(d["consecutive"])
         self.first_loss = None if d.get("first_loss") is None else float(d["first_loss"])
+        self.skips = [int(v) for v in d.get("skips", [])]
         self.policy.load_state_dict(d["policy"])

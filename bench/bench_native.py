@@ -1,0 +1,260 @@
+"""Native execution on this machine: the probe's GEMM table, then GPT-style training side by side.
+
+Issue 10's benchmark. (a) What ``adaprec.hardware.probe`` measured here.
+(b) A character-level GPT on the Shakespeare plays at two sizes, trained
+from the same seed and the same batches under
+
+* plain fp32 PyTorch,
+* ``torch.autocast("cpu", dtype=torch.bfloat16)``,
+* torchao's int8 mixed-precision training (``quantize_(model,
+  int8_mixed_precision_training())``), with the int8 GEMMs it really ran
+  counted by a dispatch mode on one step,
+* adaprec's default (``AdaptivePrecision(model, opt)``: error-budget,
+  hardware-aware) and adaprec with its all-fp32 plan (the cost of the
+  machinery alone).
+
+Sizes: nanoGPT's documented CPU config (n_layer=4, n_head=4, n_embd=128,
+block 64, batch 12, dropout 0, 2000 iterations; nanoGPT's README reports a
+validation loss of about 1.88 on its tiny-shakespeare text) and a wider one
+where GEMMs dominate (6 layers, 384 wide, block 256, batch 8). Step time is
+the median of the timed steps (the first 5 skipped); validation loss is the
+mean next-character loss on fixed held-out windows after training.
+
+Run: ``python bench/bench_native.py [--small-iters 2000] [--wide-iters 150] [--write]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import adaprec  # noqa: E402
+from _markdown import write_section  # noqa: E402
+from adaprec.experiments.tasks.char_transformer import CharGPT, load_text  # noqa: E402
+from adaprec.hardware import probe  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    layers: int
+    heads: int
+    width: int
+    block: int
+    batch: int
+    iters: int
+    lr: float
+
+
+@dataclass
+class Result:
+    variant: str
+    step_ms: float
+    val_loss: float
+    total_s: float
+    note: str = ""
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor, int]:
+    text = load_text()
+    chars = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(chars)}
+    data = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+    n = int(0.9 * len(data))
+    return data[:n], data[n:], len(chars)
+
+
+def _batches(train: torch.Tensor, size: Size, seed: int = 1337):
+    g = torch.Generator().manual_seed(seed)
+    offs = torch.arange(size.block)
+    for _ in range(size.iters):
+        start = torch.randint(0, len(train) - size.block - 1, (size.batch, 1), generator=g)
+        yield train[start + offs], train[start + offs + 1]
+
+
+@torch.no_grad()
+def _val_loss(model: torch.nn.Module, val: torch.Tensor, block: int, windows: int = 256) -> float:
+    model.eval()
+    starts = torch.linspace(0, len(val) - block - 2, windows).long().unsqueeze(1)
+    offs = torch.arange(block)
+    total = 0.0
+    for chunk in starts.split(32):
+        logits = model(val[chunk + offs])
+        total += float(F.cross_entropy(logits.flatten(0, 1), val[chunk + offs + 1].flatten())) * len(chunk)
+    model.train()
+    return total / windows
+
+
+def _lr(it: int, size: Size) -> float:
+    """nanoGPT's schedule: linear warm-up (100 iterations), cosine decay to a tenth."""
+    warm = min(100, size.iters // 10)
+    if it < warm:
+        return size.lr * (it + 1) / warm
+    ratio = (it - warm) / max(1, size.iters - warm)
+    return size.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * ratio)))
+
+
+def _model(size: Size, vocab: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = CharGPT(vocab, d=size.width, heads=size.heads, layers=size.layers, block=size.block)
+    opt = torch.optim.AdamW(model.parameters(), lr=size.lr, betas=(0.9, 0.99), weight_decay=0.1)
+    return model, opt
+
+
+def _count_int8_gemms(step: Callable[[], None]) -> int:
+    """aten::_int_mm calls during one training step (what torchao really ran)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            if func is torch.ops.aten._int_mm.default:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.n
+
+
+def _train(variant: str, size: Size, train: torch.Tensor, val: torch.Tensor, vocab: int) -> Result:
+    model, opt = _model(size, vocab)
+    note = ""
+    ap = None
+    if variant == "torchao int8-mp":
+        from torchao import quantize_
+        from torchao.prototype.quantized_training import int8_mixed_precision_training
+
+        quantize_(model, int8_mixed_precision_training(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    elif variant.startswith("adaprec"):
+        policy = "fp32" if "fp32 plan" in variant else "error-budget"
+        ap = adaprec.AdaptivePrecision(model, opt, policy=policy, total_steps=size.iters, guard=policy != "fp32")
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        if variant == "autocast bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss.backward()
+        elif ap is not None:
+            with ap.autocast():
+                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            ap.backward(loss)
+            ap.unscale_()
+        else:
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if ap is not None:
+            ap.step()
+        else:
+            opt.step()
+
+    times = []
+    started = time.perf_counter()
+    for it, (x, y) in enumerate(_batches(train, size)):
+        for g in opt.param_groups:
+            g["lr"] = _lr(it, size)
+        if it == 3 and variant == "torchao int8-mp":
+            n = _count_int8_gemms(lambda x=x, y=y: step(x, y))
+            note = f"{n} int8 GEMMs (aten::_int_mm) per step"
+            continue
+        t0 = time.perf_counter()
+        step(x, y)
+        times.append(time.perf_counter() - t0)
+    total = time.perf_counter() - started
+    loss = _val_loss(model, val, size.block)
+    if ap is not None:
+        s = ap.energy.summary()
+        note = (f"coverage {100 * s['coverage']:.0f} %; MACs " + ", ".join(
+            f"{f} {100 * n / s['macs']:.0f}%" for f, n in sorted(s["macs_by_format"].items(), key=lambda kv: -kv[1]))
+            + (f"; emulated: {', '.join(s['emulated_formats'])}" if s["emulated_formats"] else ""))
+        ap.close()
+    return Result(variant, 1e3 * statistics.median(times[5:] or times), loss, total, note)
+
+
+VARIANTS = ("plain fp32", "autocast bf16", "torchao int8-mp", "adaprec fp32 plan", "adaprec default")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small-iters", type=int, default=2000)
+    ap.add_argument("--wide-iters", type=int, default=150)
+    ap.add_argument("--wide-layers", type=int, default=6)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--write", action="store_true", help="write the section of docs/BENCHMARKS.md")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    report = probe(refresh=True)
+    sizes = [
+        Size("nanoGPT CPU config (4x128, block 64, batch 12)", 4, 4, 128, 64, 12, args.small_iters, 1e-3),
+        Size(f"wide ({args.wide_layers}x384, block 256, batch 8)", args.wide_layers, 6, 384, 256, 8, args.wide_iters, 1e-3),
+    ]
+    train, val, vocab = _data()
+    results: dict[str, list[Result]] = {}
+    for size in sizes:
+        results[size.name] = []
+        for v in args.variants:
+            r = _train(v, size, train, val, vocab)
+            results[size.name].append(r)
+            print(f"{size.name} | {v}: {r.step_ms:.1f} ms/step, val loss {r.val_loss:.4f}, {r.total_s:.0f} s  {r.note}",
+                  flush=True)
+    lines = [
+        f"Machine: {report.name}, {report.threads} torch threads, torch {report.torch_version}, "
+        f"CPU capability {report.capability}; measured {time.strftime('%Y-%m-%d')} by `bench/bench_native.py`, "
+        "one variant after another in one process, same seed and batches for all.",
+        "",
+        "### (a) The device probe",
+        "",
+        report.table(),
+        "",
+        "### (b) Training a GPT-style character model on the Shakespeare plays",
+        "",
+    ]
+    verdicts = []
+    for size in sizes:
+        rs = {r.variant: r for r in results[size.name]}
+        base = rs.get("plain fp32")
+        iters = size.iters
+        lines += [f"**{size.name}, {iters} iterations**", "",
+                  "| variant | step time (ms, median) | speed vs plain fp32 | val loss | vs fp32 | note |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in results[size.name]:
+            sp = f"{base.step_ms / r.step_ms:.2f}x" if base else "-"
+            dv = f"{100 * (r.val_loss / base.val_loss - 1):+.2f} %" if base else "-"
+            lines.append(f"| {r.variant} | {r.step_ms:.1f} | {sp} | {r.val_loss:.4f} | {dv} | {r.note} |")
+        lines.append("")
+        d, ac, f32p = rs.get("adaprec default"), rs.get("autocast bf16"), rs.get("adaprec fp32 plan")
+        if base and d:
+            verdicts.append(f"{size.name}: adaprec default {base.step_ms / d.step_ms:.2f}x plain fp32 (target >= 2x on "
+                            f"the wide model: {'met' if base.step_ms / d.step_ms >= 2 else 'NOT met'}); val loss "
+                            f"{100 * (d.val_loss / base.val_loss - 1):+.2f} % vs fp32 (target within 1 %: "
+                            f"{'met' if abs(d.val_loss / base.val_loss - 1) <= 0.01 else 'NOT met'})")
+        if ac and d:
+            verdicts.append(f"{size.name}: adaprec default {ac.step_ms / d.step_ms:.2f}x autocast bf16 (target >= 1.2x "
+                            f"on the wide model: {'met' if ac.step_ms / d.step_ms >= 1.2 else 'NOT met'})")
+        if base and f32p:
+            verdicts.append(f"{size.name}: adaprec's fp32 plan costs {f32p.step_ms / base.step_ms:.3f}x plain fp32 "
+                            f"(target <= 1.05x: {'met' if f32p.step_ms / base.step_ms <= 1.05 else 'NOT met'})")
+    lines += ["Targets:", ""] + [f"- {v}" for v in verdicts]
+    body = "\n".join(lines)
+    print(body)
+    if args.write:
+        write_section("Native execution: training speed on this machine (issue: native)", body)
+
+
+if __name__ == "__main__":
+    main()
