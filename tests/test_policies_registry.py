@@ -98,8 +98,9 @@ def test_replay_gives_identical_plans(tmp_path):
     tl = Timeline(plan)
     recorded = []
     for step in range(60):
-        nonfinite = step == 17
-        new = live.decide(Snapshot(step=step, epoch=0, plan=plan, nonfinite=nonfinite, overflowed=("l2",)), step)
+        nonfinite = step in (16, 17)  # twice in a row in the same module's gradients: the guard steps in at 17
+        new = live.decide(Snapshot(step=step, epoch=0, plan=plan, nonfinite=nonfinite, nonfinite_cause="gradients",
+                                   overflowed=("l2",)), step)
         tl.record_plan_change(step, plan, new, live.name, live.last_reasons)
         plan = new
         recorded.append(plan)

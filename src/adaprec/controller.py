@@ -27,6 +27,7 @@ import fnmatch
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,9 @@ from adaprec.policies import Policy, build, with_guard
 from adaprec.timeline import Timeline
 
 __all__ = ["AdaptivePrecision", "StepResult"]
+
+# model -> the controller attached to it (weakly: a model that is garbage collected leaves)
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 _WIDE_GRAD_FORMATS = {"fp32", "tf32", "bf16"}
 
@@ -165,6 +169,12 @@ class AdaptivePrecision:
             raise UsageError(f"monitor_every must be an int >= 1, got {monitor_every!r}")
         if backend not in ("auto", "emulate", "native"):
             raise UsageError(f"backend must be 'auto', 'native' or 'emulate', got {backend!r}")
+        other = _ATTACHED.get(model)
+        if other is not None and other() is not None and not other()._closed:
+            raise UsageError(
+                f"this {type(model).__name__} already has an AdaptivePrecision attached; call ap.close() on it "
+                "first (two controllers would both cast every op and count every GEMM twice)"
+            )
         self.model = model
         self.optimizer = optimizer
         self.target = target
@@ -214,6 +224,8 @@ class AdaptivePrecision:
         self._unscaled: tuple[bool, tuple[str, ...]] | None = None  # set by unscale_()
         self._t0: float | None = None
         self._sync_cuda = any(p.is_cuda for p in model.parameters())
+        self._closed = False
+        _ATTACHED[model] = weakref.ref(self)
 
     # --- hardware and discovery ------------------------------------------------------
     @staticmethod
@@ -736,6 +748,10 @@ class AdaptivePrecision:
             return None
         try:
             weights = [w.to(p.device, p.dtype) for w, p in zip(saved["weights"], self._params, strict=True)]
+            bad = [i for i, (w, p) in enumerate(zip(weights, self._params, strict=True)) if w.shape != p.shape]
+            if bad:
+                raise ValueError(f"parameter {bad[0]} has shape {tuple(self._params[bad[0]].shape)}, the saved copy "
+                                 f"{tuple(weights[bad[0]].shape)}")
             keys = [(int(i), str(k)) for i, k in saved["keys"]]
             state = [v.to(self._params[i].device) for v, (i, _) in zip(saved["state"], keys, strict=True)]
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
@@ -746,5 +762,9 @@ class AdaptivePrecision:
         return weights, state, keys
 
     def close(self) -> None:
-        """Remove every hook adaprec put on the model."""
+        """Remove every hook adaprec put on the model (another AdaptivePrecision may then take it)."""
         self.engine.remove()
+        self._closed = True
+        ref = _ATTACHED.get(self.model)
+        if ref is not None and ref() is self:
+            del _ATTACHED[self.model]
