@@ -179,7 +179,10 @@ def _mm(a: _Operand, at: bool, b: _Operand, bt: bool, fmt: str, native: bool, sc
             # the output gradient of a 1-feature layer in the weight-grad GEMM) as garbage: give it (n, 1)
             ca = ca.reshape(1, -1) if ca.shape[0] == 1 else ca
             cb = cb.reshape(1, -1) if cb.shape[0] == 1 else cb
-            c = torch._int_mm(ca, cb, out=scratch.get((ca.shape[0], cb.shape[1]), ca.device, torch.int32))
+            if ca.is_cuda:
+                c = _int_mm_cuda(ca, cb)
+            else:
+                c = torch._int_mm(ca, cb, out=scratch.get((ca.shape[0], cb.shape[1]), ca.device, torch.int32))
         else:  # emulation: the same codes, multiplied in fp32
             c = torch.mm(ca.float(), cb.float())
         if isinstance(ia, float) and isinstance(ib, float):
@@ -189,6 +192,19 @@ def _mm(a: _Operand, at: bool, b: _Operand, bt: bool, fmt: str, native: bool, sc
     dtype = _DTYPES.get(fmt, torch.float32) if native else torch.float32
     c = torch.mm(_as_float(a, dtype, at), _as_float(b, dtype, bt))
     return c if c.dtype == torch.float32 else c.float()
+
+
+def _int_mm_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm`` on CUDA needs M > 16 and K, N multiples of 8: zero-pad to that (exact), then crop."""
+    m, k = a.shape
+    n = b.shape[1]
+    pm, pk, pn = max(0, 17 - m), (-k) % 8, (-n) % 8
+    if pm or pk:
+        a = torch.nn.functional.pad(a, (0, pk, 0, pm))
+    if pk or pn:
+        b = torch.nn.functional.pad(b, (0, pn, 0, pk))
+    c = torch._int_mm(a.contiguous(), b.t().contiguous().t())
+    return c[:m, :n] if (pm or pn) else c
 
 
 class _PlannedLinear(torch.autograd.Function):

@@ -473,19 +473,24 @@ def _d_rnn(cell: str) -> Callable[..., OpCall | None]:
         params = list(params)
         dirs = 2 if bidir else 1
         per = len(params) // max(int(layers) * dirs, 1)
+        first_input = 0  # the first layer's input projection: its input gradient runs only if the input needs one
         macs = 0
         n_w = 0
         grad_w = any(_rg(p) for p in params)
         for i in range(int(layers) * dirs):
             group = params[i * per:(i + 1) * per]
             w_ih, w_hh = group[0], group[1]
-            macs += tokens * w_ih.numel()  # (gates*H) x in
+            if i < dirs:
+                first_input += tokens * w_ih.numel()  # (gates*H) x in
+            else:
+                macs += tokens * w_ih.numel()
             macs += tokens * w_hh.numel()  # (gates*H) x (H or proj)
             if per in (3, 5):  # LSTM projection weight last
                 macs += tokens * group[-1].numel()
             n_w += sum(p.numel() for p in group)
         call = OpCall("rnn", cell, weight=param_of(params[0]) if params and is_param_like(params[0]) else None)
         grad_x = _rg(x) or grad_w
+        call.gemms.append(OpGemm(f"{cell}.input", first_input, "activation", "weight", _rg(x), grad_w))
         call.gemms.append(OpGemm(cell, macs, "activation", "weight", grad_x, grad_w))
         hidden = params[1].shape[-1] if len(params) > 1 else 0
         out = tokens * hidden * dirs
