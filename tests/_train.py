@@ -19,8 +19,10 @@ def fake_report(fast: tuple[str, ...] = ("int8", "bf16"), conv_fast: tuple[str, 
     Every format named runs through a real kernel on any x86 or Arm CPU (``torch._int_mm``,
     bf16 matmul), only slower on a CPU without the units; the speedups are made up (3x).
     """
-    def table(names: tuple[str, ...]) -> dict[str, FormatSupport]:
+    def table(names: tuple[str, ...], slow_native: tuple[str, ...] = ()) -> dict[str, FormatSupport]:
         out = {"fp32": FormatSupport("fp32", True, "torch.mm(float32)", 1.0, "reference")}
+        for f in slow_native:  # runs on its units, but no faster than fp32 (as bf16 attention on some CPUs)
+            out[f] = FormatSupport(f, True, "test", 1.0, "fixed by the test: native, not faster")
         for f in names:
             out[f] = FormatSupport(f, True, "test", 3.0, "fixed by the test")
         return out
@@ -30,7 +32,7 @@ def fake_report(fast: tuple[str, ...] = ("int8", "bf16"), conv_fast: tuple[str, 
         capability="test", flags=(), formats=table(fast), conv=table(conv_fast), sweep="none",
     )
     try:
-        return DeviceReport(**kwargs, attention=table(attention_fast))
+        return DeviceReport(**kwargs, attention=table(attention_fast, slow_native=("bf16",)))
     except TypeError:  # a report without the attention op class
         return DeviceReport(**kwargs)
 

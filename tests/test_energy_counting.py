@@ -160,7 +160,7 @@ def test_multihead_attention_matches_flop_counter(batch_first: bool) -> None:
     cost = _check(model, torch.randn(2, 5, 8))
     assert set(cost.modules) == {"emb", "attn", "head"}  # out_proj runs inside the attention call
     attn = cost.modules["attn"]
-    assert attn.kind == "attention"
+    assert attn.kind == "mha"  # multi-head attention: projections and the attention products as one call
     roles = {(g.a_role, g.b_role) for g in attn.gemms if g.op in ("qk", "pv") and g.gemm == "forward"}
     assert roles == {("activation", "activation")}
     back = [g for g in attn.gemms if g.op in ("qk", "pv") and g.gemm != "forward"]

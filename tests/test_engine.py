@@ -92,7 +92,7 @@ def test_discovery_finds_every_module_that_runs_a_gemm_and_only_those():
     model = _Zoo()
     eng = PrecisionEngine(model)
     kinds = eng.discover(*_zoo_inputs())
-    assert kinds == {"emb": "embedding", "mha": "attention", "block.qkv": "linear", "block": "attention",
+    assert kinds == {"emb": "embedding", "mha": "mha", "block.qkv": "linear", "block": "attention",
                      "block.proj": "linear", "c1": "conv", "c2": "conv"}
     assert eng.uncovered == {}  # elementwise parameters and LayerNorm run no GEMM: no gap, nothing to report
     # discovery leaves no trace: a later forward under an fp32 plan is the plain model's
@@ -187,7 +187,7 @@ def test_multihead_attention_is_one_unit_with_its_projections():
     x = torch.randn(2, 5, 16)
     ref, _ = mha(x, x, x, need_weights=False)
     eng = PrecisionEngine(mha, backend="emulate")
-    assert eng.discover(x, x, x, need_weights=False) == {"": "attention"}
+    assert eng.discover(x, x, x, need_weights=False) == {"": "mha"}
     eng.set_plan(PrecisionPlan.uniform(eng.kinds, "fp8-hybrid"))
     eng.begin_step(0, False)
     with eng.activate():

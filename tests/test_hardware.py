@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adaprec.errors import AdaprecError
 from adaprec.hardware import (
@@ -178,9 +180,13 @@ def test_read_cpu_info_x86_arm_and_missing(tmp_path):
 # ---------------------------------------------------------------- what a probe reports
 
 
-def test_report_covers_formats_and_conv(quick):
+def test_report_covers_formats_conv_and_attention(quick):
     assert set(quick.formats) == set(FORMATS)
     assert set(quick.conv) == {"fp32", "bf16"}
+    assert set(quick.attention) == {"fp32", "bf16"}  # fp16 attention is asked of CUDA devices only
+    assert quick.attention["fp32"].native and quick.attention["fp32"].speedup == 1.0
+    for fmt, fs in quick.attention.items():
+        assert fs.format == fmt and fs.reason and "scaled_dot_product_attention" in fs.kernel
     assert quick.device == "cpu" and quick.sweep == "quick"
     assert quick.threads == torch.get_num_threads()
     assert quick.capability == torch.backends.cpu.get_cpu_capability()
@@ -226,6 +232,26 @@ def test_every_native_format_really_runs(quick):
         w = torch.randn(4, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
         torch.nn.functional.conv2d(x, w, padding=1).sum().backward()
         assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+    natives = [f for f, fs in quick.attention.items() if fs.native]
+    assert "fp32" in natives
+    for fmt in natives:
+        _run_attention(fmt)
+
+
+def _run_attention(fmt: str) -> None:
+    """Causal SDPA forward and backward in ``fmt``, against attention written out in float64 here."""
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[fmt]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g).to(dt).requires_grad_() for _ in range(3))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == dt
+    out.sum().backward()
+    qd, kd, vd = (t.detach().double() for t in (q, k, v))
+    causal = torch.ones(20, 20, dtype=torch.bool).tril()
+    scores = (qd @ kd.transpose(-2, -1) / 4.0).masked_fill(~causal, -math.inf)
+    ref = scores.softmax(-1) @ vd
+    assert float((out.detach().double() - ref).abs().max()) <= 8 * torch.finfo(dt).eps * float(vd.abs().max())
+    assert all(torch.isfinite(t.grad).all() and t.grad.dtype == dt for t in (q, k, v))
 
 
 def test_native_flags_agree_with_this_machine(quick):
@@ -240,11 +266,15 @@ def test_native_flags_agree_with_this_machine(quick):
             assert rules[fmt][0] and "flags say native" in fs.reason
 
 
+def _table(report, op):
+    return {"gemm": report.formats, "conv": report.conv, "attention": report.attention}[op]
+
+
 def test_fast_formats_are_native_measured_faster_and_ordered(quick):
-    for op in ("gemm", "conv"):
+    for op in ("gemm", "conv", "attention"):
         fast = quick.fast_formats(op)
         assert fast[-1] == "fp32"
-        table = quick.formats if op == "gemm" else quick.conv
+        table = _table(quick, op)
         for fmt in fast[:-1]:
             assert table[fmt].native and table[fmt].speedup >= FAST_MARGIN
         assert list(fast) == [f for f in FORMATS if f in fast]  # cheapest first
@@ -254,7 +284,7 @@ def test_fast_formats_are_native_measured_faster_and_ordered(quick):
 
 
 def test_speedups_are_positive_finite_and_reasons_say_measured(quick):
-    for fs in [*quick.formats.values(), *quick.conv.values()]:
+    for fs in [*quick.formats.values(), *quick.conv.values(), *quick.attention.values()]:
         if fs.speedup is not None:
             assert math.isfinite(fs.speedup) and fs.speedup > 0
             if fs.format != "fp32":
@@ -265,15 +295,24 @@ def test_sweep_none_checks_kernels_but_offers_only_fp32(tmp_path):
     r = probe(sweep="none", cache_dir=tmp_path)
     assert all(fs.speedup is None for fs in r.formats.values())
     assert r.fast_formats() == ("fp32",) and r.fast_formats("conv") == ("fp32",)
-    assert all("not timed" in fs.reason for f, fs in r.formats.items() if f != "fp32" and fs.native)
+    assert r.fast_formats("attention") == ("fp32",)
+    assert all(fs.speedup is None for fs in r.attention.values())
+    for table in (r.formats, r.attention):
+        assert all("not timed" in fs.reason for f, fs in table.items() if f != "fp32" and fs.native)
 
 
 def test_is_native_and_bad_arguments(quick):
     assert quick.is_native("fp32") and quick.is_native("fp32", op="conv")
+    assert quick.is_native("fp32", op="attention")
+    assert quick.is_native("bf16", "attention") == quick.attention["bf16"].native
     assert not quick.is_native("fp8_e4m3")
     assert not quick.is_native("fp4")  # a format the report does not list is not native
+    assert not quick.is_native("int8", "attention")  # attention is not measured in int8
+    for bad in ("softmax", "ATTENTION"):
+        with pytest.raises(HardwareError, match="unknown op"):
+            quick.fast_formats(bad)
     with pytest.raises(HardwareError, match="unknown op"):
-        quick.fast_formats("attention")
+        quick.is_native("bf16", "sdpa")
     with pytest.raises(HardwareError, match="unknown sweep"):
         probe(sweep="long")
     assert issubclass(HardwareError, AdaprecError)
@@ -290,13 +329,17 @@ def test_table_names_every_format(quick):
     for fmt in FORMATS:
         assert f"| {fmt} |" in text
     assert "GEMM speed vs fp32" in text and "conv2d fwd+bwd speed vs fp32" in text
+    assert "attention fwd+bwd speed vs fp32" in text
+    assert f"fast here (attention): {', '.join(quick.fast_formats('attention'))}" in text
     assert quick.name in text
-    assert text.count("| format | native? | kernel |") == 2
+    assert text.count("| format | native? | kernel |") == 3
 
 
 def test_report_is_read_only(quick):
     with pytest.raises(TypeError):
         quick.formats["bf16"] = quick.formats["fp32"]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        quick.attention["bf16"] = quick.attention["fp32"]  # type: ignore[index]
     with pytest.raises(AttributeError):
         quick.device = "cuda:0"  # type: ignore[misc]
 
@@ -306,8 +349,17 @@ def test_to_dict_from_dict_round_trip(quick):
     back = DeviceReport.from_dict(json.loads(json.dumps(d)))
     assert back == quick and back.to_dict() == d
     assert back.fast_formats() == quick.fast_formats() and back.table() == quick.table()
+    assert back.attention == quick.attention
+    assert back.fast_formats("attention") == quick.fast_formats("attention")
     with pytest.raises(HardwareError):
         DeviceReport.from_dict({**d, "schema": 99})
+    older = {k: v for k, v in d.items() if k != "attention"}
+    with pytest.raises(HardwareError, match="attention"):  # written before attention was measured
+        DeviceReport.from_dict(older)
+    with pytest.raises(HardwareError, match="schema 1"):
+        DeviceReport.from_dict({**older, "schema": 1})
+    with pytest.raises(HardwareError):
+        DeviceReport.from_dict({**d, "attention": [1, 2]})
     with pytest.raises(HardwareError):
         DeviceReport.from_dict({**d, "formats": {"bf16": {"format": "bf16"}}})
     with pytest.raises(HardwareError):
@@ -317,17 +369,25 @@ def test_to_dict_from_dict_round_trip(quick):
 # ---------------------------------------------------------------- verdicts from measurements
 
 
-def _fake_sweep(speedups: dict[str, float], errors: dict[str, str] | None = None, conv_bf16: float = 1.5):
+def _fake_sweep(
+    speedups: dict[str, float],
+    errors: dict[str, str] | None = None,
+    conv_bf16: float = 1.5,
+    attention_bf16: float = 1.5,
+    attention_errors: dict[str, str] | None = None,
+):
     errors = errors or {}
 
-    def m(fmt, s, kernel="k"):
-        err = errors.get(fmt, "")
+    def m(fmt, s, errs=errors, kernel="k"):
+        err = errs.get(fmt, "")
         return sweep.Measurement(fmt, kernel, not err, err, None if err else s, 1, 1, 3, False, 10.0, 1.0)
 
     def run(device, kind):
         gemm = {f: m(f, speedups.get(f, 1.0)) for f in sweep.GEMM_FORMATS}
         gemm["fp32"] = m("fp32", 1.0)
-        return sweep.SweepResult(gemm=gemm, conv={"fp32": m("fp32", 1.0), "bf16": m("bf16", conv_bf16)}, kind=kind)
+        conv = {"fp32": m("fp32", 1.0), "bf16": m("bf16", conv_bf16)}
+        attn = {"fp32": m("fp32", 1.0), "bf16": m("bf16", attention_bf16, attention_errors or {})}
+        return sweep.SweepResult(gemm=gemm, conv=conv, kind=kind, attention=attn)
 
     return run
 
@@ -342,6 +402,35 @@ def test_native_but_slower_stays_native_and_is_not_offered(monkeypatch, tmp_path
     assert not r.formats["fp16"].native
     assert r.conv["bf16"].native and "within the 1.1x margin" in r.conv["bf16"].reason
     assert r.fast_formats("conv") == ("fp32",)
+
+
+def test_attention_has_its_own_verdict(monkeypatch, tmp_path):
+    """bf16 GEMMs fast but bf16 attention not (as on a Zen 4 CPU): only the GEMM offers bf16."""
+    monkeypatch.setattr(probing, "_cpu_info", lambda: CpuInfo("fake Zen 4", "x86_64", tuple(sorted(ZEN4))))
+    monkeypatch.setattr(sweep, "run", _fake_sweep({"bf16": 2.1, "int8": 3.0}, attention_bf16=0.97))
+    r = probe(sweep="quick", cache_dir=tmp_path)
+    assert r.fast_formats() == ("int8", "bf16", "fp32") and r.fast_formats("conv") == ("bf16", "fp32")
+    assert r.fast_formats("attention") == ("fp32",)
+    bf16 = r.attention["bf16"]
+    assert bf16.native and r.is_native("bf16", "attention") and bf16.speedup == 0.97
+    assert "measured 0.97x fp32" in bf16.reason and "slower than fp32" in bf16.reason
+
+
+def test_attention_verdicts_follow_the_flags_and_the_check(monkeypatch, tmp_path):
+    monkeypatch.setattr(probing, "_cpu_info", lambda: CpuInfo("fake Zen 2", "x86_64", tuple(sorted(ZEN2))))
+    monkeypatch.setattr(sweep, "run", _fake_sweep({}, attention_bf16=1.6))
+    r = probe(sweep="quick", cache_dir=tmp_path)
+    assert not r.attention["bf16"].native and "no avx512_bf16" in r.attention["bf16"].reason
+    assert r.fast_formats("attention") == ("fp32",)  # no bf16 units: not offered, however measured
+    clear_memo()
+    monkeypatch.setattr(probing, "_cpu_info", lambda: CpuInfo("fake Zen 4", "x86_64", tuple(sorted(ZEN4))))
+    err = "F.scaled_dot_product_attention(bfloat16, causal) fwd+bwd forward is wrong: relative error 0.3"
+    monkeypatch.setattr(sweep, "run", _fake_sweep({}, attention_errors={"bf16": err}))
+    r = probe(sweep="quick", cache_dir=tmp_path / "other")
+    assert not r.attention["bf16"].native and r.attention["bf16"].speedup is None
+    why = r.attention["bf16"].reason
+    assert "flags say native (avx512_bf16)" in why and err in why
+    assert r.fast_formats("attention") == ("fp32",)
 
 
 def test_kernel_that_fails_is_not_native(monkeypatch, tmp_path):
@@ -371,6 +460,67 @@ def test_sweep_really_checks_kernels_on_this_machine():
     for fmt in ("fp32", "bf16", "int8"):
         assert sweep._check_gemm(fmt, dev) == ""
     assert sweep._check_conv("fp32", dev) == ""
+    for fmt in ("fp32", "bf16"):  # bf16 attention computes correctly on any CPU, with or without bf16 units
+        err, backend = sweep._check_attention(fmt, dev)
+        assert err == "" and backend
+
+
+def test_attention_formats_and_shapes():
+    assert sweep.attention_formats("cpu") == ("fp32", "bf16")
+    assert sweep.attention_formats("cuda") == ("fp32", "bf16", "fp16")
+    for dev in ("cpu", "cuda"):
+        assert sweep.attention_shape(dev, "none") is None
+        quick_shape, full = sweep.attention_shape(dev, "quick"), sweep.attention_shape(dev, "full")
+        assert len(quick_shape) == len(full) == 4 and math.prod(quick_shape) < math.prod(full)
+    # a longer sequence on a GPU
+    assert sweep.attention_shape("cuda", "full")[2] > sweep.attention_shape("cpu", "full")[2]
+
+
+def test_attention_backend_is_named_from_the_autograd_node():
+    def out(node_class_name):
+        return types.SimpleNamespace(grad_fn=type(node_class_name, (), {})())
+
+    name = sweep._attention_backend
+    assert name(out("ScaledDotProductFlashAttentionForCpuBackward0")) == "flash_attention_for_cpu"
+    assert name(out("ScaledDotProductEfficientAttentionBackward0")) == "efficient_attention"
+    assert sweep._attention_backend(out("ScaledDotProductCudnnAttentionBackward0")) == "cudnn_attention"
+    assert sweep._attention_backend(out("UnsafeViewBackward0")) == "math"  # the decomposed fallback
+    assert sweep._attention_backend(types.SimpleNamespace(grad_fn=None)) == "math"
+
+
+def test_wrong_attention_forward_or_gradient_is_caught(monkeypatch):
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: real(q, k, v, **kw) * 1.25)
+    for fmt in ("fp32", "bf16"):
+        err, _ = sweep._check_attention(fmt, torch.device("cpu"))
+        assert "forward is wrong" in err
+    # right values, wrong gradient: v's gradient gets half the output gradient extra
+    def wrong_grad(q, k, v, **kw):
+        return real(q, k, v, **kw) + (v - v.detach()) / 2
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", wrong_grad)
+    m = sweep.run_attention(torch.device("cpu"), "none")
+    assert not m["fp32"].ok and "gradient of v" in m["fp32"].error
+    assert all(x.speedup is None and x.shapes_total == 0 for x in m.values())
+
+
+def test_attention_raising_during_timing_is_not_native(monkeypatch):
+    real = sweep._attention_operands
+
+    def ops(fmt, shape, device, seed):
+        call, tensors = real(fmt, shape, device, seed)
+        if fmt == "bf16" and shape != sweep._ATTENTION_CHECK_SHAPE:
+
+            def call():
+                raise RuntimeError("no kernel for this shape")
+
+        return call, tensors
+
+    monkeypatch.setattr(sweep, "_attention_operands", ops)
+    m = sweep.run_attention(torch.device("cpu"), "quick")
+    assert not m["bf16"].ok and m["bf16"].speedup is None
+    assert "failed on shape" in m["bf16"].error and "no kernel for this shape" in m["bf16"].error
+    assert m["fp32"].ok and m["fp32"].speedup == 1.0 and m["fp32"].gflops > 0
 
 
 def _patched_operands(monkeypatch, fmt, make):
@@ -500,6 +650,32 @@ def test_unwritable_cache_warns_and_still_reports(counted, tmp_path):
     with pytest.warns(RuntimeWarning, match="could not cache"):
         r = probe(sweep="none", cache_dir=blocker / "sub")
     assert isinstance(r, DeviceReport) and r.formats["fp32"].native
+
+
+def test_cache_written_before_attention_is_measured_again(counted, tmp_path):
+    """A cache file without attention verdicts (an older adaprec) is stale: measured again, not a crash."""
+    probe(sweep="quick", cache_dir=tmp_path)
+    (path,) = tmp_path.iterdir()
+    data = json.loads(path.read_text())
+    assert "attention" in data["key"]["ops"] and data["key"]["schema"] == data["schema"]
+    del data["report"]["attention"]  # same key, but the report lacks the field
+    path.write_text(json.dumps(data))
+    clear_memo()
+    r = probe(sweep="quick", cache_dir=tmp_path)
+    assert counted == ["quick", "quick"] and set(r.attention) == {"fp32", "bf16"}
+    assert "attention" in json.loads(path.read_text())["report"]  # rewritten whole
+    # a file as schema 1 wrote it, found under the name the current key hashes to
+    old = json.loads(path.read_text())
+    old["schema"] = old["report"]["schema"] = 1
+    del old["report"]["attention"]
+    path.write_text(json.dumps(old))
+    clear_memo()
+    probe(sweep="quick", cache_dir=tmp_path)
+    assert counted == ["quick", "quick", "quick"]
+    # and the old key names another file, so an old file is never even read
+    old_key = {k: v for k, v in old["key"].items() if k != "ops"}
+    old_key["schema"] = 1
+    assert probing._cache.cache_path(tmp_path, old_key) != path
 
 
 def test_format_support_round_trip():

@@ -299,9 +299,10 @@ def test_ledger_formats_are_the_kernels_that_ran(backend, monkeypatch):
         assert {f for f, _ in log.ran} == {"fp32"} and not int_mm_calls
 
 
-def test_auto_backend_emulates_what_the_device_does_not_run_fast_and_says_so():
-    """int8 native but not faster than fp32 here: under backend='auto' it is emulated, and labelled so."""
-    caps = Capabilities(native={"gemm": _ALL}, fast={"gemm": frozenset({"bf16"})}, reasons={"int8": "measured 0.8x"})
+def test_auto_backend_runs_native_formats_and_emulates_the_rest_saying_so():
+    """auto: a format the probe found native runs natively even when it is not faster (policies just never pick
+    it); a format it did not find native (here int8) is emulated, with a one-time warning and the measured reason."""
+    caps = Capabilities(native={"gemm": frozenset({"bf16"})}, fast={"gemm": frozenset()}, reasons={"int8": "measured 0.8x"})
     torch.manual_seed(0)
     model = nn.Linear(8, 4)
     x = torch.randn(3, 8)
@@ -317,6 +318,14 @@ def test_auto_backend_emulates_what_the_device_does_not_run_fast_and_says_so():
     cost = eng.pop_step_cost()
     assert {f for f, _ in log.ran} == {"fp32"}
     assert cost.macs_by_format() == {"int8 (emulated)": 2 * 3 * 8 * 4}
+    eng.set_plan(PrecisionPlan.uniform(eng.kinds, "bf16"))  # native, not faster: still runs natively
+    eng.begin_step(1, False)
+    log = _KernelLog()
+    with log, eng.activate():
+        model(x).sum().backward()
+    eng.commit_backward()
+    assert "bf16" in {f for f, _ in log.ran}
+    assert eng.pop_step_cost().macs_by_format() == {"bf16": 2 * 3 * 8 * 4}
 
 
 # --- hardware-aware policies choose only what the device runs natively and fast ---------------------------

@@ -251,6 +251,7 @@ class AdaptivePrecision:
         caps = self.engine.caps
         table = caps.native if self.engine.backend == "native" else caps.fast
         gemm, conv = set(table.get("gemm", ())), set(table.get("conv", ()))
+        attention = set(table.get("attention", ()))
         floats16 = {"bf16", "fp16"}
         allowed: dict[str, set[str]] = {}
         coupled: set[str] = set()
@@ -265,7 +266,9 @@ class AdaptivePrecision:
                     fmts &= conv & floats16
                 elif kind == "embedding":
                     fmts &= {"fp32"}
-                else:  # attention, matmul, einsum: cast to one 16-bit dtype
+                elif kind == "attention":  # fused attention kernels: measured on their own (bf16 may not pay)
+                    fmts &= attention & floats16
+                else:  # multi-head attention with its projections, matmul, einsum: cast to one 16-bit dtype
                     fmts &= gemm & floats16
             if site.kinds - {"linear"}:
                 coupled.add(name)

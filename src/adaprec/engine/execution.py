@@ -37,20 +37,29 @@ class Capabilities:
     def from_report(cls, report) -> Capabilities:  # noqa: ANN001 - adaprec.hardware.DeviceReport
         """Capabilities from a device probe (:func:`adaprec.hardware.probe`)."""
         native, fast = {}, {}
-        for op in ("gemm", "conv"):
-            table = report.formats if op == "gemm" else report.conv
+        for op in ("gemm", "conv", "attention"):
+            table = {"gemm": report.formats, "conv": report.conv, "attention": getattr(report, "attention", {})}[op]
             native[op] = frozenset(f for f, fs in table.items() if fs.native)
-            fast[op] = frozenset(report.fast_formats(op))
+            fast[op] = frozenset(report.fast_formats(op)) if table else frozenset({"fp32"})
         reasons = {f: fs.reason for f, fs in report.formats.items()}
         return cls(native, fast, report.device.split(":")[0], reasons)
 
     def allows(self, fmt: str, op_class: str, backend: str) -> bool:
+        """Whether a plan's ``fmt`` runs natively for ``op_class`` under ``backend``.
+
+        ``auto``: where the probe found it native (it ran correctly on units of
+        that format; policies choose only among the *fast* ones, but a plan that
+        asks for a native format that is merely not faster still runs natively).
+        ``native``: wherever torch has a kernel, even a slow software path.
+        ``emulate``: never.
+        """
         if fmt == "fp32":
             return True
         if backend == "emulate":
             return False
-        table = self.native if backend == "native" else self.fast
-        return fmt in table.get(op_class, frozenset())
+        if backend == "native":
+            return fmt in ("bf16", "fp16", "int8") or (self.device_type == "cuda" and fmt.startswith("fp8"))
+        return fmt in self.native.get(op_class, frozenset())
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,9 @@ def _planned_formats(mp: ModulePrecision, weight_op: bool) -> dict[str, str]:
     }
 
 
+OP_CLASS = {"conv": "conv", "attention": "attention"}  # the probe's op class of an op kind (else "gemm")
+
+
 def decide(
     kind: str, mp: ModulePrecision | None, caps: Capabilities, backend: str, weight_op: bool = True
 ) -> Exec:
@@ -118,7 +130,7 @@ def decide(
     if mp is None or kind == "rnn" or mp.is_fp32:
         return FP32_EXEC
     planned = _planned_formats(mp, weight_op)
-    op_class = "conv" if kind == "conv" else "gemm"
+    op_class = OP_CLASS.get(kind, "gemm")
     f16 = _uniform16(mp)
     if f16 is not None and kind != "embedding" and caps.allows(f16, op_class, backend):
         storage = dict(_FP32_STORAGE, weight=f16, activation=f16, grad_output=f16)

@@ -547,7 +547,7 @@ HANDLED: frozenset[Any] = frozenset(_DESCRIBE)
 LINEAR_LIKE = frozenset({"linear"})
 KIND_OF = {
     "linear": "linear", "matmul": "matmul", "conv": "conv", "conv_transpose": "conv",
-    "einsum": "einsum", "sdpa": "attention", "mha": "attention", "embedding": "embedding", "rnn": "rnn",
+    "einsum": "einsum", "sdpa": "attention", "mha": "mha", "embedding": "embedding", "rnn": "rnn",
 }
 
 

@@ -36,7 +36,7 @@ class Site:
     def kind(self) -> str:
         if not self.kinds:
             return "unknown"
-        order = ("linear", "conv", "attention", "matmul", "einsum", "embedding", "rnn")
+        order = ("linear", "conv", "attention", "mha", "matmul", "einsum", "embedding", "rnn")
         ks = sorted(self.kinds, key=lambda k: order.index(k) if k in order else len(order))
         return ks[0] if len(ks) == 1 else "+".join(ks)
 

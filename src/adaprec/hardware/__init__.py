@@ -3,11 +3,13 @@
 >>> from adaprec.hardware import probe
 >>> report = probe()                 # cpu; measured once, then cached
 >>> report.fast_formats()            # e.g. ('int8', 'bf16', 'fp32')
+>>> report.fast_formats("attention") # measured apart: e.g. ('fp32',) where bf16 SDPA does not pay
 >>> print(report.table())
 
 Nothing is hard-coded: flags (``/proc/cpuinfo``, CUDA compute capability)
 say what the silicon claims, and a short sweep runs each kernel, checks its
-answers and times it against fp32. See docs/hardware.md.
+answers and times it against fp32, per op class (GEMM, conv, attention). See
+docs/hardware.md.
 """
 
 from adaprec.hardware.flags import (

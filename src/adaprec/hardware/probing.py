@@ -31,6 +31,7 @@ from adaprec.hardware.flags import (
 )
 from adaprec.hardware.report import (
     FAST_MARGIN,
+    OPS,
     SCHEMA,
     DeviceReport,
     FormatSupport,
@@ -76,7 +77,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def _identify(dev: torch.device, sweep: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(cache key, facts about the device) without measuring anything."""
-    base = {"schema": SCHEMA, "device": str(dev), "torch": torch.__version__,
+    # schema and ops: a file written before an op class was measured lacks its verdicts, so it must miss
+    base = {"schema": SCHEMA, "ops": list(OPS), "device": str(dev), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "sweep": sweep}  # fmt: skip
     if dev.type == "cpu":
         info = _cpu_info()
@@ -169,10 +171,12 @@ def _assemble(dev: torch.device, facts: Mapping[str, Any], result: _sweep.SweepR
     decisions, conditional = facts["decisions"], facts["conditional"]
     gemm = result.gemm if result else {}
     conv = result.conv if result else {}
+    attn = result.attention if result else {}
     formats = {f: _support(f, decisions[f], f in conditional, gemm.get(f)) for f in FORMATS}
     convs = {f: _support(f, decisions[f], False, conv.get(f)) for f in _sweep.CONV_FORMATS}
+    attention = {f: _support(f, decisions[f], False, attn.get(f)) for f in _sweep.attention_formats(dev.type)}
     notes = list(facts["notes"])
-    for op, ms in (("GEMM", gemm), ("conv", conv)):
+    for op, ms in (("GEMM", gemm), ("conv", conv), ("attention", attn)):
         spread = ms["fp32"].fp32_spread if "fp32" in ms else None
         if spread is not None and spread > _sweep.NOISY_SPREAD:
             notes.append(
@@ -188,6 +192,7 @@ def _assemble(dev: torch.device, facts: Mapping[str, Any], result: _sweep.SweepR
         flags=tuple(facts["flags"]),
         formats=formats,
         conv=convs,
+        attention=attention,
         sweep=sweep,
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
         notes=tuple(notes),
@@ -203,12 +208,13 @@ def probe(
 ) -> DeviceReport:
     """What ``device`` (default cpu) runs natively and how fast, so policies pick only formats that pay here.
 
-    ``sweep``: "full" times 3 training-like GEMM shapes and a conv (a few
-    seconds on a 2-core CPU), "quick" one small shape (well under a second),
-    "none" only checks that each kernel runs (no speedups, so only fp32 is
-    fast). The report is cached as JSON in ``cache_dir``, else
-    ``$ADAPREC_CACHE_DIR``, else ``~/.cache/adaprec``, keyed by machine, torch
-    version, thread count and sweep kind, and memoised in this process;
+    ``sweep``: "full" times 3 training-like GEMM shapes, a conv2d and a causal
+    attention, each forward and backward (a few seconds on a 2-core CPU),
+    "quick" one small shape each (well under a second), "none" only checks
+    that each kernel runs (no speedups, so only fp32 is fast). The report is
+    cached as JSON in ``cache_dir``, else ``$ADAPREC_CACHE_DIR``, else
+    ``~/.cache/adaprec``, keyed by machine, torch version, thread count, sweep
+    kind and the op classes measured, and memoised in this process;
     ``refresh=True`` measures again and overwrites both.
     """
     if sweep not in _sweep.SWEEP_KINDS:

@@ -20,8 +20,10 @@ __all__ = ["FAST_MARGIN", "OPS", "DeviceReport", "FormatSupport", "HardwareError
 # A format must beat fp32 by this factor to be offered: below it, the gain is
 # within timing noise and not worth the precision it costs.
 FAST_MARGIN = 1.1
-OPS = ("gemm", "conv")
-SCHEMA = 1
+OPS = ("gemm", "conv", "attention")
+# Version of the report's layout. 2 added ``attention``: a report (or cache file) of an older
+# schema lacks a verdict policies now ask for, so it is refused and measured afresh.
+SCHEMA = 2
 
 
 class HardwareError(AdaprecError, ValueError):
@@ -79,8 +81,12 @@ class DeviceReport:
     """What one device runs natively and how fast, as probed (see :func:`adaprec.hardware.probe`).
 
     ``formats`` covers GEMMs (fp32, bf16, fp16, int8, fp8_e4m3, fp8_e5m2);
-    ``conv`` covers a training-like conv2d forward and backward (fp32, bf16).
-    Both are read-only mappings: one report is shared by every caller.
+    ``conv`` covers a training-like conv2d forward and backward (fp32, bf16);
+    ``attention`` covers causal ``F.scaled_dot_product_attention`` forward and
+    backward (fp32, bf16, and fp16 on CUDA). Each op class has its own verdict
+    because one does not predict another: a CPU's bf16 GEMMs may be twice as
+    fast as fp32 while its bf16 attention is not faster at all. All three are
+    read-only mappings: one report is shared by every caller.
     """
 
     device: str  # "cpu", "cuda:0"
@@ -91,6 +97,7 @@ class DeviceReport:
     flags: tuple[str, ...]  # relevant CPU flags found (empty on GPUs)
     formats: Mapping[str, FormatSupport]
     conv: Mapping[str, FormatSupport] = field(default_factory=dict)
+    attention: Mapping[str, FormatSupport] = field(default_factory=dict)
     sweep: str = "full"  # "full", "quick" or "none"
     measured_at: str = ""  # ISO 8601 UTC time of the measurement
     notes: tuple[str, ...] = ()  # anything the probe could not find out
@@ -98,6 +105,7 @@ class DeviceReport:
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", _freeze(self.formats))
         object.__setattr__(self, "conv", _freeze(self.conv))
+        object.__setattr__(self, "attention", _freeze(self.attention))
         object.__setattr__(self, "flags", tuple(self.flags))
         object.__setattr__(self, "notes", tuple(self.notes))
 
@@ -106,6 +114,8 @@ class DeviceReport:
             return self.formats
         if op == "conv":
             return self.conv
+        if op == "attention":
+            return self.attention
         raise HardwareError(f"unknown op {op!r}: use one of {', '.join(OPS)}")
 
     def is_native(self, fmt: str, op: str = "gemm") -> bool:
@@ -141,7 +151,7 @@ class DeviceReport:
         if self.flags:
             lines.append(f"flags: {' '.join(self.flags)}")
         lines.extend(f"note: {n}" for n in self.notes)
-        for op, title in (("gemm", "GEMM"), ("conv", "conv2d fwd+bwd")):
+        for op, title in (("gemm", "GEMM"), ("conv", "conv2d fwd+bwd"), ("attention", "attention fwd+bwd")):
             table = self._table_for(op)
             if not table:
                 continue
@@ -173,6 +183,7 @@ class DeviceReport:
             "flags": list(self.flags),
             "formats": {k: v.to_dict() for k, v in self.formats.items()},
             "conv": {k: v.to_dict() for k, v in self.conv.items()},
+            "attention": {k: v.to_dict() for k, v in self.attention.items()},
             "sweep": self.sweep,
             "measured_at": self.measured_at,
             "notes": list(self.notes),
@@ -185,10 +196,13 @@ class DeviceReport:
             raise HardwareError(f"a device report must be a mapping, got {type(d).__name__}")
         if d.get("schema") != SCHEMA:
             raise HardwareError(f"device report schema {d.get('schema')!r}, this adaprec reads {SCHEMA}")
+        if "attention" not in d:
+            raise HardwareError("device report has no 'attention' verdicts (an older probe wrote it): "
+                                "measure again with probe(refresh=True)")  # fmt: skip
         try:
-            formats, conv = d["formats"], d.get("conv", {})
-            if not isinstance(formats, Mapping) or not isinstance(conv, Mapping):
-                raise TypeError("formats and conv must be mappings")
+            formats, conv, attention = d["formats"], d.get("conv", {}), d["attention"]
+            if not all(isinstance(t, Mapping) for t in (formats, conv, attention)):
+                raise TypeError("formats, conv and attention must be mappings")
             return cls(
                 device=str(d["device"]),
                 name=str(d["name"]),
@@ -198,6 +212,7 @@ class DeviceReport:
                 flags=tuple(str(f) for f in d["flags"]),
                 formats={str(k): FormatSupport.from_dict(v) for k, v in formats.items()},
                 conv={str(k): FormatSupport.from_dict(v) for k, v in conv.items()},
+                attention={str(k): FormatSupport.from_dict(v) for k, v in attention.items()},
                 sweep=str(d.get("sweep", "full")),
                 measured_at=str(d.get("measured_at", "")),
                 notes=tuple(str(n) for n in d.get("notes", ())),

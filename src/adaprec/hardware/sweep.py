@@ -1,9 +1,13 @@
 """Run each format's real kernel: check it gives right answers, then time it against fp32.
 
 A flag says what the silicon claims; only running the kernel says whether
-torch uses it here and whether it pays. Every kernel is first checked on a
-small problem against a float64 reference (int8 exactly, the float formats
-within a few units of their own epsilon), then timed on training-like GEMM
+torch uses it here and whether it pays. Three op classes are measured, each
+with its own verdict because one does not predict another: GEMMs, a conv2d
+forward+backward and a causal ``F.scaled_dot_product_attention``
+forward+backward (on a CPU with bf16 units bf16 GEMMs can be twice as fast
+as fp32 while bf16 attention is no faster). Every kernel is first checked on
+a small problem against a float64 reference (int8 exactly, the float formats
+within a few units of their own epsilon), then timed on training-like
 shapes, interleaved with fp32 round by round so that a busy neighbour slows
 both sides alike; a shape whose fp32 runs scatter widely (a busy machine)
 is timed once more and the steadier attempt kept. A format that is several
@@ -14,6 +18,7 @@ is clear and waiting for it would make the sweep long.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -23,16 +28,22 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ATTENTION_KERNEL",
     "CONV_FORMATS",
+    "CONV_KERNEL",
     "GEMM_FORMATS",
     "NOISY_SPREAD",
     "SWEEP_KINDS",
     "Measurement",
     "SweepResult",
+    "attention_formats",
+    "attention_shape",
     "conv_shape",
     "gemm_kernel_name",
     "gemm_shapes",
     "run",
+    "run_attention",
+    "run_conv",
     "run_gemm",
 ]
 
@@ -75,6 +86,23 @@ def conv_shape(device_type: str, kind: str) -> tuple[int, int, int, int] | None:
     return (4, 32, 16, 16) if kind == "quick" else (8, 64, 32, 32)
 
 
+def attention_formats(device_type: str) -> tuple[str, ...]:
+    """Formats whose attention is checked and timed: fp32 and bf16, and fp16 on CUDA.
+
+    CPUs are not asked about fp16 attention: no CPU adaprec meets has fp16 units
+    that torch's CPU attention uses, and the GEMM sweep already says so for fp16."""
+    return ("fp32", "bf16", "fp16") if device_type == "cuda" else ("fp32", "bf16")
+
+
+def attention_shape(device_type: str, kind: str) -> tuple[int, int, int, int] | None:
+    """(batch, heads, sequence, head dim) of the causal attention timed forward and backward."""
+    if kind == "none":
+        return None
+    if device_type == "cuda":
+        return (4, 8, 512, 64) if kind == "quick" else (8, 16, 2048, 128)
+    return (2, 4, 128, 64) if kind == "quick" else (8, 6, 256, 64)
+
+
 def gemm_kernel_name(fmt: str) -> str:
     """The torch call that runs a GEMM in ``fmt`` (what the engine's native path calls)."""
     if fmt in _FLOAT_DTYPES:
@@ -89,6 +117,12 @@ def gemm_kernel_name(fmt: str) -> str:
 
 
 CONV_KERNEL = "F.conv2d({}) fwd+bwd"
+ATTENTION_KERNEL = "F.scaled_dot_product_attention({}, causal) fwd+bwd"
+_ATTENTION_CHECK_SHAPE = (2, 3, 37, 32)  # a sequence that is no multiple of any kernel's block size
+
+
+def _dtype_name(fmt: str) -> str:
+    return str(_FLOAT_DTYPES[fmt]).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -113,6 +147,7 @@ class SweepResult:
     gemm: dict[str, Measurement]
     conv: dict[str, Measurement]
     kind: str
+    attention: dict[str, Measurement]
 
 
 # ---------------------------------------------------------------- kernels
@@ -237,6 +272,86 @@ def _check_conv(fmt: str, device: torch.device) -> str:
     return ""
 
 
+def _attention_operands(
+    fmt: str, shape: tuple[int, int, int, int], device: torch.device, seed: int
+) -> tuple[Callable[[], torch.Tensor], tuple[torch.Tensor, ...]]:
+    """A call running causal attention forward and backward in ``fmt``; its q, k, v and output gradient."""
+    nb, heads, seq, dim = shape
+    dt = _FLOAT_DTYPES[fmt]
+    g = _gen(device, seed)
+    q, k, v = (torch.randn(nb, heads, seq, dim, device=device, generator=g).to(dt) for _ in range(3))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    go = torch.randn(nb, heads, seq, dim, device=device, generator=g).to(dt)
+
+    def call() -> torch.Tensor:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.autograd.grad(o, (q, k, v), go)
+        return o
+
+    return call, (q, k, v, go)
+
+
+def _attention_backend(o: torch.Tensor) -> str:
+    """Which of torch's attention kernels produced ``o``, read from its autograd node.
+
+    The fused kernels have their own backward node (ScaledDotProductFlashAttentionForCpuBackward0
+    becomes 'flash_attention_for_cpu'); anything else is torch's decomposed math path."""
+    name = type(o.grad_fn).__name__ if o.grad_fn is not None else ""
+    if not name.startswith("ScaledDotProduct"):
+        return "math"
+    name = re.sub(r"Backward\d*$", "", name.removeprefix("ScaledDotProduct"))
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _attention_kernel(fmt: str, backend: str = "") -> str:
+    name = ATTENTION_KERNEL.format(_dtype_name(fmt))
+    return f"{name}: {backend}" if backend else name
+
+
+def _attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention written out (scores, mask, softmax, weighted sum), and its probabilities."""
+    seq = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    keep = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    p = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    return p @ v, p
+
+
+def _check_attention(fmt: str, device: torch.device) -> tuple[str, str]:
+    """('' or what went wrong, the backend torch chose) for causal attention in ``fmt`` on a small problem.
+
+    Forward and all three gradients are compared with float64 autograd through
+    :func:`_attention_reference` on the same (rounded) inputs: the output entry by
+    entry against its scale ``P @ |V|``, each gradient by its relative error."""
+    kernel = _attention_kernel(fmt)
+    try:
+        _, (q, k, v, go) = _attention_operands(fmt, _ATTENTION_CHECK_SHAPE, device, 99)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        grads = torch.autograd.grad(o, (q, k, v), go)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:
+        return _failure(kernel, e), ""
+    backend = _attention_backend(o)
+    kernel = _attention_kernel(fmt, backend)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, p = _attention_reference(qd, kd, vd)
+    refs = torch.autograd.grad(ref, (qd, kd, vd), go.double())
+    ref, p = ref.detach(), p.detach()
+    bad = _close(o.detach().double(), ref, p @ vd.detach().abs(), fmt)
+    if bad:
+        return f"{kernel} forward is wrong: {bad}", backend
+    tol = 8 * _out_eps(fmt)
+    for name, gr, rr in zip(("q", "k", "v"), grads, refs, strict=True):
+        rel = float((gr.double() - rr).norm() / rr.norm().clamp_min(1e-30))
+        if not math.isfinite(rel) or rel > tol:
+            why = f"gradient of {name} relative error {rel:.3g}, allowed {tol:.3g}"
+            return f"{kernel} backward is wrong: {why}", backend
+    return "", backend
+
+
 # ---------------------------------------------------------------- timing
 
 
@@ -358,47 +473,102 @@ def run_gemm(device: torch.device, kind: str, formats: tuple[str, ...] = GEMM_FO
     return out
 
 
-def run_conv(device: torch.device, kind: str, formats: tuple[str, ...] = CONV_FORMATS) -> dict[str, Measurement]:
-    """Check, then time forward+backward of a 3x3 conv2d in each format against fp32."""
-    formats = ("fp32", *(f for f in formats if f != "fp32"))
-    errors = {f: _check_conv(f, device) for f in formats}
-    shape = conv_shape(device.type, kind)
+def _run_one_shape(
+    formats: tuple[str, ...],
+    errors: dict[str, str],
+    kernels: dict[str, str],
+    calls: Mapping[str, Callable[[], object]],
+    flops: float,
+    device: torch.device,
+    kind: str,
+    shape: tuple[int, ...] | None,
+) -> dict[str, Measurement]:
+    """Time ``calls`` (fp32 and each format that passed its check) on one shape; a verdict per format.
+
+    No calls (sweep="none"): nothing is timed and every speedup is None."""
     repeats = _REPEATS[kind]
     med: dict[str, float] = {}
     slow: set[str] = set()
     spread: float | None = None
-    if shape is not None:
-        calls = {f: _conv_operands(f, shape, device, 5)[0] for f in formats if f == "fp32" or not errors[f]}
+    if calls:
         failed: dict[str, str] = {}
         med, slow, spread = _time_settled(calls, device, repeats, failed)
         for f, why in failed.items():
-            errors[f] = f"{CONV_KERNEL.format(str(_FLOAT_DTYPES[f]).removeprefix('torch.'))} {why.split(' ', 1)[1]}"
-    nb, c, h, w = shape or (0, 0, 0, 0)
-    conv_flops = 3 * 2.0 * nb * c * c * 9 * h * w  # forward, input gradient, weight gradient
+            errors[f] = f"{kernels[f]} failed on shape {shape}: {why.split(' ', 1)[1]}"
+            med.pop(f, None)
     out = {}
     for f in formats:
         t = med.get(f)
         out[f] = Measurement(
             format=f,
-            kernel=CONV_KERNEL.format(str(_FLOAT_DTYPES[f]).removeprefix("torch.")),
+            kernel=kernels[f],
             ok=not errors[f],
             error=errors[f],
             speedup=med["fp32"] / t if t else None,
             shapes_measured=1 if t else 0,
-            shapes_total=1 if shape else 0,
+            shapes_total=1 if calls else 0,
             repeats=repeats,
             stopped_early=f in slow,
-            gflops=conv_flops / t / 1e9 if t else None,
+            gflops=flops / t / 1e9 if t else None,
             fp32_spread=spread,
         )
     return out
 
 
+def run_conv(
+    device: torch.device, kind: str, formats: tuple[str, ...] = CONV_FORMATS
+) -> dict[str, Measurement]:
+    """Check, then time forward+backward of a 3x3 conv2d in each format against fp32."""
+    formats = ("fp32", *(f for f in formats if f != "fp32"))
+    errors = {f: _check_conv(f, device) for f in formats}
+    kernels = {f: CONV_KERNEL.format(_dtype_name(f)) for f in formats}
+    shape = conv_shape(device.type, kind)
+    nb, c, h, w = shape or (0, 0, 0, 0)
+    conv_flops = 3 * 2.0 * nb * c * c * 9 * h * w  # forward, input gradient, weight gradient
+    calls: dict[str, Callable[[], object]] = {}
+    if shape is not None:
+        calls = {f: _conv_operands(f, shape, device, 5)[0] for f in formats if f == "fp32" or not errors[f]}
+    return _run_one_shape(formats, errors, kernels, calls, conv_flops, device, kind, shape)
+
+
+def run_attention(
+    device: torch.device, kind: str, formats: tuple[str, ...] | None = None
+) -> dict[str, Measurement]:
+    """Check, then time causal ``F.scaled_dot_product_attention`` forward+backward per format against fp32.
+
+    ``formats`` defaults to :func:`attention_formats` of the device. The kernel
+    name says which of torch's attention backends ran on the timed shape."""
+    formats = attention_formats(device.type) if formats is None else formats
+    formats = ("fp32", *(f for f in formats if f != "fp32"))
+    checks = {f: _check_attention(f, device) for f in formats}
+    errors = {f: e for f, (e, _) in checks.items()}
+    backends = {f: b for f, (_, b) in checks.items()}
+    shape = attention_shape(device.type, kind)
+    nb, heads, seq, dim = shape or (0, 0, 0, 0)
+    # QK^T and PV forward; dV, dP, dQ, dK backward: six (seq x seq x dim) matmuls, half of each masked away
+    attn_flops = 6 * 2.0 * nb * heads * seq * seq * dim / 2
+    calls: dict[str, Callable[[], object]] = {}
+    if shape is not None:
+        for f in formats:
+            if f != "fp32" and errors[f]:
+                continue
+            call, (q, k, v, _) = _attention_operands(f, shape, device, 11)
+            calls[f] = call
+            try:  # the backend torch picks can depend on the shape: name the one that is timed
+                backends[f] = _attention_backend(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            except Exception:  # the timed runs meet the same failure and record it
+                pass
+    kernels = {f: _attention_kernel(f, backends[f]) for f in formats}
+    return _run_one_shape(formats, errors, kernels, calls, attn_flops, device, kind, shape)
+
+
 def run(device: torch.device, kind: str) -> SweepResult:
-    """The whole sweep for one device: GEMM formats and conv formats. ``kind="none"`` checks but does not time."""
+    """The whole sweep for one device: GEMM, conv and attention. ``kind="none"`` checks but does not time."""
     if kind not in SWEEP_KINDS:
         raise ValueError(f"unknown sweep kind {kind!r}")
     with torch.no_grad():
         gemm = run_gemm(device, kind)
-    conv = run_conv(device, kind)
-    return SweepResult(gemm=gemm, conv=conv, kind=kind)
+    with torch.enable_grad():
+        conv = run_conv(device, kind)
+        attention = run_attention(device, kind)
+    return SweepResult(gemm=gemm, conv=conv, kind=kind, attention=attention)
