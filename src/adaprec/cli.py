@@ -89,6 +89,14 @@ class _Parser(argparse.ArgumentParser):
 _DEBUG_HELP = "on an error, show the Python traceback instead of one line (for bug reports)"
 
 
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from adaprec.hardware import probe
+
+    report = probe(args.device, refresh=args.refresh, sweep="quick" if args.quick else "full")
+    print(report.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="adaprec",
@@ -111,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", parents=[common], help="(re)write the report of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("devices", parents=[common],
+                       help="what this device runs natively and how fast (a short measured GEMM sweep, cached)")
+    p.add_argument("--device", default=None, help="torch device to probe (default cpu; e.g. cuda)")
+    p.add_argument("--refresh", action="store_true", help="measure again instead of reading the cache")
+    p.add_argument("--quick", action="store_true", help="one small shape per format (well under a second)")
+    p.set_defaults(func=_cmd_devices)
     p = sub.add_parser("calibrate", parents=[common], help="fit an energy profile from measured GEMM and bandwidth sweeps (needs a meter)")
     p.add_argument("--device", default="cuda", help="torch device to run the sweeps on (default cuda)")
     p.add_argument("--formats", nargs="+", default=["fp32", "bf16"], help="formats of the GEMM sweeps")

@@ -297,9 +297,14 @@ class AdaptivePrecision:
         self.timeline.set_initial(self.engine.plan)
 
     def _configure_monitor(self) -> None:
+        """Measure what the policy may choose; a policy that chooses nothing from measurements (static,
+        schedule) gets only the format in force measured (the guard's overflow check), and fp32 not at all."""
         wanted = self.policy.candidate_formats
         if wanted:
             self.monitor.set_candidates(wanted, self.policy.candidate_formats_by_role)
+        else:
+            self.monitor.set_candidates(())
+        self.engine.observe_fp32 = bool(wanted)
 
     def _finalize(self) -> None:
         """After discovery: check the pins matched, say what the plan does not cover."""
@@ -367,7 +372,7 @@ class AdaptivePrecision:
             raise UsageError("autocast() entered twice before backward(): one forward pass per step, then ap.backward(loss)")
         if self.engine._in_mode:
             raise UsageError("autocast() is already active: do not nest `with ap.autocast():` blocks")
-        sampling = enabled and self.monitor.should_sample(self._step)
+        sampling = enabled and (self.monitor.should_sample(self._step) or self.policy.wants_sample(self._step))
         self.engine.begin_step(self._step, sampling)
         if self._t0 is None:
             self._t0 = time.perf_counter()

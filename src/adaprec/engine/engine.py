@@ -139,6 +139,8 @@ class PrecisionEngine:
         self.step = 0
         self.discovering = True
         self._in_mode = False
+        # observe fp32 modules on sampled steps (a policy that may narrow them needs their statistics)
+        self.observe_fp32 = True
         self._calls: dict[str, int] = {}
         self._casters: dict[tuple[str, str], RecipeCaster] = {}
         self._exec_cache: dict[tuple, Exec] = {}
@@ -332,8 +334,8 @@ class PrecisionEngine:
             site.kinds.add(kind)
         mp = self.plan.modules.get(name) if site.covered else None
         ex = self._exec_for(name, kind, mp, call.weight is not None)
-        if ex.mode == "fp32" and self.sampling and mp is not None and self.observer is not None \
-                and name not in self.plan.pinned:
+        if ex.mode == "fp32" and self.sampling and self.observe_fp32 and mp is not None \
+                and self.observer is not None and name not in self.plan.pinned:
             ex = _OBSERVE_LINEAR if kind == "linear" else _OBSERVE_OTHER
         if self.counting:
             self._record(name, call, ex, mp)

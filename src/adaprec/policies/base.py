@@ -84,6 +84,10 @@ class Policy(ABC):
     def decide(self, snapshot: Snapshot, step: int) -> PrecisionPlan:
         """The plan to use from ``step`` on (pure given the snapshot, step and state)."""
 
+    def wants_sample(self, step: int) -> bool:
+        """Ask for tensor statistics at ``step`` besides the monitor's schedule (default: never)."""
+        return False
+
     @property
     def candidate_formats(self) -> tuple[str, ...]:
         """Formats this policy may choose from measurements; the monitor measures these.

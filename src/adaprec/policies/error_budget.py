@@ -185,6 +185,12 @@ class ErrorBudgetPolicy(Policy):
             return module in (names[0], names[-1])
         return False
 
+    def wants_sample(self, step: int) -> bool:
+        """Measure on each of the ``patience`` steps right after warm-up: the first decision needs that
+        many checks, and waiting ``patience`` monitor periods for them would keep the run in the
+        warm-up format for tens of steps longer than the evidence requires."""
+        return self.warmup_steps <= step < self.warmup_steps + self.patience
+
     def on_guard_raise(self, modules: Iterable[str]) -> None:
         self.sensitive.update(modules)
 

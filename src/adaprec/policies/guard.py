@@ -95,6 +95,9 @@ class Guard(Policy):
     def candidate_formats_by_role(self) -> Mapping[str, tuple[str, ...]]:
         return self.policy.candidate_formats_by_role
 
+    def wants_sample(self, step: int) -> bool:
+        return self.policy.wants_sample(step)
+
     @property
     def retry(self) -> bool:
         """Alias of ``rollback_requested``: restore weights and optimizer, run the step again."""

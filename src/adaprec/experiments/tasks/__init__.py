@@ -19,6 +19,7 @@ _BUILTIN: dict[str, str] = {
     "mnist1d-cnn": "adaprec.experiments.tasks.mnist1d",
     "mnist-mlp": "adaprec.experiments.tasks.mnist_mlp",
     "char-transformer": "adaprec.experiments.tasks.char_transformer",
+    "shakespeare-gpt": "adaprec.experiments.tasks.shakespeare_gpt",
 }
 
 
