@@ -335,7 +335,7 @@ class AdaptivePrecision:
                 "unpin some (pins=, quantize_embeddings=True) to let it",
                 stacklevel=3,
             )
-        self._owners = _param_owners(self.model, names)
+        self._owners = _param_owners(self.engine.map.model, names)  # the unwrapped model: the plan's names
 
     def prepare(self, *example_args: Any, **example_kwargs: Any) -> dict[str, str]:
         """Find every module that runs GEMMs with one forward pass (no grad, not counted) before training.

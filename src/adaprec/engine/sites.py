@@ -19,7 +19,22 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Site", "SiteMap"]
+__all__ = ["Site", "SiteMap", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside ``torch.compile``'s and DDP's wrappers, so names carry no ``_orig_mod.`` or
+    ``module.`` prefix: plans, timelines and reports name the modules as the user does, and a timeline
+    recorded on a wrapped model replays on the bare one."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        return model
 
 
 @dataclass
@@ -45,6 +60,7 @@ class SiteMap:
     """Parameter ownership and the running-module stack of one model."""
 
     def __init__(self, model: nn.Module) -> None:
+        model = unwrap(model)
         self.model = model
         self.names: dict[int, str] = {}
         self.modules: dict[str, nn.Module] = {}
