@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -16,6 +19,7 @@ from adaprec.integrations.huggingface import (  # noqa: E402
     AdaptivePrecisionTrainer,
     TrainerSetupError,
 )
+from adaprec.integrations.logging import plan_bits  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -113,11 +117,28 @@ def test_fp8_hybrid_trains_digits_and_ledger_shows_narrow_macs(tmp_path):
     assert train_logs[-1]["adaprec/skipped_steps"] == 0.0
 
 
-def test_checkpoint_resume_restores_adaprec_state_exactly(tmp_path):
+def test_checkpoint_resume_restores_adaprec_state_exactly(tmp_path, caplog):
     """Resumed from its epoch-1 checkpoint, a run ends exactly where the uninterrupted run ends."""
     epochs = 3
     ap_kw = {"policy": "error-budget", "adaprec_kwargs": {"monitor_every": 3, "seed": 7, "loss_scaling": True}}
-    full, full_trainer = _train(tmp_path / "full", trainer_kw=ap_kw, num_train_epochs=epochs, save_strategy="epoch")
+    with caplog.at_level(logging.WARNING):  # Python's default level: what a default set-up shows
+        full, full_trainer = _train(tmp_path / "full", trainer_kw=ap_kw, num_train_epochs=epochs,
+                                    save_strategy="epoch")
+    # plan changes: one WARNING line per step that changed the plan, in the default log output
+    lines = [r.getMessage() for r in caplog.records if r.name == "adaprec.huggingface" and r.levelno == logging.WARNING]
+    change_steps = sorted({ev.step for ev in full_trainer.ap.timeline.events})
+    assert change_steps and [int(line.split()[2].rstrip(":")) for line in lines] == change_steps
+    assert all(re.match(r"adaprec step \d+: \d+ changes?: net\.\d\.\w+ \S+->\S+ .*error-budget", x) for x in lines)
+    # per-layer, per-role bits in the training logs (every report_to logger): all at the first log, then changes
+    logs = [h for h in full_trainer.state.log_history if "loss" in h]
+    first = {k for k in logs[0] if k.startswith("adaprec/bits/")}
+    assert first == {f"adaprec/bits/{k}" for k in plan_bits(full_trainer.ap.plan)}
+    shown: dict[str, float] = {}
+    for h in logs:
+        shown.update({k: v for k, v in h.items() if k.startswith("adaprec/bits/")})
+    last_step = logs[-1]["step"]  # global steps done when that log was written
+    want = plan_bits(full_trainer.ap.timeline.plans_at(last_step - 1))
+    assert shown == {f"adaprec/bits/{k}": v for k, v in want.items()}
     ckpt = tmp_path / "full" / f"checkpoint-{STEPS_PER_EPOCH}"
     saved = torch.load(ckpt / "optimizer.pt", weights_only=True)["adaprec"]
     assert saved["step"] == STEPS_PER_EPOCH

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -19,6 +22,7 @@ from adaprec.integrations.lightning import (  # noqa: E402
     AdaptivePrecisionPlugin,
     LightningSetupError,
 )
+from adaprec.integrations.logging import plan_bits  # noqa: E402
 from adaprec.timeline import Timeline  # noqa: E402
 
 torch.set_num_threads(2)
@@ -101,11 +105,13 @@ def test_fp32_plugin_is_bit_identical_to_plain_lightning(tmp_path, loss_scaling)
 
 
 @pytest.mark.parametrize("policy", ["fp8-hybrid", "error-budget"])
-def test_narrow_policy_trains_digits_and_ledger_shows_narrow_macs(tmp_path, policy):
+def test_narrow_policy_trains_digits_and_ledger_shows_narrow_macs(tmp_path, policy, caplog):
     plugin = AdaptivePrecisionPlugin(policy, monitor_every=5, hardware=FAST_INT8_BF16)
     callback = AdaptivePrecisionCallback(log_every_n_steps=10, timeline_path=tmp_path / "timeline.json")
     epochs = 4
-    module, trainer = _fit(tmp_path, plugins=[plugin], callbacks=[callback], epochs=epochs, num_sanity_val_steps=2)
+    with caplog.at_level(logging.WARNING):  # Python's default level: what a default set-up shows
+        module, trainer = _fit(tmp_path, plugins=[plugin], callbacks=[callback], epochs=epochs,
+                               num_sanity_val_steps=2)
     assert _accuracy(module) > 0.85
     s = plugin.ap.energy.summary()
     assert s["coverage"] == 1.0
@@ -121,6 +127,20 @@ def test_narrow_policy_trains_digits_and_ledger_shows_narrow_macs(tmp_path, poli
     assert float(logged["adaprec/skipped_steps"]) == 0.0
     assert "adaprec/energy_modeled_j" in logged
     assert Timeline.from_json(tmp_path / "timeline.json") == plugin.ap.timeline
+    # plan changes: one WARNING line per step that changed the plan, in the default log output
+    lines = [r.getMessage() for r in caplog.records if r.name == "adaprec.lightning" and r.levelno == logging.WARNING]
+    change_steps = sorted({ev.step for ev in plugin.ap.timeline.events})
+    assert [int(line.split()[2].rstrip(":")) for line in lines] == change_steps
+    if policy == "error-budget":
+        assert change_steps and all(re.match(r"adaprec step \d+: \d+ changes?: net\.\d\.\w+ \S+->\S+", x) for x in lines)
+        assert "error-budget" in lines[-1], lines[-1]
+    # per-layer, per-role bits through LightningModule.log (so any Lightning logger): the plan in force after
+    # the last logging step
+    every = 10
+    last_logged = max(s for s in range(epochs * STEPS_PER_EPOCH) if s % every == 0)
+    want = plan_bits(plugin.ap.timeline.plans_at(last_logged))
+    assert {k: float(v) for k, v in logged.items() if k.startswith("adaprec/bits/")} == {
+        f"adaprec/bits/{k}": v for k, v in want.items()}
 
 
 def test_checkpoint_resume_restores_adaprec_state_exactly(tmp_path):

@@ -321,3 +321,51 @@ def test_loggers_share_one_interface(tmp_path: Path) -> None:
         lg.close("FINISHED")
         lg.close("FINISHED")  # idempotent: the runner may close on more than one path
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_per_layer_formats_and_the_heat_map_are_where_people_look(logged_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard event files hold bits/<module>.<role> for every layer and role, at the start and at each
+    change of the timeline, and the precision heat map as an image at the end; MLflow holds the same."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from adaprec.plan import ROLES
+
+    run_id = RUN_IDS[1]
+    con = sqlite3.connect(logged_run / DB_NAME)
+    initial = json.loads(con.execute("SELECT initial_plan_json FROM runs WHERE run_id=?", (run_id,)).fetchone()[0])
+    timeline = con.execute("SELECT step, module, role, new FROM timeline WHERE run_id=? ORDER BY rowid",
+                           (run_id,)).fetchall()
+    assert len(timeline) > 10  # cyclic(period=4): a busy timeline
+    scalars, _ = _tensorboard(logged_run, run_id)
+    tags = {f"bits/{m}.{r}" for m in initial["modules"] for r in (*ROLES, "optimizer_state")}
+    assert tags <= set(scalars) and len(initial["modules"]) == 3
+    for m, mp in initial["modules"].items():  # at the start: the plan step 0 runs
+        for r in ROLES:
+            assert scalars[f"bits/{m}.{r}"][0] == _bits(mp[r]["format"])
+    for step, m, r, new in timeline:  # each change, in force from the step after its decision
+        assert scalars[f"bits/{m}.{r}"][step + 1] == _bits(new), (m, r, step)
+
+    acc = EventAccumulator(str(logged_run / "tensorboard" / runner._slug(run_id)), size_guidance={"images": 0})
+    acc.Reload()
+    (image,) = acc.Images("precision/heatmap")
+    assert image.step == STEPS and image.width > 100 and image.height > 100
+    assert image.encoded_image_string.startswith(b"\x89PNG")
+
+    client, runs = _mlflow_runs(logged_run, monkeypatch)
+    run = next(r for r in runs if r.info.run_name == run_id)
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "precision")} == {"precision/heatmap.png"}
+    assert tags <= set(run.data.metrics)
+
+
+def test_change_line_is_one_line_with_the_reasons() -> None:
+    from adaprec.integrations.logging import change_line
+    from adaprec.timeline import TimelineEvent
+
+    events = [TimelineEvent(40, f"fc{i}", "weight", "bf16", "int8/tensor", "error-budget",
+                            "int8: sqnr 31.0 dB >= 24.0 dB") for i in range(8)]
+    events.append(TimelineEvent(40, "fc0", "activation", "bf16", "int8/tensor", "error-budget", "int8:\nsqnr 25 dB"))
+    line = change_line(40, events)
+    assert "\n" not in line
+    assert line.startswith("adaprec step 40: 9 changes: fc0.weight bf16->int8/tensor, fc1.weight bf16->int8/tensor")
+    assert ", ... (+3 more) (error-budget: int8: sqnr 31.0 dB >= 24.0 dB; int8: sqnr 25 dB)" in line
+    assert change_line(3, events[:1]).startswith("adaprec step 3: 1 change: fc0.weight")

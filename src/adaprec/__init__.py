@@ -10,6 +10,7 @@ from typing import Any
 
 from adaprec import formats, plan
 from adaprec.errors import AdaprecError
+from adaprec.explain import Explanation, explain  # light: its heavy imports wait for the first call
 from adaprec.formats import quantize
 from adaprec.plan import ModulePrecision, PrecisionPlan, TensorRecipe
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaprecError",
     "AdaptivePrecision",
+    "Explanation",
     "ModulePrecision",
     "PrecisionPlan",
     "StepResult",
@@ -24,6 +26,7 @@ __all__ = [
     "formats",
     "plan",
     "quantize",
+    "explain",
     "__version__",
 ]
 

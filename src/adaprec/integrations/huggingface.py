@@ -11,7 +11,11 @@ for that, so adaprec overrides the documented methods and nothing private:
   whose ``step()`` is ``ap.step()`` (inf/NaN check, guarded step, monitors,
   policy, ledger) and whose ``state_dict()`` carries adaprec's state, so it
   travels in ``optimizer.pt`` of every checkpoint and resumes exactly;
-- ``log``: training logs gain the energy ledger and plan-change count;
+- ``log``: training logs gain the energy ledger, the plan-change count and
+  the bits of each ``module.role`` (``adaprec/bits/<module>.<role>``: all at
+  the first log, then those that changed), so every ``report_to`` logger
+  shows each layer's format over time; plan changes are logged at WARNING
+  on the ``adaprec.huggingface`` logger, one line per step that changed;
 - ``evaluate`` / ``predict``: fp32 on the master weights, left out of the ledger.
 
 Usage::
@@ -43,7 +47,7 @@ from torch import nn
 
 from adaprec.controller import AdaptivePrecision, StepResult
 from adaprec.errors import UsageError
-from adaprec.integrations.logging import ledger_metrics
+from adaprec.integrations.logging import is_rank_zero, ledger_metrics, plan_bits, step_change_line
 from adaprec.plan import PrecisionPlan
 from adaprec.policies import Policy, build
 
@@ -126,8 +130,8 @@ class AdaptivePrecisionOptimizer(torch.optim.Optimizer):
         r = self.ap.step()
         self.last_result = r
         self.skipped_steps += not r.stepped
-        if r.changes:
-            log.info("adaprec step %d: %s", r.step, "; ".join(map(str, r.changes)))
+        if r.changes and is_rank_zero():  # WARNING: a default logging set-up (Python's last resort) shows it
+            log.warning("%s", step_change_line(self.ap, r.step, r.changes))
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.optimizer.state_dict(), _STATE_KEY: self.ap.state_dict(), "adaprec_skipped": self.skipped_steps}
@@ -229,6 +233,7 @@ class AdaptivePrecisionMixin:
         build(policy)  # a bad policy fails here, not in the middle of train()
         self.ap = None
         self._adaprec_run: dict[str, int] = {}
+        self._adaprec_bits: dict[str, float] = {}  # bits last logged per module.role
         super().__init__(*args, **kwargs)
         _check_supported(self)  # type: ignore[arg-type]
         self.add_callback(_AdaprecEvents(self))  # type: ignore[attr-defined]
@@ -252,6 +257,7 @@ class AdaptivePrecisionMixin:
         if self.ap is not None:
             self.ap.close()
         self.ap = AdaptivePrecision(self.model, opt, self.adaprec_policy, **{**run, **self.adaprec_kwargs})  # type: ignore[attr-defined]
+        self._adaprec_bits = {}
         self.optimizer = AdaptivePrecisionOptimizer(self.ap)
         return self.optimizer
 
@@ -296,7 +302,7 @@ class AdaptivePrecisionMixin:
 
     # --- logging -----------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Training logs gain ``adaprec/*``: loss scale, skipped steps and the ledger totals."""
+        """Training logs gain ``adaprec/*``: loss scale, skipped steps, the ledger totals and changed bits."""
         wrapper = self.adaprec_optimizer
         if self.ap is not None and wrapper is not None and ("loss" in logs or "train_loss" in logs):
             r = wrapper.last_result
@@ -305,6 +311,9 @@ class AdaptivePrecisionMixin:
                 logs["adaprec/loss_scale"] = r.loss_scale
             logs["adaprec/skipped_steps"] = float(wrapper.skipped_steps)
             logs.update({f"adaprec/{k}": v for k, v in ledger_metrics(self.ap).items() if math.isfinite(v)})
+            changed = {k: v for k, v in plan_bits(self.ap.plan).items() if self._adaprec_bits.get(k) != v}
+            self._adaprec_bits.update(changed)
+            logs.update({f"adaprec/bits/{k}": v for k, v in changed.items()})
         if start_time is None:  # older Trainers take no start_time
             super().log(logs)  # type: ignore[misc]
         else:

@@ -35,7 +35,7 @@ from torch import nn
 
 from adaprec.controller import AdaptivePrecision, StepResult
 from adaprec.errors import UsageError
-from adaprec.integrations.logging import ledger_metrics
+from adaprec.integrations.logging import is_rank_zero, ledger_metrics, plan_bits, step_change_line
 from adaprec.plan import PrecisionPlan
 from adaprec.policies import Policy, build
 
@@ -241,9 +241,9 @@ class AdaptivePrecisionPlugin(Precision):
             return None
         ap.unscale_()
         self._after_closure(model, optimizer)  # on_before_optimizer_step hooks and gradient clipping
-        self.last_result = ap.step()
-        if self.last_result.changes:
-            log.info("adaprec step %d: %s", self.last_result.step, "; ".join(map(str, self.last_result.changes)))
+        self.last_result = r = ap.step()
+        if r.changes and is_rank_zero():  # WARNING: a default logging set-up (Python's last resort) shows it
+            log.warning("%s", step_change_line(ap, r.step, r.changes))
         return closure_result
 
     # --- checkpoints ------------------------------------------------------------
@@ -274,6 +274,13 @@ class AdaptivePrecisionPlugin(Precision):
 class AdaptivePrecisionCallback(Callback):
     """Optional: log adaprec's loss scale, skipped steps, plan changes and energy ledger through ``LightningModule.log``.
 
+    Every step: ``adaprec/loss_scale``, ``adaprec/skipped_steps``. Every
+    ``log_every_n_steps``: the ledger totals (``adaprec/energy_modeled_j``,
+    ...) and the bits of each ``module.role`` in force from the next step,
+    ``adaprec/bits/<module>.<role>``: all of them the first time, then those
+    that changed since they were last logged. So any Lightning logger
+    (TensorBoard, MLflow, CSV, ...) shows each layer's format over time.
+
     Args:
         log_every_n_steps: how often the ledger totals are logged (their sum
             runs over every step so far); default: the Trainer's
@@ -289,6 +296,8 @@ class AdaptivePrecisionCallback(Callback):
         self.timeline_path = timeline_path
         self.skipped_steps = 0
         self._last_step = -1
+        self._bits: dict[str, float] = {}  # bits last logged per module.role
+        self._bits_plan: object = None  # the plan they were computed from
 
     @staticmethod
     def _plugin(trainer: pl.Trainer) -> AdaptivePrecisionPlugin:
@@ -316,7 +325,21 @@ class AdaptivePrecisionCallback(Callback):
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 50
         if r.step % every == 0:
             metrics.update({f"adaprec/{k}": v for k, v in ledger_metrics(plugin.ap).items()})
+            metrics.update(self._changed_bits(plugin.ap))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def _changed_bits(self, ap: AdaptivePrecision) -> dict[str, float]:
+        """``adaprec/bits/<module>.<role>`` of the plan in force from the next step: new or changed ones only."""
+        plan = ap.plan
+        if plan is self._bits_plan:
+            return {}
+        self._bits_plan = plan
+        changed = {k: v for k, v in plan_bits(plan).items() if self._bits.get(k) != v}
+        self._bits.update(changed)
+        return {f"adaprec/bits/{k}": v for k, v in changed.items()}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bits, self._bits_plan = {}, None  # a new fit (or a resume) logs every format again
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_steps": self.skipped_steps}

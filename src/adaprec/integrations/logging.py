@@ -18,6 +18,12 @@ and only then. That is why:
 Energy is logged as the ledger holds it: ``energy/modeled_j`` (and a param
 ``energy_profile``) for the modeled figure; ``energy/measured_j`` only for
 steps a meter actually measured.
+
+Precision is logged where people look for it: the bits of every
+``module.role`` as scalars ``bits/<module>.<role>`` at the start and at each
+change, and, at the end of a run, the precision heat map (bits per tensor
+over steps, as in the HTML report) as an image ``precision/heatmap``.
+:func:`plan_bits` and :func:`change_line` serve the trainer integrations too.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOGGER_NAMES", "ExperimentLogger", "RunLoggers", "require", "check_available", "flatten_params", "ledger_metrics",
+    "plan_bits", "change_line", "step_change_line", "precision_figure", "is_rank_zero",
 ]
 
 # logger name -> (module to import, extra that installs it)
@@ -51,6 +58,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
 }
 LOGGER_NAMES: tuple[str, ...] = tuple(_BACKENDS)
 _MAX_PARAM_CHARS = 500  # what every MLflow server accepts; our params are far shorter
+_HEATMAP_COLUMNS = 2000  # a longer run is shown at this many steps, evenly spaced
 
 
 @runtime_checkable
@@ -73,6 +81,9 @@ class ExperimentLogger(Protocol):
 
     def log_precision(self, step: int, bits: Mapping[str, float], changes: Sequence[str]) -> None:
         """Bits of each ``module.role`` in force from ``step`` on, and the changes, one line each."""
+
+    def log_figure(self, step: int, tag: str, figure: Any) -> None:
+        """A matplotlib figure (the precision heat map at the end of a run). Optional: skipped where missing."""
 
     def flush(self) -> None:
         """Send what is buffered."""
@@ -118,8 +129,92 @@ def _bits(plan: PrecisionPlan, module: str, role: str) -> float:
     return float(get(fmt).bits)
 
 
-def _all_bits(plan: PrecisionPlan) -> dict[str, float]:
+def plan_bits(plan: PrecisionPlan) -> dict[str, float]:
+    """Bits of every ``module.role`` of ``plan`` (the four tensor roles and ``optimizer_state``)."""
     return {f"{m}.{r}": _bits(plan, m, r) for m in plan.modules for r in (*ROLES, "optimizer_state")}
+
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def change_line(step: int, events: Sequence[TimelineEvent], *, limit: int = 6) -> str:
+    """The plan changes decided at ``step`` as one log line.
+
+    ``adaprec step 40: 12 changes: fc1.weight bf16->int8/tensor, ..., (+6 more) (error-budget: int8: sqnr
+    31.0 dB >= 24.0 dB)``: the first ``limit`` changes, then the policy and its reasons (at most two distinct).
+    """
+    items = [f"{ev.module or '<root>'}.{ev.role} {ev.old}->{ev.new}" for ev in events]
+    shown = ", ".join(items[:limit]) + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+    reasons = list(dict.fromkeys(_one_line(ev.reason) for ev in events if ev.reason))
+    why = "; ".join(reasons[:2]) + (f"; +{len(reasons) - 2} other reasons" if len(reasons) > 2 else "")
+    who = ", ".join(dict.fromkeys(ev.policy for ev in events))
+    n = len(events)
+    return f"adaprec step {step}: {n} change{'' if n == 1 else 's'}: {shown} ({who}{': ' + why if why else ''})"
+
+
+def is_rank_zero() -> bool:
+    """Not distributed, or rank 0: the process whose log lines a person reads (every rank decides the same)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def step_change_line(ap: AdaptivePrecision, step: int, changes: Sequence[Any] = ()) -> str:
+    """:func:`change_line` for the changes ``ap`` decided at ``step`` (read from the end of its timeline).
+
+    ``changes`` (``StepResult.changes``) stands in when the timeline holds none for that step.
+    """
+    events: list[TimelineEvent] = []
+    for ev in reversed(ap.timeline.events):
+        if ev.step != step:
+            break
+        events.append(ev)
+    events.reverse()
+    if not events:
+        events = [TimelineEvent(step, c.module, c.role, c.old, c.new, ap.policy.name) for c in changes]
+    return change_line(step, events)
+
+
+def precision_figure(initial: PrecisionPlan, events: Iterable[TimelineEvent], steps: int, title: str = "") -> Any:
+    """The precision heat map of one run (rows ``module.role``, columns steps, colour bits), or None.
+
+    A matplotlib ``Figure`` drawn without pyplot (so no backend is switched);
+    None when matplotlib is not installed or the plan has no module. An
+    event decided at step ``s`` is in force from ``s + 1``, as in the report.
+    """
+    try:
+        import numpy as np
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    rows = [f"{m}.{r}" for m in initial.modules for r in ROLES]
+    if not rows:
+        return None
+    index = {r: i for i, r in enumerate(rows)}
+    steps = max(int(steps), 1)
+    cols = min(steps, _HEATMAP_COLUMNS)  # column j shows the plan in force at step j * steps // cols
+    mat = np.empty((len(rows), cols))
+    for m in initial.modules:
+        for r in ROLES:
+            mat[index[f"{m}.{r}"], :] = _bits(initial, m, r)
+    for ev in sorted(events, key=lambda e: e.step):  # stable: same-step events keep their order
+        i = index.get(f"{ev.module}.{ev.role}")
+        first = -(-(ev.step + 1) * cols // steps)  # the first column whose step is >= ev.step + 1
+        if i is not None and first < cols:
+            mat[i, first:] = float(get(ev.new.split("/")[0]).bits)
+    height = min(1.6 + 0.14 * len(rows), 24.0)
+    fig = Figure(figsize=(8.0, height), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=32,
+                   extent=(0, steps, len(rows) - 0.5, -0.5))
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=max(4, min(8, 300 // len(rows))))
+    ax.set_xlabel("step")
+    ax.set_title(f"{title + ': ' if title else ''}bits per tensor", fontsize=9)
+    fig.colorbar(im, ax=ax, label="bits")
+    return fig
 
 
 class RunLoggers:
@@ -135,7 +230,9 @@ class RunLoggers:
     Precision (``log_precision``): bits of every ``module.role`` at the start,
     then of each changed one at the step from which it is in force (a change
     decided at step ``s`` counts from ``s + 1``, as in the timeline table).
-    At the end: ``eval/*``, ``final/<metric>``, ``final/energy/*``.
+    At the end: ``eval/*``, ``final/<metric>``, ``final/energy/*``, and the
+    precision heat map of the whole run as an image (``log_figure``, tag
+    ``precision/heatmap``; needs matplotlib).
 
     Build one with :meth:`open`; with no logger names every call is a no-op.
     """
@@ -148,9 +245,15 @@ class RunLoggers:
         modeled_j: float = 0.0,
         fp32_modeled_j: float = 0.0,
         formats_seen: Iterable[str] = (),
+        initial: PrecisionPlan | None = None,
+        events: Iterable[TimelineEvent] = (),
+        title: str = "",
     ) -> None:
         self._loggers = list(loggers)
         self._plan = plan
+        self._initial = initial if initial is not None else plan  # for the heat map: the run from its start
+        self._events = list(events)
+        self._title = title
         self._modeled = modeled_j
         self._fp32 = fp32_modeled_j
         self._formats = set(formats_seen)  # a format that leaves the plan keeps being logged, as 0
@@ -200,7 +303,7 @@ class RunLoggers:
             ev.new.split("/")[0] for ev in ap.timeline.events if ev.role == "weight"  # a resumed run's past
         }
         feed = cls(loggers, plan=ap.plan, modeled_j=energy["modeled_j"], fp32_modeled_j=energy["fp32_modeled_j"],
-                   formats_seen=seen)
+                   formats_seen=seen, initial=ap.timeline.initial, events=ap.timeline.events, title=run_id)
         feed._emit("log_params", {
             **flatten_params(params),
             "run_id": run_id,
@@ -208,7 +311,7 @@ class RunLoggers:
             "energy_kind": energy["kind"]["modeled_j"],  # "modeled (profile 7nm)"
             "energy_meter": ap.meter.name if ap.meter is not None else f"none ({ap.meter_reason})",
         })
-        feed._emit("log_precision", start_step, _all_bits(ap.plan), [])
+        feed._emit("log_precision", start_step, plan_bits(ap.plan), [])
         return feed
 
     # --- the runner's calls ---------------------------------------------------
@@ -222,6 +325,7 @@ class RunLoggers:
         if not self._loggers:
             return
         by_step = {int(r["step"]): r for r in energy}
+        self._events.extend(events)
         changes: dict[int, list[TimelineEvent]] = {}
         for ev in events:
             changes.setdefault(ev.step, []).append(ev)
@@ -272,6 +376,10 @@ class RunLoggers:
             if summary.get(k) is not None:
                 values[f"final/energy/{k}"] = float(summary[k])
         self._emit("log_scalars", step, values)
+        if any(hasattr(lg, "log_figure") for lg in self._loggers):
+            fig = precision_figure(self._initial, self._events, step, self._title)
+            if fig is not None:
+                self._emit("log_figure", step, "precision/heatmap", fig)
         self.close("FINISHED")
 
     def close(self, status: str = "FINISHED") -> None:
@@ -302,6 +410,8 @@ class RunLoggers:
 
     def _emit(self, method: str, *args: Any) -> None:
         for lg in list(self._loggers):
+            if method == "log_figure" and not hasattr(lg, method):  # optional in the interface
+                continue
             try:
                 getattr(lg, method)(*args)
             except Exception as e:  # noqa: BLE001 - a logger must never stop training or lose stored rows

@@ -68,7 +68,8 @@ class MlflowLogger:
         tags: extra tags for a new run.
 
     Metrics are buffered and sent in batches at :meth:`flush`. Bits of each
-    ``module.role`` are metrics ``bits/<module>.<role>``.
+    ``module.role`` are metrics ``bits/<module>.<role>``; a figure (the
+    precision heat map) is an artifact ``<tag>.png`` (``precision/heatmap.png``).
     """
 
     name = "mlflow"
@@ -133,6 +134,10 @@ class MlflowLogger:
 
     def log_precision(self, step: int, bits: Mapping[str, float], changes: Sequence[str]) -> None:
         self.log_scalars(step, {f"bits/{k}": v for k, v in bits.items()})
+
+    def log_figure(self, step: int, tag: str, figure: Any) -> None:
+        """A matplotlib figure as the PNG artifact ``<tag>.png`` (a later figure of the same tag replaces it)."""
+        self._client.log_figure(self.run_id, figure, f"{tag}.png")
 
     def flush(self) -> None:
         while self._pending:

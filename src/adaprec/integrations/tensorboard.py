@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from adaprec.integrations.logging import require
 
@@ -21,7 +22,7 @@ def _cell(text: str) -> str:
 
 
 class TensorBoardLogger:
-    """Writes scalars with ``add_scalar``, params and precision changes with ``add_text``.
+    """Writes scalars with ``add_scalar``, params and precision changes with ``add_text``, figures with ``add_figure``.
 
     Args:
         log_dir: the directory of this run's event files.
@@ -31,7 +32,8 @@ class TensorBoardLogger:
 
     Bits of each ``module.role`` are scalars ``bits/<module>.<role>``; the
     changes themselves are text under ``precision/changes``; params are one
-    Markdown table under ``run/params``.
+    Markdown table under ``run/params``; the precision heat map is an image
+    under ``precision/heatmap`` (TensorBoard's Images tab).
     """
 
     name = "tensorboard"
@@ -58,6 +60,10 @@ class TensorBoardLogger:
         if changes:
             text = f"in force from step {step}:\n\n" + "\n".join(f"- {_cell(c)}" for c in changes)
             self._writer.add_text("precision/changes", text, global_step=step)
+
+    def log_figure(self, step: int, tag: str, figure: Any) -> None:
+        """A matplotlib figure as an image (the caller keeps and closes the figure)."""
+        self._writer.add_figure(tag, figure, global_step=step, close=False)
 
     def flush(self) -> None:
         self._writer.flush()

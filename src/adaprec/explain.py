@@ -1,0 +1,528 @@
+"""What adaprec would do to a model on this machine, asked before training.
+
+>>> import adaprec
+>>> e = adaprec.explain(model, example_inputs)        # policy="error-budget", hardware="auto"
+>>> print(e.table())                                  # markdown; e.table("plain"); e.to_dict()
+
+One forward and one backward pass on the example inputs, with the engine's
+op recognition counting (as :class:`~adaprec.engine.MacCounter` does, fp32,
+numerics unchanged), lists every GEMM the model runs: the module it is
+attributed to, the op, operand shapes, MACs forward and backward, the
+formats the policy could give it on this device (the hardware-allowed set
+per module, exactly as the controller computes it for its policy), which of
+them run natively here (:func:`adaprec.engine.execution.decide`), the
+modeled energy of one step of that GEMM in fp32 and in its best native
+format (the ledger's pricing, :func:`adaprec.energy.price_step`), and the
+speedup the device probe measured for that format. Coverage comes first:
+the share of MACs under the plan, and what is not covered and why.
+
+The model is left as it was: gradients, buffers (batch-norm statistics) and
+the RNG state are restored, and adaprec's hooks are removed.
+
+The command line does the same for a task: ``adaprec explain CONFIG`` (the
+config's task and policy), ``adaprec explain digits-cnn`` or
+``adaprec explain package.module:function`` (a function returning a Task).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Explanation", "GemmRow", "explain", "explain_task"]
+
+_OP_NAMES = {"scaled_dot_product_attention": "attention", "multi_head_attention_forward": "mha"}
+# operand positions (and keyword names) of the ops whose extra tensor arguments are not GEMM operands
+_OPERAND_ARGS: dict[str, tuple[tuple[int, str], ...]] = {
+    "linear": ((0, "input"), (1, "weight")),
+    "addmm": ((1, "mat1"), (2, "mat2")),
+    "baddbmm": ((1, "batch1"), (2, "batch2")),
+    "attention": ((0, "query"), (1, "key"), (2, "value")),
+    "mha": ((0, "query"), (1, "key"), (2, "value")),
+}
+
+
+@dataclass(frozen=True)
+class GemmRow:
+    """One matmul-like call of the model (its forward GEMMs and the backward GEMMs autograd runs for it).
+
+    ``formats``: what the policy could give it on this device (narrowest
+    first, fp32 always there); ``native``: for each of them, whether this op
+    runs natively in it here. ``fp32_j`` and ``best_j``: modeled joules of
+    one step of this call (compute and its tensors' traffic) in fp32 and in
+    ``best``, the cheapest format of ``formats`` that runs natively;
+    ``speedup``: the probe's measured speedup of ``best`` over fp32 for this
+    op class (None where not measured).
+    """
+
+    module: str
+    op: str  # linear | addmm | matmul | mm | bmm | einsum | conv2d | attention | mha | lstm | ...
+    kind: str  # the engine's op kind: linear | conv | attention | matmul | einsum | mha | rnn
+    shapes: tuple[tuple[int, ...], ...]
+    forward_macs: int
+    backward_macs: int
+    covered: bool
+    reason: str  # why not covered ("" when covered)
+    start: str  # the precision the policy starts this module in
+    formats: tuple[str, ...]
+    native: Mapping[str, bool]
+    fp32_j: float
+    best: str
+    best_j: float
+    speedup: float | None
+
+    @property
+    def macs(self) -> int:
+        """Forward plus backward MACs."""
+        return self.forward_macs + self.backward_macs
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shapes"] = [list(s) for s in self.shapes]
+        d["formats"] = list(self.formats)
+        d["native"] = dict(self.native)
+        d["macs"] = self.macs
+        return d
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The answer of :func:`explain`: every GEMM with its formats and costs, coverage first."""
+
+    model: str
+    device: str
+    policy: str
+    backend: str
+    profile: str
+    rows: tuple[GemmRow, ...]
+    total_macs: int  # the engine's count of one step, forward and backward
+    uncovered: Mapping[str, str] = field(default_factory=dict)  # module -> why its GEMMs run fp32
+    notes: tuple[str, ...] = ()
+
+    @property
+    def covered_macs(self) -> int:
+        return sum(r.macs for r in self.rows if r.covered)
+
+    @property
+    def coverage(self) -> float:
+        """Share of the step's MACs under the plan (1.0 when the model runs no GEMM)."""
+        return self.covered_macs / self.total_macs if self.total_macs else 1.0
+
+    @property
+    def fp32_j(self) -> float:
+        return sum(r.fp32_j for r in self.rows)
+
+    @property
+    def best_j(self) -> float:
+        return sum(r.best_j for r in self.rows)
+
+    def macs_by_module(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.module] = out.get(r.module, 0) + r.macs
+        return out
+
+    # --- showing ------------------------------------------------------------------
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"adaprec explain: {self.model} on {self.device}",
+            f"policy {self.policy}, backend {self.backend}; energy modeled with profile {self.profile}",
+            f"coverage: {100 * self.coverage:.1f} % of {self.total_macs:,} MACs per step (forward + backward) "
+            "under the plan",
+        ]
+        by_module = self.macs_by_module()
+        for m, why in self.uncovered.items():
+            share = by_module.get(m, 0) / self.total_macs if self.total_macs else 0.0
+            lines.append(f"  not covered, runs fp32: {m or '<root>'} ({100 * share:.1f} % of MACs): {why}")
+        if self.fp32_j > 0:
+            saving = 1 - self.best_j / self.fp32_j
+            lines.append(
+                f"modeled energy per step: fp32 {self.fp32_j:.4g} J; each GEMM in its best native format "
+                f"{self.best_j:.4g} J ({100 * saving:.1f} % less)"
+            )
+        lines += [f"note: {n}" for n in self.notes]
+        return lines
+
+    _HEAD = ("module", "op", "shapes", "MACs fwd+bwd", "starts in", "formats here", "native here",
+             "fp32 J/step", "best", "best J/step", "probed speedup")
+
+    def _cells(self, r: GemmRow) -> tuple[str, ...]:
+        from adaprec.hardware.report import format_speedup
+
+        native = [f for f in r.formats if r.native.get(f)]
+        return (
+            r.module or "<root>",
+            r.op,
+            " · ".join("x".join(map(str, s)) for s in r.shapes),
+            f"{r.macs:,}",
+            r.start,
+            ", ".join(r.formats),
+            ", ".join(native) if native else "-",
+            f"{r.fp32_j:.3g}",
+            r.best,
+            f"{r.best_j:.3g}",
+            format_speedup(r.speedup) if r.best != "fp32" else "1.00x",
+        )
+
+    def table(self, style: str = "markdown") -> str:
+        """Coverage and totals, then one row per GEMM call: ``style`` ``"markdown"`` or ``"plain"``."""
+        if style not in ("markdown", "plain"):
+            from adaprec.errors import UsageError
+
+            raise UsageError(f"table style must be 'markdown' or 'plain', got {style!r}")
+        body = [self._cells(r) for r in self.rows]
+        lines = self.summary_lines() + [""]
+        if style == "markdown":
+            lines.append("| " + " | ".join(self._HEAD) + " |")
+            lines.append("|" + "---|" * len(self._HEAD))
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+        else:
+            widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
+                      for i, h in enumerate(self._HEAD)]
+            lines.append("  ".join(h.ljust(w) for h, w in zip(self._HEAD, widths, strict=True)).rstrip())
+            lines.append("  ".join("-" * w for w in widths))
+            lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in body]
+        if not body:
+            lines.append("(no matmul-like op ran)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table("plain")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data."""
+        return {
+            "model": self.model, "device": self.device, "policy": self.policy, "backend": self.backend,
+            "profile": self.profile, "total_macs": self.total_macs, "covered_macs": self.covered_macs,
+            "coverage": self.coverage, "uncovered": dict(self.uncovered), "fp32_j": self.fp32_j,
+            "best_j": self.best_j, "notes": list(self.notes), "rows": [r.to_dict() for r in self.rows],
+        }
+
+
+# --- the counting pass ------------------------------------------------------------------------------
+
+
+def _recorder(model: Any, module_filter: Any) -> Any:
+    """A counting engine (fp32, as MacCounter) that also keeps every recognised call and its operand shapes."""
+    from adaprec.energy.counting import ModuleCost, StepCost
+    from adaprec.engine.engine import PrecisionEngine
+
+    class _Recorder(PrecisionEngine):
+        def __init__(self) -> None:
+            super().__init__(model, backend="emulate", module_filter=module_filter)
+            self.calls: list[tuple[str, Any, tuple[tuple[int, ...], ...]]] = []
+            self._args: tuple[Any, Any] = ((), {})
+
+        def _dispatch(self, func, args, kwargs):  # noqa: ANN001, ANN202 - the engine's own signature
+            self._args = (args, kwargs)
+            return super()._dispatch(func, args, kwargs)
+
+        def _record(self, name, call, ex, mp) -> None:  # noqa: ANN001
+            super()._record(name, call, ex, mp)
+            self.calls.append((name, call, _operand_shapes(call, *self._args)))
+
+        def cost_of(self, name: str, call: Any, ex: Any, mp: Any) -> ModuleCost:
+            """What the ledger would record for this one call run as ``ex`` under ``mp``, backward included."""
+            saved = self._cost, self._pending
+            self._cost, self._pending = StepCost(), []
+            try:
+                PrecisionEngine._record(self, name, call, ex, mp)
+                mc = self._cost.modules[name]
+                mc.gemms.extend(g for _, g in self._pending)
+                return mc
+            finally:
+                self._cost, self._pending = saved
+
+    return _Recorder()
+
+
+def _operand_shapes(call: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[tuple[int, ...], ...]:
+    import torch
+
+    op = _OP_NAMES.get(call.func_name, call.func_name)
+    spec = _OPERAND_ARGS.get(op) or (_OPERAND_ARGS["linear"] if op.startswith("conv") else None)
+    found: list[Any] = []
+    if spec is not None:
+        for i, key in spec:
+            found.append(args[i] if len(args) > i else kwargs.get(key))
+    elif call.kind == "rnn":
+        found = [args[0]] if args else []
+    else:  # matmul, mm, bmm, einsum: every tensor operand
+        for a in list(args) + list(kwargs.values()):
+            found += list(a) if isinstance(a, (list, tuple)) else [a]
+    return tuple(tuple(t.shape) for t in found if isinstance(t, torch.Tensor))
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A tensor -> model(x); a tuple or list -> model(*inputs); a dict -> model(**inputs)."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _tensors(out: Any) -> Iterable[Any]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, Mapping):
+        for v in out.values():
+            yield from _tensors(v)
+    elif isinstance(out, (list, tuple)):
+        for v in out:
+            yield from _tensors(v)
+
+
+def _loss(out: Any, loss_fn: Callable[[Any], Any] | None) -> Any:
+    """The scalar to run backward from: ``loss_fn(out)``, else the output's ``loss``, else the sum of its outputs."""
+    import torch
+
+    if loss_fn is not None:
+        return loss_fn(out)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.requires_grad:
+        return loss
+    parts = [t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
+    return sum(parts[1:], parts[0]) if parts else None
+
+
+def _short(mp: Any) -> str:
+    """A module precision as a few words: ``bf16``, ``int8/tensor``, or ``w=... a=... go=...``."""
+    shorts = [mp.weight.short(), mp.activation.short(), mp.grad_output.short()]
+    if len({r.split("/")[0] for r in shorts}) == 1:
+        return shorts[0] if len(set(shorts)) == 1 else shorts[0].split("/")[0]
+    return f"w={shorts[0]} a={shorts[1]} go={shorts[2]}"
+
+
+def _uniform(fmt: str) -> Any:
+    """The module precision that puts every operand of an op in ``fmt``, with the recipes policies use."""
+    from adaprec.formats import get
+    from adaprec.plan import ModulePrecision, TensorRecipe
+    from adaprec.policies.ladder import recipe_for
+
+    if fmt == "fp32":
+        return ModulePrecision()
+    gw = fmt if get(fmt).bits >= 16 else "bf16"  # a GEMM output, accumulated wide (as the error budget keeps it)
+    return ModulePrecision(
+        weight=recipe_for(fmt, "weight"), activation=recipe_for(fmt, "activation"),
+        grad_output=recipe_for(fmt, "grad_output"), grad_weight=TensorRecipe(gw),
+    )
+
+
+def _restore_after(model: Any) -> Callable[[], None]:
+    """Save gradients and buffers now; the returned function puts them back."""
+    import torch
+
+    grads = [(p, p.grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def restore() -> None:
+        for p, g in grads:
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+    return restore
+
+
+def explain(
+    model: Any,
+    example_inputs: Any,
+    policy: Any = "error-budget",
+    hardware: Any = "auto",
+    *,
+    loss_fn: Callable[[Any], Any] | None = None,
+    energy_profile: str = "7nm",
+    name: str | None = None,
+    **ap_kwargs: Any,
+) -> Explanation:
+    """Every GEMM ``model`` runs on ``example_inputs``, the formats ``policy`` could give it here, and their costs.
+
+    Args:
+        model: an ``nn.Module`` (left as it was).
+        example_inputs: one batch: a tensor (``model(x)``), a tuple or list
+            (``model(*inputs)``) or a dict (``model(**inputs)``).
+        policy: as for :class:`~adaprec.AdaptivePrecision` (name, dict, plan or policy).
+        hardware: ``"auto"`` (probe this device, cached), a
+            :class:`~adaprec.hardware.DeviceReport`, or None (nothing narrow native).
+        loss_fn: ``output -> scalar`` for the backward pass; default: the
+            output's ``loss`` (Hugging Face models given labels), else the sum
+            of every floating output that needs a gradient.
+        energy_profile: the device profile the modeled joules come from.
+        name: what to call the model in the table (default: its class name).
+        **ap_kwargs: other :class:`~adaprec.AdaptivePrecision` keywords that
+            change what is covered or allowed (``backend``, ``module_filter``,
+            ``pins``, ``quantize_embeddings``, ``target``).
+
+    Returns an :class:`Explanation` (``.table()``, ``.to_dict()``).
+    """
+    import torch
+
+    from adaprec.controller import AdaptivePrecision
+    from adaprec.energy import load_profile, price_step
+    from adaprec.energy.counting import StepCost
+    from adaprec.engine.execution import FP32_EXEC, OP_CLASS, decide
+    from adaprec.engine.ops import KIND_OF
+    from adaprec.errors import UsageError
+    from adaprec.policies.ladder import width_rank
+
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"explain() needs a torch.nn.Module, got {type(model).__name__}")
+    profile = load_profile(energy_profile)
+    args, kwargs = _split_inputs(example_inputs)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable or [torch.nn.Parameter(torch.zeros(1))], lr=0.0)  # never stepped
+    ap_kwargs.setdefault("tune_allocator", False)  # a look at the model changes nothing process-wide
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ap = AdaptivePrecision(model, optimizer, policy, hardware=hardware, energy_profile=energy_profile,
+                               **ap_kwargs)
+        rec = None
+        restore = _restore_after(model)
+        try:
+            ap.prepare(*args, **kwargs)  # the controller's discovery: sites, pins, the policy set up for them
+            allowed, _ = ap._allowed()  # per module, what this device runs natively and fast (None: research)
+            plan = ap.plan
+            candidates = tuple(ap.policy.candidate_formats)
+            caps, backend = ap.engine.caps, ap.engine.backend
+            rec = _recorder(model, ap.engine.module_filter)
+            devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+            with torch.random.fork_rng(devices=devices):
+                for p in model.parameters():
+                    p.grad = None
+                with rec.activate():
+                    out = model(*args, **kwargs)
+                loss = _loss(out, loss_fn)
+                if loss is not None:
+                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                        raise UsageError("explain(): loss_fn must return a scalar tensor")
+                    loss.backward()
+            rec.commit_backward()  # the backward GEMMs, recorded at forward time, join the step
+            total = rec.pop_step_cost()
+        finally:
+            restore()
+            if rec is not None:
+                rec.remove()
+            ap.close()
+    for w in caught:
+        text = str(w.message)
+        if text.startswith("adaprec: "):
+            notes.append(text.removeprefix("adaprec: "))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    report = ap.hardware
+    tables = {} if report is None else {"gemm": report.formats, "conv": report.conv, "attention": report.attention}
+    uncovered: dict[str, str] = {}
+    rows: list[GemmRow] = []
+    for mod, call, shapes in rec.calls:
+        if not call.gemms:  # an embedding's gather: traffic, no GEMM
+            continue
+        kind = KIND_OF.get(call.kind, call.kind)
+        site = ap.engine.sites.get(mod)
+        if site is not None:
+            covered, reason = site.covered, site.reason
+        else:  # ran only with gradients enabled: the no-grad discovery pass never saw it
+            covered, reason = False, "runs only with gradients enabled, so discovery (ap.prepare) does not see it"
+        if not covered:
+            uncovered[mod] = reason
+        mp = plan.modules.get(mod) if covered else None
+        formats: tuple[str, ...]
+        if mp is None:
+            start, formats = ("fp32" if covered else "fp32 (not covered)"), ("fp32",)
+        elif mod in plan.pinned:
+            start = f"{_short(mp)} (pinned)"
+            formats = tuple(dict.fromkeys((mp.weight.format, "fp32")))
+        else:
+            start = _short(mp)
+            wanted = set(candidates) or {mp.weight.format, mp.activation.format, mp.grad_output.format}
+            here = allowed.get(mod, frozenset({"fp32"})) if allowed is not None else None
+            formats = tuple(sorted({f for f in wanted if here is None or f in here} | {"fp32"}, key=width_rank))
+        weight_op = call.weight is not None
+        fp32_j = price_step(StepCost({mod: rec.cost_of(mod, call, FP32_EXEC, None)}), profile, "fp32").modeled_j
+        native: dict[str, bool] = {}
+        priced: dict[str, float] = {}
+        for f in formats:
+            if f == "fp32":
+                native[f], priced[f] = True, fp32_j
+                continue
+            umf = _uniform(f)
+            ex = decide(kind, umf, caps, backend, weight_op)
+            native[f] = all(nat for _, nat in ex.formats.values())
+            if native[f]:
+                cost = StepCost({mod: rec.cost_of(mod, call, ex, umf)})
+                priced[f] = price_step(cost, profile, "executed").modeled_j
+        best = min(priced, key=lambda f: (priced[f], width_rank(f)))
+        support = tables.get(OP_CLASS.get(kind, "gemm"), {}).get(best)
+        rows.append(GemmRow(
+            module=mod, op=_OP_NAMES.get(call.func_name, call.func_name), kind=kind, shapes=shapes,
+            forward_macs=call.macs, backward_macs=call.backward_macs(), covered=covered, reason=reason,
+            start=start, formats=formats, native=native, fp32_j=fp32_j, best=best, best_j=priced[best],
+            speedup=1.0 if best == "fp32" else (support.speedup if support is not None else None),
+        ))
+    if report is None:
+        device = "a device not probed (hardware=None: nothing narrow runs natively)"
+    else:
+        device = f"{report.device} ({report.name}, torch {report.torch_version}, {report.threads} threads)"
+    notes = [n for n in dict.fromkeys(notes) if not any(why and why in n for why in uncovered.values())]
+    return Explanation(
+        model=name or type(model).__name__, device=device, policy=ap.policy.name, backend=backend,
+        profile=profile.name, rows=tuple(rows), total_macs=total.macs, uncovered=uncovered,
+        notes=tuple(notes),
+    )
+
+
+def explain_task(
+    target: str,
+    policy: Any = None,
+    hardware: Any = "auto",
+    seed: int = 0,
+    energy_profile: str | None = None,
+) -> Explanation:
+    """:func:`explain` on a task's model and first training batch, as ``adaprec explain TARGET`` does.
+
+    ``target``: an experiment config file (its task, its energy profile and
+    its error-budget policy, else its first policy other than the fp32
+    baseline), a built-in task name, or
+    ``package.module:function`` returning a Task. ``policy`` and
+    ``energy_profile`` override the config's (default ``error-budget``, ``7nm``).
+    """
+    from adaprec.errors import AdaprecError, TaskError
+    from adaprec.experiments.runner import epoch_seed
+    from adaprec.experiments.tasks import get_task
+
+    config_policy, config_profile = None, None
+    task_name = target
+    if Path(target).suffix.lower() in (".yaml", ".yml", ".json") or Path(target).is_file():
+        from adaprec.experiments.config import load_config
+
+        config = load_config(target)
+        task_name = config.task
+        config_profile = config.energy_profile
+        narrow = [s for s in config.policies if not (s.name == "fp32" and not s.kwargs)]
+        narrow.sort(key=lambda s: s.name != "error-budget")  # the default policy if the config has it
+        if narrow:
+            config_policy = narrow[0].build_arg()
+    try:
+        task = get_task(task_name)
+        model = task.make_model(seed)
+        x, y = next(iter(task.train_loader(epoch_seed(seed, 0))))
+    except AdaprecError:
+        raise
+    except Exception as e:
+        if ":" not in task_name:
+            raise
+        raise TaskError(f"user task {task_name!r} raised {type(e).__name__}: {' '.join(str(e).split())}; "
+                        "fix the task (rerun with --debug for the traceback)") from e
+    return explain(
+        model, x, policy if policy is not None else (config_policy or "error-budget"), hardware,
+        loss_fn=lambda out: task.loss_fn(out, y), energy_profile=energy_profile or config_profile or "7nm",
+        name=task.name,
+    )
