@@ -1,4 +1,4 @@
-"""The ``adaprec`` command: formats, run, report, calibrate.
+"""The ``adaprec`` command: formats, run, report, devices, explain, calibrate.
 
 Heavy imports happen inside each command, so ``adaprec formats`` starts fast
 and a missing optional extra only matters to the command that needs it.
@@ -89,6 +89,20 @@ class _Parser(argparse.ArgumentParser):
 _DEBUG_HELP = "on an error, show the Python traceback instead of one line (for bug reports)"
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from adaprec.explain import explain_task
+
+    explanation = explain_task(args.target, policy=args.policy, hardware=None if args.hardware == "none" else "auto",
+                               seed=args.seed, energy_profile=args.energy_profile)
+    if args.format == "json":
+        print(json.dumps(explanation.to_dict(), indent=2))
+    else:
+        print(explanation.table(args.format))
+    return 0
+
+
 def _cmd_devices(args: argparse.Namespace) -> int:
     from adaprec.hardware import probe
 
@@ -125,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", action="store_true", help="measure again instead of reading the cache")
     p.add_argument("--quick", action="store_true", help="one small shape per format (well under a second)")
     p.set_defaults(func=_cmd_devices)
+    p = sub.add_parser("explain", parents=[common],
+                       help="before training: every GEMM of a task's model, the formats this device runs natively "
+                            "for it, and the modeled cost of a step")
+    p.add_argument("target", help="an experiment config (its task and first policy), a built-in task name "
+                                  "(e.g. digits-cnn) or package.module:function returning a Task")
+    p.add_argument("--policy", default=None,
+                   help="policy to explain (default: a config's error-budget, else its first policy; error-budget)")
+    p.add_argument("--hardware", choices=("auto", "none"), default="auto",
+                   help="auto: probe this device (cached); none: assume nothing narrow runs natively")
+    p.add_argument("--energy-profile", default=None, help="device profile of the modeled energy (default 7nm)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and the example batch")
+    p.add_argument("--format", choices=("markdown", "plain", "json"), default="markdown", help="output format")
+    p.set_defaults(func=_cmd_explain)
     p = sub.add_parser("calibrate", parents=[common], help="fit an energy profile from measured GEMM and bandwidth sweeps (needs a meter)")
     p.add_argument("--device", default="cuda", help="torch device to run the sweeps on (default cuda)")
     p.add_argument("--formats", nargs="+", default=["fp32", "bf16"], help="formats of the GEMM sweeps")

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -244,7 +245,7 @@ def _run_one(
     buffer: list[dict[str, Any]] = []
     flushed = done
     started = time.perf_counter()
-    bar = _bar(run_id, total, done, progress)
+    bar = _bar(run_id, total, done, progress, every=eval_every)
 
     def flush() -> None:
         nonlocal flushed
@@ -330,7 +331,72 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _bar(run_id: str, total: int, initial: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+class _LineProgress:
+    """Progress for a log, not a terminal: one plain line per evaluation (every ``every`` steps) and at the end.
 
-    return tqdm(total=total, initial=initial, desc=run_id, disable=not enabled, leave=True, dynamic_ncols=True)
+    What a CI log, ``nohup`` or a captured notebook cell should get instead of
+    a bar's carriage-return updates. Speaks the few tqdm calls the runner makes.
+    A due line waits for the postfix the runner may set right after
+    ``update`` (loss and plan), then shows the latest one.
+    """
+
+    def __init__(self, desc: str, total: int, initial: int, every: int, file: Any) -> None:
+        self.desc, self.total, self.n, self.every, self.file = desc, total, initial, max(1, every), file
+        self.postfix = ""
+        self._start_n, self._t0 = initial, time.perf_counter()
+        self._due: int | None = None
+        self._printed = initial
+
+    def update(self, n: int = 1) -> None:
+        self._print_due()
+        self.n += n
+        if self.n % self.every == 0 or self.n >= self.total:
+            self._due = self.n
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+        self._print_due()
+
+    def close(self) -> None:
+        self._print_due()
+        if self._printed != self.n:
+            self._due = self.n
+            self._print_due()
+
+    def _print_due(self) -> None:
+        if self._due is None:
+            return
+        n, self._due = self._due, None
+        elapsed = time.perf_counter() - self._t0
+        rate = (n - self._start_n) / elapsed if elapsed > 0 else 0.0
+        line = f"{self.desc}: step {n}/{self.total} ({100 * n / max(self.total, 1):.0f}%), {elapsed:.1f} s, {rate:.2f} steps/s"
+        print(line + (f" | {self.postfix}" if self.postfix else ""), file=self.file, flush=True)
+        self._printed = n
+
+
+def _in_notebook() -> bool:
+    """A Jupyter kernel is running us (tqdm.auto then draws a widget, not carriage returns)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def _bar(run_id: str, total: int, initial: int, enabled: bool, every: int | None = None, file: Any = None) -> Any:
+    """A live tqdm bar on a terminal (or a notebook widget); one line per evaluation on anything else.
+
+    ``every``: steps between evaluations (default a tenth of the run);
+    ``file``: where to write (default ``sys.stderr``, looked up now).
+    """
+    from tqdm import tqdm
+
+    stream = sys.stderr if file is None else file
+    if not enabled:
+        return tqdm(total=total, initial=initial, disable=True)
+    if file is None and _in_notebook():
+        from tqdm.auto import tqdm as auto
+
+        return auto(total=total, initial=initial, desc=run_id, leave=True)
+    isatty = getattr(stream, "isatty", None)
+    if callable(isatty) and isatty():
+        return tqdm(total=total, initial=initial, desc=run_id, leave=True, dynamic_ncols=True, file=stream)
+    return _LineProgress(run_id, total, initial, every or max(1, total // 10), stream)
