@@ -112,7 +112,7 @@ def test_repeated_failure_climbs_to_fp32_then_stops():
             plan = g.decide(snap(step, plan, nonfinite=True, nonfinite_cause="gradients", overflowed=("a",)), step)
             seen.append(plan.get("a").weight.format)
     assert seen[:3] == ["fp8_e4m3", "bf16", "fp32"]  # skip, then one rung per repeat
-    assert len(seen) <= 6  # no endless loop
+    assert len(seen) <= 8  # no endless loop: a few rungs, then max_retries steps in fp32
 
 
 def test_named_module_already_fp32_raises_the_others():

@@ -37,7 +37,7 @@ def _train(task: Task, steps: int, seed: int = 0) -> tuple[torch.nn.Module, list
 
 
 def test_registry_lists_tasks_and_rejects_unknown() -> None:
-    assert set(task_names()) == {"digits-cnn", "mnist1d-cnn", "mnist-mlp", "char-transformer"}
+    assert set(task_names()) == {"digits-cnn", "mnist1d-cnn", "mnist-mlp", "char-transformer", "shakespeare-gpt"}
     with pytest.raises(TaskError, match="known tasks: digits-cnn"):
         get_task("digits-rnn")
 
@@ -111,7 +111,7 @@ def test_char_transformer_text_and_learning() -> None:
     assert task.info["chars"] > 900_000 and 60 <= task.info["vocab"] <= 100
     assert task.info["test"] == pytest.approx(0.1 * task.info["chars"], rel=0.01)
     x, y = next(iter(task.train_loader(0)))
-    assert x.shape == y.shape == (32, 64)
+    assert x.shape == y.shape == (12, 64)  # nanoGPT CPU config: batch 12, block 64
     assert torch.equal(x[:, 1:], y[:, :-1]), "targets are the next characters"
     model = task.make_model(0)
     start = task.evaluate(model)

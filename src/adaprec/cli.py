@@ -12,6 +12,7 @@ re-raises instead, to show the traceback. See docs/reliability.md.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import unicodedata
@@ -34,10 +35,33 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from adaprec.distributed import launch, launched_world_size
     from adaprec.experiments.config import load_config
     from adaprec.experiments.runner import run_experiment
 
-    config = load_config(args.config)
+    config = load_config(args.config)  # a bad config fails here, before any rank starts
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        from adaprec.distributed import DistributedError
+
+        raise DistributedError(f"--nproc must be a number of processes >= 1, got {nproc}")
+    if nproc > 1 and launched_world_size() <= 1:  # start the ranks; rank 0 prints the summary
+        argv = ["run", args.config] + (["--out", args.out] if args.out else []) + (
+            ["--resume"] if args.resume else []) + (["--quiet"] if args.quiet else []) + (
+            ["--debug"] if getattr(args, "debug", False) else [])
+        code = launch(argv, nproc)
+        if code == 1:
+            print(f"adaprec: error: a rank of the {nproc}-process run failed (its message is above); "
+                  "rerun with --debug for the traceback", file=sys.stderr)
+        return code
+    if launched_world_size() > 1 and int(os.environ.get("RANK", "0") or 0) != 0:
+        try:  # a rank other than 0: trains its slice, writes and prints nothing (rank 0 reports errors too)
+            run_experiment(config, out_dir=args.out, resume=args.resume, progress=False, report=False)
+        except AdaprecError:
+            if getattr(args, "debug", False):
+                raise
+            return EXIT_USER_ERROR
+        return 0
     run_dir = run_experiment(config, out_dir=args.out, resume=args.resume, progress=not args.quiet)
     summary = run_dir / "report.md"
     if summary.exists():
@@ -129,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars (CI)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N local processes through torch.distributed.run (gloo on CPU, NCCL on GPUs): "
+                        "data-parallel, one precision decision for all ranks, one store and one report")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("report", parents=[common], help="(re)write the report of a run directory")
     p.add_argument("run_dir")

@@ -35,8 +35,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaprec.distributed import (
+    DistributedError,
+    Packer,
+    RankSync,
+    alias_fsdp_params,
+    fsdp_modules,
+    is_sharded,
+    local,
+    world,
+)
 from adaprec.energy import EnergyLedger, MeasurementWindow, detect_meter
 from adaprec.engine import Capabilities, PrecisionEngine
+from adaprec.engine.sites import unwrap
 from adaprec.errors import CheckpointError, PlanError, UsageError
 from adaprec.formats import get, quantize
 from adaprec.formats.loss_scaling import DynamicLossScaler
@@ -72,6 +83,11 @@ class StepResult:
 
     def __bool__(self) -> bool:
         return self.stepped
+
+
+def _locals(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's local shard (FSDP2 DTensors); plain tensors as they are."""
+    return [local(t) for t in tensors]
 
 
 def _param_owners(model: nn.Module, modules: Sequence[str]) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -136,6 +152,15 @@ class AdaptivePrecision:
         tune_allocator: on CPU, raise glibc's mmap threshold once per process
             (:func:`adaprec.engine.allocator.tune_cpu_allocator`): fresh pages for
             every large tensor cost more than an int8 GEMM (measured). Process-wide.
+        distributed: under ``torch.distributed`` (``None``, the default: whenever a
+            process group of 2+ ranks is initialised), every statistic the policy and
+            the guard read is exchanged between ranks in one collective per step, so
+            every rank takes the same decision; the plan each step ran under is checked
+            to be the same on every rank; the ledger sums over ranks. ``True`` requires a
+            process group; ``False`` lets each rank decide from its own statistics (no
+            collective; plans may then diverge: for experiments only). The model may be
+            wrapped in DistributedDataParallel (names stay the user's: ``fc1``, not
+            ``module.fc1``) or sharded with ``fully_shard`` (FSDP2). See docs/distributed.md.
     """
 
     def __init__(
@@ -160,6 +185,7 @@ class AdaptivePrecision:
         hardware: Any = "auto",
         target: str | None = None,
         tune_allocator: bool = True,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -169,7 +195,10 @@ class AdaptivePrecision:
             raise UsageError(f"monitor_every must be an int >= 1, got {monitor_every!r}")
         if backend not in ("auto", "emulate", "native"):
             raise UsageError(f"backend must be 'auto', 'native' or 'emulate', got {backend!r}")
-        other = _ATTACHED.get(model)
+        if distributed not in (None, True, False):
+            raise UsageError(f"distributed must be None (auto), True or False, got {distributed!r}")
+        inner = unwrap(model)  # inside a DDP / torch.compile wrapper: the user's module
+        other = _ATTACHED.get(inner)
         if other is not None and other() is not None and not other()._closed:
             raise UsageError(
                 f"this {type(model).__name__} already has an AdaptivePrecision attached; call ap.close() on it "
@@ -178,7 +207,26 @@ class AdaptivePrecision:
         self.model = model
         self.optimizer = optimizer
         self.target = target
-        self.hardware = self._probe(model, hardware, backend)
+        device = next((p.device for p in model.parameters()), None)
+        self.world = world(device=device) if distributed is not False else None
+        if distributed is True and (self.world is None or self.world.size < 2):
+            raise DistributedError(
+                "distributed=True needs an initialised torch.distributed process group of 2 or more ranks: "
+                "launch with torchrun (or adaprec run --nproc N) and call torch.distributed.init_process_group() "
+                "before building AdaptivePrecision"
+            )
+        # one decision for all ranks: the statistics every decision reads are exchanged (adaprec.distributed)
+        self._sync = RankSync(self.world) if self.world is not None and self.world.size > 1 else None
+        if self._sync is not None and hardware == "auto":
+            # policies choose among the formats the probe found fast: every rank must see the same list, so
+            # rank 0 probes (timings of ranks sharing a machine would differ) and tells the others
+            from adaprec.hardware import DeviceReport
+
+            mine = self._probe(model, hardware, backend) if self._sync.world.rank == 0 else None
+            shared = self._sync.ex.broadcast_object(None if mine is None else mine.to_dict())
+            self.hardware = None if shared is None else DeviceReport.from_dict(shared)
+        else:
+            self.hardware = self._probe(model, hardware, backend)
         self.allocator = "glibc defaults (tune_allocator=False)"
         if tune_allocator and backend != "emulate" and not any(p.is_cuda for p in model.parameters()):
             from adaprec.engine.allocator import tune_cpu_allocator
@@ -188,6 +236,8 @@ class AdaptivePrecision:
         self.engine = PrecisionEngine(
             model, backend=backend, module_filter=module_filter, seed=seed, compile=compile, capabilities=caps
         )
+        if fsdp_modules(inner):  # FSDP2: the forward sees all-gathered parameters; tell the site map whose
+            alias_fsdp_params(self.engine.map.owners, self.engine.map.names, inner)
         self.engine.on_new_site = self._on_new_site
         self._user_pins = dict(pins or {})
         self._quantize_embeddings = quantize_embeddings
@@ -207,12 +257,17 @@ class AdaptivePrecision:
         self.timeline = Timeline()
         self.timeline.set_initial(self.engine.plan)
         self.energy = EnergyLedger(profile=energy_profile, target=target)
+        if self._sync is not None:
+            self.energy.world_size, self.energy.rank = self._sync.world.size, self._sync.world.rank
         self.meter, self.meter_reason = detect_meter()
         self._window = MeasurementWindow(self.meter) if self.meter is not None else None
         self.shadow_every = shadow_every
         self.shadow: dict[int, dict[str, tuple[float, float]]] = {}
         self._owners: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._sharded = any(is_sharded(p) for p in self._params)  # FSDP2: each rank holds shards
+        self._prev_wall: float | None = None  # wall time of the last step, sent with the next exchange
+        self._shadow_parts: dict[str, torch.Tensor] = {}  # a distributed shadow audit's sums, until exchanged
         self._backup: tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, str]]] | None = None
         # keep a pre-step copy only when something may ask to roll a step back
         self._guarded = hasattr(self.policy, "rollback_requested")
@@ -225,7 +280,7 @@ class AdaptivePrecision:
         self._t0: float | None = None
         self._sync_cuda = any(p.is_cuda for p in model.parameters())
         self._closed = False
-        _ATTACHED[model] = weakref.ref(self)
+        _ATTACHED[inner] = weakref.ref(self)
 
     # --- hardware and discovery ------------------------------------------------------
     @staticmethod
@@ -432,7 +487,7 @@ class AdaptivePrecision:
         self._phase = "backward"
 
     def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self._params if p.grad is not None]
+        return [local(p.grad) for p in self._params if p.grad is not None]
 
     def _unscale_and_check(self) -> bool:
         grads = self._grads()
@@ -451,7 +506,7 @@ class AdaptivePrecision:
     def _overflowed_modules(self) -> tuple[str, ...]:
         bad = []
         for m, params in self._owners.items():
-            if any(p.grad is not None and not torch.isfinite(p.grad).all() for _, p in params):
+            if any(p.grad is not None and not torch.isfinite(local(p.grad)).all() for _, p in params):
                 bad.append(m)
         return tuple(bad)
 
@@ -461,12 +516,12 @@ class AdaptivePrecision:
             for k, v in self.optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v):
                     keys.append((i, k))
-                    tensors.append(v)
+                    tensors.append(local(v))
         return keys, tensors
 
     def _save_backup(self) -> None:
         """Copy master weights and optimizer state into reused buffers (one fused copy each)."""
-        params = [p.detach() for p in self._params]
+        params = _locals([p.detach() for p in self._params])
         keys, state = self._state_tensors()
         if self._backup is None or self._backup[2] != keys:
             self._backup = ([p.clone() for p in params], [v.detach().clone() for v in state], keys)
@@ -481,7 +536,7 @@ class AdaptivePrecision:
             return False
         weights, state, keys = self._backup
         with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in self._params], weights)
+            torch._foreach_copy_(_locals([p.detach() for p in self._params]), weights)
             now_keys, now = self._state_tensors()
             if now_keys == keys:
                 if state:
@@ -524,18 +579,23 @@ class AdaptivePrecision:
         overflowed: tuple[str, ...] = ()
         # a cast that met inf/NaN would hide it (int8 and saturating formats clip): the fault is the engine's to report
         cast_faults = self.engine.pop_faults()
-        if nonfinite or not math.isfinite(loss) or cast_faults:
-            overflowed = unscaled[1] if unscaled is not None and nonfinite else self._overflowed_modules()
-            overflowed = tuple(dict.fromkeys(overflowed + tuple(m for m, _ in cast_faults)))
+        if self._sync is not None:  # every rank: the same loss, flags, faults and statistics from here on
+            nonfinite, loss, cast_faults, overflowed = self._exchange(
+                step, plan_used, sampled, nonfinite, loss, cast_faults, unscaled
+            )
+            bad = nonfinite or not math.isfinite(loss) or bool(cast_faults)
+        else:
+            bad = nonfinite or not math.isfinite(loss) or bool(cast_faults)
+            if bad:
+                overflowed = unscaled[1] if unscaled is not None and nonfinite else self._overflowed_modules()
+                overflowed = tuple(dict.fromkeys(overflowed + tuple(m for m, _ in cast_faults)))
+        if bad:
             nonfinite = True
         else:
             self.monitor.observe_loss(loss)
-            if sampled:
-                for m, params in self._owners.items():
-                    for pname, p in params:
-                        if pname.endswith("weight") and p.grad is not None:
-                            self.monitor.observe_grads(m, p.grad)
-                            break
+            if sampled and self._sync is None:
+                for m, p in self._weight_params():
+                    self.monitor.observe_grads(m, p.grad)
         if self._scale != 1.0 or self._scaling_needed():
             self.loss_scaler.update(nonfinite)
         cause = ""
@@ -549,12 +609,15 @@ class AdaptivePrecision:
         stepped = False
         rolled_back = False
         if nonfinite:
-            if cast_faults:
+            if not math.isfinite(loss):  # the forward pass already failed: the casts backward only met its NaN
+                reason = f"skipped: inf/NaN in the loss ({loss}), from the forward pass"
+            elif cast_faults:
                 where = ", ".join(f"{r} of {m or '<root>'}" for m, r in cast_faults)
                 reason = f"skipped: inf/NaN in the {where} before its cast"
             else:
                 reason = "skipped: inf/NaN in gradients" + (f" of {', '.join(overflowed)}" if overflowed else "")
         elif rollback:
+            self.monitor.discard_last_loss()  # an undone step's loss must not shift the trend later steps face
             rolled_back = self._restore_backup()
             what = getattr(self.policy, "incident", None) or "an incident"
             reason = f"rolled back: guard saw {what}" if rolled_back else f"skipped: guard saw {what}"
@@ -587,23 +650,93 @@ class AdaptivePrecision:
             changes=changes,
         )
 
+    def _weight_params(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Per module, the weight whose gradient the monitor reads (norm, diversity)."""
+        for m, params in self._owners.items():
+            for pname, p in params:
+                if pname.endswith("weight") and p.grad is not None:
+                    yield m, p
+                    break
+
+    def _exchange(
+        self,
+        step: int,
+        plan: PrecisionPlan,
+        sampled: bool,
+        nonfinite: bool,
+        loss: float,
+        cast_faults: list[tuple[str, str]],
+        unscaled: tuple[bool, tuple[str, ...]] | None,
+    ) -> tuple[bool, float, list[tuple[str, str]], tuple[str, ...]]:
+        """The step's one collective (adaprec.distributed): what every rank's decision reads, reduced.
+
+        Returns the flags the guard reads, the same on every rank: whether some
+        rank's gradients held inf/NaN, the mean loss over ranks, the cast faults
+        of all ranks and the overflowing modules of all ranks (the last two from
+        a second, small exchange, only on a step with inf/NaN somewhere).
+        """
+        sync = self._sync
+        assert sync is not None
+        packer = None
+        if sampled:
+            packer = Packer()
+            for m, p in self._weight_params():
+                self.monitor.stage_grads(m, p.grad, sharded=is_sharded(p.grad))
+            self.monitor.pack(packer)
+            for m in sorted(self._shadow_parts):
+                packer.add(f"s|{m}", self._shadow_parts[m], "sum" if self._sharded else "max")
+        row = self._price(step, plan)
+        red = sync.exchange(
+            step, sites=self.engine.sites, plan=plan, sampled=sampled, loss=loss, nonfinite=nonfinite,
+            faults=len(cast_faults), energy=EnergyLedger.world_vector(row), prev_wall=self._prev_wall,
+            payload=packer,
+        )
+        self.energy.set_world(step, red.energy)
+        if self._prev_wall is not None:
+            self.energy.set_world_wall(step - 1, red.prev_wall)
+        self._prev_wall = None
+        bad = red.nonfinite or not math.isfinite(red.loss) or red.faults > 0
+        if packer is not None:
+            self.monitor.unpack(red.payload, grads_ok=not bad)
+            if self._shadow_parts:
+                self._observe_shadow({m: red.payload[f"s|{m}"] for m in self._shadow_parts})
+        self._shadow_parts = {}
+        faults: list[tuple[str, str]] = []
+        overflowed: tuple[str, ...] = ()
+        if bad:  # name the modules: every rank's, so every rank reports (and the guard raises) the same
+            mine = unscaled[1] if unscaled is not None and nonfinite else self._overflowed_modules()
+            items = sync.union([("grad", m, "") for m in mine] + [("cast", m, r) for m, r in cast_faults])
+            faults = sorted((m, r) for kind, m, r in items if kind == "cast")
+            over = tuple(m for m in self.engine.kinds if ("grad", m, "") in items)
+            overflowed = tuple(dict.fromkeys(over + tuple(m for m, _ in faults)))
+        return red.nonfinite, red.loss, faults, overflowed
+
     def end_epoch(self) -> None:
         """Tell epoch-based policies (progressive, gradient-diversity) that an epoch ended."""
         self._epoch += 1
         self.monitor.end_epoch()
 
     # --- parts of step ----------------------------------------------------
-    def _account(self, step: int, plan: PrecisionPlan) -> None:
+    def _price(self, step: int, plan: PrecisionPlan) -> dict[str, Any]:
+        """Record the step's cost in the ledger now (a distributed step sends its figures with the exchange)."""
         cost = self.engine.pop_step_cost()
+        return self.energy.record(step, plan, cost, measured_reason=self.meter_reason if self._window is None else None)
+
+    def _account(self, step: int, plan: PrecisionPlan) -> None:
         wall = None
         if self._t0 is not None:
             if self._sync_cuda:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - self._t0
             self._t0 = None
-        self.energy.record(
-            step, plan, cost, measured_reason=self.meter_reason if self._window is None else None, wall_s=wall
-        )
+        if self._sync is not None:  # priced before the exchange; its wall time travels with the next one
+            self.energy.set_wall(step, wall)
+            self._prev_wall = wall
+        else:
+            cost = self.engine.pop_step_cost()
+            self.energy.record(
+                step, plan, cost, measured_reason=self.meter_reason if self._window is None else None, wall_s=wall
+            )
         if self._window is not None:
             closed = self._window.step_done(step)
             if closed:
@@ -624,27 +757,47 @@ class AdaptivePrecision:
             f = get(fmt)
             for _, p in params:
                 for v in self.optimizer.state.get(p, {}).values():
+                    v = local(v)  # FSDP2: this rank's shard of the state
                     if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0:
                         v.copy_(quantize(v, f, "nearest", saturate=True))
 
     def _shadow_audit(self, recompute: Callable[[], torch.Tensor]) -> None:
-        low = {id(p): p.grad.detach().clone() / self._scale for p in self._params if p.grad is not None}
+        low = {id(p): local(p.grad).detach().clone() / self._scale for p in self._params if p.grad is not None}
         saved = [p.grad for p in self._params]
         for p in self._params:
             p.grad = None
         recompute().backward()
         audit: dict[str, tuple[float, float]] = {}
+        parts: dict[str, torch.Tensor] = {}
         for m, params in self._owners.items():
-            pairs = [(low[id(p)], p.grad) for _, p in params if id(p) in low and p.grad is not None]
+            pairs = [(low[id(p)], local(p.grad)) for _, p in params if id(p) in low and p.grad is not None]
             if not pairs:
                 continue
             a = torch.cat([x.flatten() for x, _ in pairs])
             b = torch.cat([y.flatten() for _, y in pairs])
+            if self._sync is not None:  # the sums travel with the step's exchange (added over FSDP2 shards)
+                a64, b64 = a.double(), b.double()
+                parts[m] = torch.stack([a64 @ b64, a64 @ a64, b64 @ b64, (a64 - b64).square().sum()])
+                continue
             cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
             rel = float((a - b).norm() / b.norm().clamp_min(1e-30))
             audit[m] = (cos, rel)
         for p, g in zip(self._params, saved, strict=True):
             p.grad = g
+        if self._sync is not None:
+            self._shadow_parts = parts
+            return
+        self._observe_shadow_audit(audit)
+
+    def _observe_shadow(self, sums: Mapping[str, Sequence[float]]) -> None:
+        """A distributed shadow audit: cosine and relative error from the sums of all ranks."""
+        audit = {}
+        for m, (ab, aa, bb, dd) in sums.items():
+            cos = ab / max(math.sqrt(aa) * math.sqrt(bb), 1e-8)
+            audit[m] = (cos, math.sqrt(dd) / max(math.sqrt(bb), 1e-30))
+        self._observe_shadow_audit(audit)
+
+    def _observe_shadow_audit(self, audit: dict[str, tuple[float, float]]) -> None:
         self.shadow[self._step] = audit
         if hasattr(self.monitor, "observe_shadow"):
             self.monitor.observe_shadow(audit)
@@ -665,6 +818,9 @@ class AdaptivePrecision:
             f"narrow MACs (run natively below 32 bits): {100 * s['narrow_mac_fraction']:.1f} %"
             + (f"; emulated: {100 * s['emulated_mac_fraction']:.1f} %" if s["emulated_mac_fraction"] else ""),
             f"precision changes recorded: {len(self.timeline.events)}",
+            f"world size: {s.get('world_size', 1)}"
+            + (" (statistics reduced over ranks before every decision; MACs, energy and wall time summed over "
+               "ranks)" if s.get("world_size", 1) > 1 else ""),
             f"device: {self.hardware.name if self.hardware is not None else 'not probed'}; allocator: {self.allocator}",
             (f"wall time, measured: {s['wall_s']:.3f} s over {s['timed_steps']} steps" if s["wall_s"] is not None
              else "wall time: not measured"),
@@ -696,7 +852,10 @@ class AdaptivePrecision:
             "energy": self.energy.state_dict(),
             # the copy of the last step's starting point a guard rollback would restore: without it, a
             # spike seen on the first step after a resume could only be skipped, not rolled back
+            "world_size": self._sync.world.size if self._sync is not None else 1,
             "rollback": None if self._backup is None else {
+                "world_size": self._sync.world.size if self._sync is not None else 1,
+                "sharded": self._sharded,
                 "weights": [t.clone() for t in self._backup[0]],
                 "state": [t.clone() for t in self._backup[1]],
                 "keys": [[i, k] for i, k in self._backup[2]],
@@ -741,6 +900,8 @@ class AdaptivePrecision:
         self.timeline.load_state_dict(state["timeline"])
         self.energy.load_state_dict(state["energy"])
         backup = self._load_backup(state.get("rollback"))
+        self._prev_wall = None
+        self._shadow_parts = {}
         self._step, self._epoch = step, epoch
         self._decided = bool(state.get("decided", step > 0))
         self._finalized = False
@@ -754,11 +915,22 @@ class AdaptivePrecision:
     def _load_backup(self, saved: Mapping[str, Any] | None) -> tuple[list, list, list] | None:
         if saved is None:
             return None
+        here = self._sync.world.size if self._sync is not None else 1
+        if (saved.get("sharded") or self._sharded) and int(saved.get("world_size", 1)) != here:
+            # FSDP2 shards of another world size: this copy cannot be put back here (it only serves a guard
+            # rollback of the very next step; that step can still be skipped)
+            warnings.warn(
+                f"adaprec: the rollback copy in this state holds FSDP shards of {saved.get('world_size', 1)} ranks, "
+                f"this run has {here}: it is dropped (a guard incident on the next step is skipped, not rolled back)",
+                stacklevel=3,
+            )
+            return None
         try:
-            weights = [w.to(p.device, p.dtype) for w, p in zip(saved["weights"], self._params, strict=True)]
-            bad = [i for i, (w, p) in enumerate(zip(weights, self._params, strict=True)) if w.shape != p.shape]
+            locals_ = _locals(self._params)
+            weights = [w.to(p.device, p.dtype) for w, p in zip(saved["weights"], locals_, strict=True)]
+            bad = [i for i, (w, p) in enumerate(zip(weights, locals_, strict=True)) if w.shape != p.shape]
             if bad:
-                raise ValueError(f"parameter {bad[0]} has shape {tuple(self._params[bad[0]].shape)}, the saved copy "
+                raise ValueError(f"parameter {bad[0]} has shape {tuple(locals_[bad[0]].shape)}, the saved copy "
                                  f"{tuple(weights[bad[0]].shape)}")
             keys = [(int(i), str(k)) for i, k in saved["keys"]]
             state = [v.to(self._params[i].device) for v, (i, _) in zip(saved["state"], keys, strict=True)]
@@ -773,6 +945,7 @@ class AdaptivePrecision:
         """Remove every hook adaprec put on the model (another AdaptivePrecision may then take it)."""
         self.engine.remove()
         self._closed = True
-        ref = _ATTACHED.get(self.model)
+        inner = unwrap(self.model)
+        ref = _ATTACHED.get(inner)
         if ref is not None and ref() is self:
-            del _ATTACHED[self.model]
+            del _ATTACHED[inner]

@@ -6,8 +6,9 @@ without a meter reading has ``measured_j = None`` and the reason, never 0.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ from adaprec.energy.counting import StepCost
 from adaprec.energy.model import PricedStep, price_step
 from adaprec.energy.profiles import Profile, load_profile
 from adaprec.errors import CheckpointError
+from adaprec.formats import names as _format_names
 from adaprec.plan import PrecisionPlan
 
-__all__ = ["EnergyLedger", "saving_fraction"]
+__all__ = ["EnergyLedger", "saving_fraction", "WORLD_LABELS"]
 
 _CACHE_SIZE = 128
 _STATE_KEYS = ("version", "profile", "grid_intensity_g_per_kwh", "rows", "modules", "macs_by_format", "assumptions")
@@ -25,6 +27,14 @@ _TOTALS = (
     "macs", "covered_macs", "narrow_macs", "emulated_macs", "bitops", "bytes_moved", "compute_j", "memory_j",
     "modeled_j", "fp32_modeled_j", "bf16_modeled_j",
 )
+# Under torch.distributed each step's figures travel between ranks as one fixed-length vector: the totals,
+# then the MACs per executed-format label of the built-in formats (fixed at import, the same on every rank),
+# then the MACs of any other (user-registered) format.
+WORLD_LABELS: tuple[str, ...] = tuple(
+    lab for f in _format_names() for lab in ((f,) if f == "fp32" else (f, f"{f} (emulated)"))
+)
+_OTHER = "other formats"
+_PER_RANK = ("macs", "bytes_moved", "modeled_j", "fp32_modeled_j", "bf16_modeled_j")
 
 
 class EnergyLedger:
@@ -55,6 +65,8 @@ class EnergyLedger:
         self.target = load_profile(target) if target is not None else None
         self.grid_intensity_g_per_kwh = grid_intensity_g_per_kwh
         self._cache: OrderedDict[tuple, PricedStep] = OrderedDict()
+        self.world_size = 1  # ranks the current steps are summed over (set by the controller)
+        self.rank = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -64,6 +76,8 @@ class EnergyLedger:
         self._macs_by_format: dict[str, int] = {}
         self._uncovered: dict[str, str] = {}
         self._assumptions: set[str] = set()
+        # per rank, totals over the steps recorded under torch.distributed (what each rank ran)
+        self._per_rank: list[dict[str, float]] = []
 
     # --- pricing -----------------------------------------------------------
     def _price(self, cost: StepCost, sig: tuple, mode: str, profile: Profile) -> PricedStep:
@@ -148,6 +162,68 @@ class EnergyLedger:
         self._assumptions |= {f"(fp32/bf16 counterfactuals) {a}" for a in (fp32.assumptions | bf16.assumptions) - actual.assumptions}
         return row
 
+    # --- torch.distributed: one ledger for all ranks ----------------------------------
+    @staticmethod
+    def world_vector(row: Mapping[str, Any]) -> list[float]:
+        """This rank's figures of one recorded step, as the fixed-length vector ranks exchange."""
+        by_fmt = row["macs_by_format"]
+        known = set(WORLD_LABELS)
+        return (
+            [float(row[k]) for k in _TOTALS]
+            + [float(by_fmt.get(lab, 0)) for lab in WORLD_LABELS]
+            + [float(sum(n for f, n in by_fmt.items() if f not in known))]
+        )
+
+    def set_world(self, step: int, per_rank: Sequence[Sequence[float]]) -> None:
+        """Attach every rank's figures of ``step`` (vectors from :meth:`world_vector`, in rank order).
+
+        The run totals of :meth:`summary` then sum over ranks; the step's row
+        keeps this rank's own figures beside them, under ``"world"``.
+        """
+        i = self._index.get(int(step))
+        if i is None:
+            return
+        n_tot = len(_TOTALS)
+        world: dict[str, Any] = {"world_size": len(per_rank)}
+        for j, k in enumerate(_TOTALS):
+            v = sum(float(r[j]) for r in per_rank)
+            world[k] = int(round(v)) if k.endswith("macs") or k == "bitops" else v
+        fmts: dict[str, int] = {}
+        for j, lab in enumerate([*WORLD_LABELS, _OTHER]):
+            n = int(round(sum(float(r[n_tot + j]) for r in per_rank)))
+            if n:
+                fmts[lab] = n
+        world["macs_by_format"] = fmts
+        world["wall_s"] = None
+        self._rows[i]["world"] = world
+        while len(self._per_rank) < len(per_rank):
+            self._per_rank.append({**dict.fromkeys(_PER_RANK, 0.0), "steps": 0, "wall_s": 0.0, "timed_steps": 0})
+        for r, vec in enumerate(per_rank):
+            acc = self._per_rank[r]
+            for k in _PER_RANK:
+                acc[k] += float(vec[_TOTALS.index(k)])
+            acc["steps"] += 1
+
+    def set_world_wall(self, step: int, walls: Sequence[float]) -> None:
+        """Every rank's measured wall time of ``step`` (nan where a rank did not time it)."""
+        i = self._index.get(int(step))
+        if i is None or "world" not in self._rows[i]:
+            return
+        timed = [float(w) for w in walls if w is not None and math.isfinite(float(w))]
+        if not timed:
+            return
+        self._rows[i]["world"]["wall_s"] = sum(timed)
+        for r, w in enumerate(walls):
+            if r < len(self._per_rank) and w is not None and math.isfinite(float(w)):
+                self._per_rank[r]["wall_s"] += float(w)
+                self._per_rank[r]["timed_steps"] += 1
+
+    def set_wall(self, step: int, wall_s: float | None) -> None:
+        """The measured wall time of a step recorded before its end (distributed steps are priced early)."""
+        i = self._index.get(int(step))
+        if i is not None:
+            self._rows[i]["wall_s"] = None if wall_s is None else float(wall_s)
+
     def attribute_measured(self, allocations: Iterable[tuple[int, float]], meter: str) -> None:
         """Fill in measured joules for recorded steps (from a :class:`MeasurementWindow`)."""
         for step, joules in allocations:
@@ -159,20 +235,51 @@ class EnergyLedger:
 
     # --- reading -------------------------------------------------------------
     def steps(self) -> list[dict[str, Any]]:
-        """One plain dict per recorded step, for a result store."""
-        return [dict(r, macs_by_format=dict(r["macs_by_format"])) for r in self._rows]
+        """One plain dict per recorded step, for a result store.
+
+        A step run under torch.distributed shows the figures summed over ranks
+        (MACs, bytes, joules, MACs per format; the wall time once every rank's is
+        known, which is one step later); this rank's own are under ``"rank_local"``.
+        """
+        out = []
+        for r in self._rows:
+            row = _copy_row(r)
+            world = row.pop("world", None)
+            if world is not None:
+                row["rank_local"] = {k: r[k] for k in (*_TOTALS, "wall_s")} | {"macs_by_format": dict(r["macs_by_format"])}
+                row.update({k: world[k] for k in _TOTALS}, macs_by_format=dict(world["macs_by_format"]))
+                row["world_size"] = world["world_size"]
+                if world.get("wall_s") is not None:
+                    row["wall_s"] = world["wall_s"]
+            out.append(row)
+        return out
 
     def summary(self) -> dict[str, Any]:
         """Totals over every step so far, with labels saying what is modeled, measured and simulated."""
         rows = self._rows
-        tot = {k: sum(r[k] for r in rows) for k in _TOTALS}
+        distributed = any("world" in r for r in rows)
+        # run totals: summed over ranks where the step ran under torch.distributed
+        tot = {k: sum((r["world"] if "world" in r else r)[k] for r in rows) for k in _TOTALS}
         measured = [r for r in rows if r["measured_j"] is not None]
-        timed = [r["wall_s"] for r in rows if r.get("wall_s") is not None]
+        timed, wall_pending = [], 0
+        for r in rows:
+            w = r.get("world", {}).get("wall_s")
+            if w is not None:
+                timed.append(w)
+            elif r.get("wall_s") is not None:
+                timed.append(r["wall_s"])
+                wall_pending += "world" in r
+        by_format = dict(self._macs_by_format)
+        if distributed:
+            by_format = {}
+            for r in rows:
+                for f, n in (r["world"] if "world" in r else r)["macs_by_format"].items():
+                    by_format[f] = by_format.get(f, 0) + n
         p = self.profile
         label = f"modeled (profile {p.name}) on what executed"
         macs = int(tot["macs"])
-        native = sorted({f for f in self._macs_by_format if "(emulated)" not in f and f != "fp32"})
-        emulated = sorted({f.removesuffix(" (emulated)") for f in self._macs_by_format if "(emulated)" in f})
+        native = sorted({f for f in by_format if "(emulated)" not in f and f != "fp32" and f != _OTHER})
+        emulated = sorted({f.removesuffix(" (emulated)") for f in by_format if "(emulated)" in f})
         out: dict[str, Any] = {
             "profile": p.name,
             "profile_sources": list(p.sources),
@@ -186,7 +293,7 @@ class EnergyLedger:
             "emulated_mac_fraction": tot["emulated_macs"] / macs if macs else 0.0,
             "native_formats": native,
             "emulated_formats": emulated,
-            "macs_by_format": dict(self._macs_by_format),
+            "macs_by_format": by_format,
             "bitops": int(tot["bitops"]),
             "bytes_moved": tot["bytes_moved"],
             "compute_j": tot["compute_j"],
@@ -211,7 +318,20 @@ class EnergyLedger:
                 "wall_s": "measured wall time (perf_counter) of the steps",
             },
             "assumptions": sorted(self._assumptions),
+            "world_size": self.world_size,
         }
+        if distributed:
+            out["rank"] = self.rank
+            out["per_rank"] = [{"rank": r, **acc} for r, acc in enumerate(self._per_rank)]
+            out["kind"].update({
+                "macs": "summed over ranks",
+                "modeled_j": f"{label}, summed over ranks",
+                "wall_s": "measured wall time (perf_counter) of the steps, summed over ranks (rank-seconds)"
+                + (f"; {wall_pending} last step(s) count this rank's time only (the others' arrive with the "
+                   "next step)" if wall_pending else ""),
+                "modules": f"rank {self.rank}'s share (ranks run the same modules on their own batches)",
+                "measured_j": ("measured on rank " + str(self.rank) + " only") if measured else "not measured",
+            })
         if self.target is not None:
             sim = sum(r.get("simulated_j", 0.0) for r in rows)
             sim32 = sum(r.get("simulated_fp32_j", 0.0) for r in rows)
@@ -237,11 +357,12 @@ class EnergyLedger:
             "profile": self.profile.name,
             "target": None if self.target is None else self.target.name,
             "grid_intensity_g_per_kwh": self.grid_intensity_g_per_kwh,
-            "rows": self.steps(),
+            "rows": [_copy_row(r) for r in self._rows],
             "modules": {n: dict(v) for n, v in self._modules.items()},
             "macs_by_format": dict(self._macs_by_format),
             "uncovered": dict(self._uncovered),
             "assumptions": sorted(self._assumptions),
+            "per_rank": [dict(acc) for acc in self._per_rank],
         }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
@@ -260,12 +381,20 @@ class EnergyLedger:
             )
         self._reset()
         self.grid_intensity_g_per_kwh = d["grid_intensity_g_per_kwh"]
-        self._rows = [dict(r, macs_by_format=dict(r["macs_by_format"])) for r in d["rows"]]
+        self._rows = [_copy_row(r) for r in d["rows"]]
         self._index = {r["step"]: i for i, r in enumerate(self._rows)}
         self._modules = {n: dict(v) for n, v in d["modules"].items()}
         self._macs_by_format = dict(d["macs_by_format"])
         self._uncovered = dict(d.get("uncovered", {}))
         self._assumptions = set(d["assumptions"])
+        self._per_rank = [dict(acc) for acc in d.get("per_rank", [])]
+
+
+def _copy_row(r: Mapping[str, Any]) -> dict[str, Any]:
+    row = dict(r, macs_by_format=dict(r["macs_by_format"]))
+    if "world" in r:
+        row["world"] = dict(r["world"], macs_by_format=dict(r["world"]["macs_by_format"]))
+    return row
 
 
 def saving_fraction(x: float, base: float) -> float:

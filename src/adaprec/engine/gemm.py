@@ -238,7 +238,7 @@ class _PlannedLinear(torch.autograd.Function):
         ctx.w_op = wa if not (ex.weight.kind == "int8" and ex.weight.per_gemm) else None
         ctx.save_for_backward(w)
         del need_x
-        return out.view(*shape[:-1], wd.shape[0])
+        return out.reshape(*shape[:-1], wd.shape[0])  # out is fresh: a reshape, and FSDP2 sees no view
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from adaprec import errors as _errors
+from adaprec.distributed import NullStore, RankRun
 from adaprec.errors import (
     AdaprecError,
     CheckpointError,
@@ -142,6 +144,29 @@ def _prepare_dir(config: ExperimentConfig, run_dir: Path, resume: bool) -> Resul
     return store
 
 
+def _open_store(config: ExperimentConfig, run_dir: Path, resume: bool, ranks: RankRun | None) -> Any:
+    """The result store; under torch.distributed rank 0's alone (the other ranks get a NullStore).
+
+    Rank 0 opens (and locks) the run directory and tells the others which runs
+    are finished, or the error that stopped it, so every rank stops alike.
+    """
+    if ranks is None:
+        return _prepare_dir(config, run_dir, resume)
+    if ranks.writer:
+        try:
+            store = _prepare_dir(config, run_dir, resume)
+        except AdaprecError as e:
+            ranks.share((type(e).__name__, str(e)))
+            raise
+        ranks.share(("", sorted(store.finished_runs())))
+        return store
+    kind, what = ranks.share(None)
+    if kind:
+        cls = getattr(_errors, kind, AdaprecError)
+        raise (cls if isinstance(cls, type) and issubclass(cls, AdaprecError) else AdaprecError)(what)
+    return NullStore(what)
+
+
 def run_experiment(
     config: ExperimentConfig,
     out_dir: str | Path | None = None,
@@ -159,12 +184,22 @@ def run_experiment(
         progress: a progress bar per run (also off when ``config.quiet``).
         report: write report.html / report.md at the end.
 
+    Under ``torchrun`` (``adaprec run --nproc N``) every rank trains its slice of
+    each batch in DistributedDataParallel, adaprec takes one decision for all
+    ranks, and rank 0 alone writes the store, the checkpoints and the report.
+
     Returns the run directory.
     """
     run_dir = Path(out_dir or config.out or Path("runs") / _slug(config.task))
     task = _load_task(config.task)  # loads the data: fail before any directory is written
     check_available(config.loggers)  # a missing tensorboard/mlflow package, too
-    store = _prepare_dir(config, run_dir, resume)
+    ranks = RankRun.from_env()  # under torchrun: one process of several (None: the only one)
+    try:
+        store = _open_store(config, run_dir, resume, ranks)
+    except BaseException:
+        if ranks is not None:
+            ranks.close()
+        raise
     try:
         done = store.finished_runs() if resume else set()
         for spec in config.policies:
@@ -172,7 +207,8 @@ def run_experiment(
                 if run_id_for(spec, seed) in done:
                     continue
                 try:
-                    _run_one(task, config, spec, seed, store, run_dir, progress and not config.quiet)
+                    _run_one(task, config, spec, seed, store, run_dir,
+                             progress and not config.quiet and (ranks is None or ranks.writer), ranks)
                 except AdaprecError:
                     raise
                 except Exception as e:  # a user task's own code failing mid-run: name it, keep the cause
@@ -181,7 +217,9 @@ def run_experiment(
                     raise _user_task_error(config.task, f"run {run_id_for(spec, seed)}", e) from e
     finally:
         store.close()
-    if report:
+        if ranks is not None:
+            ranks.close()
+    if report and (ranks is None or ranks.writer):  # one report, by rank 0
         from adaprec.experiments.report import write_report
 
         write_report(run_dir)
@@ -198,7 +236,8 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _run_one(
-    task: Task, config: ExperimentConfig, spec: PolicySpec, seed: int, store: ResultStore, run_dir: Path, progress: bool
+    task: Task, config: ExperimentConfig, spec: PolicySpec, seed: int, store: ResultStore, run_dir: Path, progress: bool,
+    ranks: RankRun | None = None,
 ) -> None:
     import adaprec
 
@@ -207,13 +246,17 @@ def _run_one(
     total = config.total_steps(spe, task.default_steps)
     model = task.make_model(seed)
     opt = task.make_optimizer(model)
+    writer = ranks is None or ranks.writer  # rank 0 evaluates and writes; every rank trains
+    net = ranks.wrap(model) if ranks is not None else model  # DDP; model stays the unwrapped one
     ap = adaprec.AdaptivePrecision(
-        model, opt, policy=spec.build_arg(), energy_profile=config.energy_profile,
+        net, opt, policy=spec.build_arg(), energy_profile=config.energy_profile,
         monitor_every=config.monitor_every, seed=seed, total_steps=total, steps_per_epoch=spe,
         guard=not _is_baseline(spec),  # the baseline is plain fp32 training: nothing to fall back to
         compile=config.compile,
     )
-    x0, _ = next(iter(task.train_loader(epoch_seed(seed, 0))))
+    x0, y0 = next(iter(task.train_loader(epoch_seed(seed, 0))))
+    if ranks is not None:
+        x0, y0 = ranks.shard(x0, y0)
     ap.prepare(x0)  # find every module that runs GEMMs, so the stored initial plan is the one step 0 runs
     initial_plan = ap.plan.to_dict()
     ckpt = run_dir / "checkpoints" / f"{_slug(run_id)}.pt"
@@ -237,7 +280,7 @@ def _run_one(
         config=run_config, initial_plan=initial_plan,
     )
     logs = RunLoggers.open(  # TensorBoard / MLflow: fed each store commit, after it lands
-        config.loggers, run_dir=run_dir, run_id=run_id, dir_name=_slug(run_id), ap=ap, start_step=done,
+        config.loggers if writer else (), run_dir=run_dir, run_id=run_id, dir_name=_slug(run_id), ap=ap, start_step=done,
         params={**run_config, "total_steps": total, "metric": task.metric},
         mlflow_tracking_uri=config.mlflow_tracking_uri,
     )
@@ -266,8 +309,10 @@ def _run_one(
                 if i < done % spe:
                     continue  # replaying the epoch a checkpoint stopped in
                 opt.zero_grad(set_to_none=True)
+                if ranks is not None:
+                    x, y = ranks.shard(x, y)  # this rank's slice of the step's batch
                 with ap.autocast():
-                    loss = task.loss_fn(model(x), y)
+                    loss = task.loss_fn(net(x), y)
                 ap.backward(loss)
                 res = ap.step()
                 done += 1
@@ -278,14 +323,15 @@ def _run_one(
                 })
                 if done % spe == 0:
                     ap.end_epoch()
-                if done % eval_every == 0 and done < total:
+                if done % eval_every == 0 and done < total and writer:
                     with ap.not_counted():  # an evaluation is no part of any training step's cost
                         values = task.evaluate(model)
                     store.add_evals(run_id, done, values)
                     logs.evaluated(done, values)
                 if done % config.checkpoint_every == 0 or done == total:
                     flush()
-                    _save(ckpt, model, opt, ap, done, wall_before + time.perf_counter() - started)
+                    if writer:
+                        _save(ckpt, model, opt, ap, done, wall_before + time.perf_counter() - started)
                 bar.update(1)
                 if done % 10 == 0:
                     bar.set_postfix_str(f"loss {res.loss:.3f} | {ap.plan.summary()}")
@@ -308,6 +354,8 @@ def _run_one(
     finally:
         bar.close()
         ap.close()
+    if not writer:
+        return
     final = task.evaluate(model)
     store.add_evals(run_id, total, final)
     summary = {**ap.energy.summary(), "final": final, "run_id": run_id, "policy": spec.label, "seed": seed}

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from adaprec.distributed import Packer, local
 from adaprec.errors import CheckpointError, PolicyError
 from adaprec.formats import get
 from adaprec.monitor.snapshot import Snapshot, TensorStats
@@ -108,6 +109,8 @@ class HealthMonitor:
         self._gcount: dict[str, int] = {}
         self._div: dict[str, tuple[Any, Any]] = {}  # last completed window: (sum ||g||^2, ||sum g||^2)
         self._shadow: dict[str, tuple[float, float]] = {}
+        # gradient figures of a distributed step, waiting for the exchange: module -> (sharded, norm, sample)
+        self._staged: dict[str, tuple[bool, torch.Tensor, torch.Tensor]] = {}
         self.loss_ema: float | None = None
         self.loss_count = 0
         self.loss_history: list[float] = []
@@ -156,24 +159,40 @@ class HealthMonitor:
         if grad is None:
             return
         with torch.no_grad():
-            g = grad.detach().to(torch.float32)
+            g = local(grad).detach().to(torch.float32)  # a DTensor (FSDP2) gradient: this rank's shard
             self._grad_norm[module] = torch.linalg.vector_norm(g)
-            gs = torch.nan_to_num(sample(g, self.grad_sample), nan=0.0, posinf=0.0, neginf=0.0).to(torch.float64)
-            if module in self._gsum and self._gsum[module].shape == gs.shape:
-                self._gsum[module] += gs
-                self._gsq[module] += gs.square().sum()
-                self._gcount[module] += 1
-            else:
-                self._gsum[module] = gs.clone()
-                self._gsq[module] = gs.square().sum()
-                self._gcount[module] = 1
-            if self._gcount[module] >= self.diversity_window:
-                self._div[module] = (self._gsq[module], self._gsum[module].square().sum())
-                del self._gsum[module], self._gsq[module], self._gcount[module]
+            self._window_add(module, self._grad_sample_of(g))
+
+    def _grad_sample_of(self, g: torch.Tensor) -> torch.Tensor:
+        return torch.nan_to_num(sample(g, self.grad_sample), nan=0.0, posinf=0.0, neginf=0.0).to(torch.float64)
+
+    def _window_add(self, module: str, gs: torch.Tensor, completed: tuple[Any, Any] | None = None) -> None:
+        """Feed one gradient sample to the diversity window; ``completed``: the (reduced) figures to keep if it closes."""
+        if module in self._gsum and self._gsum[module].shape == gs.shape:
+            self._gsum[module] += gs
+            self._gsq[module] += gs.square().sum()
+            self._gcount[module] += 1
+        else:
+            self._gsum[module] = gs.clone()
+            self._gsq[module] = gs.square().sum()
+            self._gcount[module] = 1
+        if self._gcount[module] >= self.diversity_window:
+            self._div[module] = completed or (self._gsq[module], self._gsum[module].square().sum())
+            del self._gsum[module], self._gsq[module], self._gcount[module]
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Record this step's loss (a tensor is kept on device until the snapshot)."""
         self._pending_losses.append(loss.detach().float().reshape(()) if torch.is_tensor(loss) else float(loss))
+
+    def discard_last_loss(self) -> None:
+        """Take the losses of the last snapshot back out of the trend: the step was rolled back, so its loss
+        (a spike, an overflow storm) must not raise the trend that the next steps are judged against."""
+        saved = getattr(self, "_before_fold", None)
+        if saved is None:
+            return
+        (self.loss_ema, self.loss_count, history, self.last_loss, self._epoch_sum, self._epoch_count) = saved
+        self.loss_history[:] = history
+        self._before_fold = None
 
     def observe_shadow(self, audit: Mapping[str, tuple[float, float]]) -> None:
         """Record a shadow audit: per module (cosine, relative error) of the gradient against fp32."""
@@ -185,6 +204,64 @@ class HealthMonitor:
         self._close_epoch()
 
     # --- distributed ---------------------------------------------------------------
+    def stage_grads(self, module: str, grad: torch.Tensor | None, sharded: bool = False) -> None:
+        """:meth:`observe_grads` for a distributed step: this rank's figures wait for the exchange.
+
+        ``sharded``: ``grad`` is this rank's shard of the gradient (FSDP2), so the
+        ranks' squared norms and diversity sums add up; otherwise every rank holds the
+        same (DDP-averaged) gradient and the figures agree already. :meth:`pack` sends
+        them, :meth:`unpack` keeps them (or drops them, on a step with inf/NaN).
+        """
+        if grad is None:
+            return
+        with torch.no_grad():
+            g = local(grad).detach().to(torch.float32)
+            self._staged[module] = (bool(sharded), torch.linalg.vector_norm(g), self._grad_sample_of(g))
+
+    def pack(self, packer: Packer) -> None:
+        """Add this rank's pending statistics to ``packer`` (one vector for all ranks; see adaprec.distributed).
+
+        Tensor statistics: amax (max over ranks) and the raw sums (added); staged
+        gradients: the norm and, on the step that closes a diversity window, its two
+        sums (added over shards, else the max of equal values). Nothing syncs here.
+        """
+        self._measure_samples()
+        for key in sorted(self._pending):
+            formats, scalings, _, a, sums = self._pending[key]
+            tag = f"t|{key[0]}|{key[1]}|{','.join(formats)}|{','.join(scalings)}"
+            packer.add(tag + "|amax", a.to(torch.float64).reshape(1), "max")
+            packer.add(tag + "|sums", sums.to(torch.float64), "sum")
+        for m in sorted(self._staged):
+            sharded, norm, gs = self._staged[m]
+            op = "sum" if sharded else "max"
+            packer.add(f"g|{m}|norm", (norm.to(torch.float64).square() if sharded else norm.to(torch.float64)), op)
+            ongoing = m in self._gsum and self._gsum[m].shape == gs.shape  # else a new window starts (>= 2 long)
+            if ongoing and self._gcount[m] + 1 >= self.diversity_window:
+                num = self._gsq[m] + gs.square().sum()
+                den = (self._gsum[m] + gs).square().sum()
+                packer.add(f"d|{m}", torch.stack([num, den]), op)
+
+    def unpack(self, values: Mapping[str, Sequence[float]], grads_ok: bool = True) -> None:
+        """Take the statistics reduced over ranks back (``values``: :meth:`Packer.split` of the reduced vector).
+
+        ``grads_ok`` False (the step had inf/NaN somewhere) drops the staged gradients,
+        as a single-process step does not observe them.
+        """
+        for key in sorted(self._pending):
+            formats, scalings = self._pending[key][0], self._pending[key][1]
+            tag = f"t|{key[0]}|{key[1]}|{','.join(formats)}|{','.join(scalings)}"
+            self._pending[key][3] = torch.tensor(values[tag + "|amax"][0], dtype=torch.float64)
+            self._pending[key][4] = torch.tensor(list(values[tag + "|sums"]), dtype=torch.float64)
+        staged, self._staged = self._staged, {}
+        if not grads_ok:
+            return
+        for m in sorted(staged):
+            sharded, _, gs = staged[m]
+            n = float(values[f"g|{m}|norm"][0])
+            self._grad_norm[m] = math.sqrt(n) if sharded else n
+            div = values.get(f"d|{m}")
+            self._window_add(m, gs, (float(div[0]), float(div[1])) if div is not None else None)
+
     def reduce_distributed(self, reduce_fn: ReduceFn | None = None) -> bool:
         """All-reduce the pending statistics so every rank builds the same snapshot.
 
@@ -306,6 +383,9 @@ class HealthMonitor:
         else:
             values = list(self._pending_losses)
         self._pending_losses = []
+        # what the trend was before these losses, so a step that is undone can be taken out (discard_last_loss)
+        self._before_fold = (self.loss_ema, self.loss_count, list(self.loss_history), self.last_loss,
+                             self._epoch_sum, self._epoch_count)
         ema_before = self.loss_ema
         for v in values:
             ema_before = self.loss_ema

@@ -82,6 +82,7 @@ class Guard(Policy):
         self.rollback_requested = False
         self.incident: str | None = None
         self.skips: list[int] = []  # steps of the current run of consecutive inf/NaN steps
+        self.fp32_skips: list[int] = []  # those of them taken with every adjustable module in fp32
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -150,7 +151,7 @@ class Guard(Policy):
         self.incident, offenders = self.detect(snapshot)
         if snapshot.nonfinite:
             return self._nonfinite(snapshot, step, offenders)
-        self.skips = []
+        self.skips, self.fp32_skips = [], []
         if self.incident is not None:
             return self._raise(snapshot, step, offenders)
         self.consecutive = 0
@@ -189,13 +190,17 @@ class Guard(Policy):
         narrow = [m for m in free if not current.get(m).is_fp32]
         self.last_reasons = {}
         if not narrow:
-            if n > self.max_retries:
+            # only the failures with every module already fp32 count toward giving up
+            self.fp32_skips.append(step)
+            k = len(self.fp32_skips)
+            if k > self.max_retries:
+                first, last = self.fp32_skips[0], self.fp32_skips[-1]
                 raise TrainingUnstableError(
-                    f"{n} consecutive steps ({self._steps_text()}) produced inf/NaN ({cause}{where}) with every "
+                    f"{k} consecutive steps (steps {first}-{last}) produced inf/NaN ({cause}{where}) with every "
                     "adjustable module in fp32, so higher precision cannot help. Lower the learning rate, clip "
                     "gradients, or check the data and the loss for inf/NaN."
                 )
-            self.incident = f"inf/NaN in the {cause}{where}: step skipped ({n} in a row, every module fp32)"
+            self.incident = f"inf/NaN in the {cause}{where}: step skipped ({k} in a row with every module fp32)"
             return current
         repeated = n >= 2 and cause in ("gradients", "cast")
         if not (repeated or n > self.max_retries):
@@ -264,6 +269,7 @@ class Guard(Policy):
             "consecutive": self.consecutive,
             "first_loss": self.first_loss,
             "skips": list(self.skips),
+            "fp32_skips": list(self.fp32_skips),
         }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
@@ -277,4 +283,5 @@ class Guard(Policy):
         self.consecutive = int(d["consecutive"])
         self.first_loss = None if d.get("first_loss") is None else float(d["first_loss"])
         self.skips = [int(v) for v in d.get("skips", [])]
+        self.fp32_skips = [int(v) for v in d.get("fp32_skips", [])]
         self.policy.load_state_dict(d["policy"])
