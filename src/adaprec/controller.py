@@ -410,6 +410,15 @@ class AdaptivePrecision:
         return self.engine.plan
 
     @property
+    def sampling_next(self) -> bool:
+        """Whether the next step measures tensor statistics (Python observers run inside its GEMMs).
+
+        Under ``torch.compile`` such a step cannot be one graph: run it on the
+        eager model (``net = model if ap.sampling_next else compiled``).
+        """
+        return self.monitor.should_sample(self._step) or self.policy.wants_sample(self._step)
+
+    @property
     def step_count(self) -> int:
         return self._step
 
@@ -427,7 +436,7 @@ class AdaptivePrecision:
             raise UsageError("autocast() entered twice before backward(): one forward pass per step, then ap.backward(loss)")
         if self.engine._in_mode:
             raise UsageError("autocast() is already active: do not nest `with ap.autocast():` blocks")
-        sampling = enabled and (self.monitor.should_sample(self._step) or self.policy.wants_sample(self._step))
+        sampling = enabled and self.sampling_next
         self.engine.begin_step(self._step, sampling)
         if self._t0 is None:
             self._t0 = time.perf_counter()

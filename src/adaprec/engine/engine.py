@@ -39,6 +39,7 @@ from adaprec.engine.native import fp8_linear
 from adaprec.engine.ops import HANDLED, KIND_OF, OpCall, describe, is_param_like
 from adaprec.engine.quant import NoiseTable, Scratch
 from adaprec.engine.sites import Site, SiteMap
+from adaprec.engine.traced import register_engine, tally_in_graph
 from adaprec.errors import ModuleNotSupportedError, PlanError
 from adaprec.formats import compiled
 from adaprec.plan import FP32, ROLES, ModulePrecision, PrecisionPlan
@@ -153,6 +154,7 @@ class PrecisionEngine:
         self.scratch = Scratch()
         self.noise = NoiseTable(self.seed)
         self.emulated_seen: dict[str, set[str]] = {}  # format -> modules that emulated it
+        self.tally_id, self.tally_tick = register_engine(self)
         self.map.hook(None)  # every module until the first forward pass has shown which ones run GEMMs
 
     # --- sites ------------------------------------------------------------------------
@@ -233,6 +235,13 @@ class PrecisionEngine:
                 + "; ".join(f"{n}: {self.sites[n].reason}" for n in off)
             )
         self.plan = plan
+        # decide every site's execution now, not inside a compiled graph (a cache filled while tracing
+        # would fail the graph's guards once more after each plan change)
+        for name, site in self.sites.items():
+            mp = plan.modules.get(name) if site.covered else None
+            for kind in site.kinds:
+                for weight_op in (True, False):
+                    self._exec_for(name, kind, mp, weight_op)
 
     def begin_step(self, step: int, sampling: bool) -> None:
         self.step = step
@@ -299,6 +308,7 @@ class PrecisionEngine:
             )
         return mc
 
+
     def _record(self, name: str, call: OpCall, ex: Exec, mp: ModulePrecision | None) -> None:
         mc = self._entry(name)
         fwd_fmt, fwd_native = ex.formats["forward"]
@@ -332,13 +342,12 @@ class PrecisionEngine:
             site = self._new_site(name, call)
         elif kind not in site.kinds:
             site.kinds.add(kind)
-        mp = self.plan.modules.get(name) if site.covered else None
-        ex = self._exec_for(name, kind, mp, call.weight is not None)
-        if ex.mode == "fp32" and self.sampling and self.observe_fp32 and mp is not None \
-                and self.observer is not None and name not in self.plan.pinned:
-            ex = _OBSERVE_LINEAR if kind == "linear" else _OBSERVE_OTHER
+        mp, ex = self._resolve(name, kind, call.weight is not None)
         if self.counting:
-            self._record(name, call, ex, mp)
+            if torch.compiler.is_compiling():  # the graph records it each time it runs (no side effect here)
+                tally_in_graph(self, name, func, args, kwargs)
+            else:
+                self._record(name, call, ex, mp)
         if ex.mode == "fp32":
             return func(*args, **kwargs)
         if ex.emulated:
@@ -361,6 +370,15 @@ class PrecisionEngine:
             if canon is not None:
                 return fp8_linear(canon[0], canon[1], canon[2], mp)
         return self._run_emulated(name, func, args, kwargs, mp or ModulePrecision(), n_call)
+
+    def _resolve(self, name: str, kind: str, weight_op: bool) -> tuple[ModulePrecision | None, Exec]:
+        """The plan's precision for an op of ``name`` (None outside the plan) and how it executes."""
+        mp = self.plan.modules.get(name) if self.sites[name].covered else None
+        ex = self._exec_for(name, kind, mp, weight_op)
+        if ex.mode == "fp32" and self.sampling and self.observe_fp32 and mp is not None \
+                and self.observer is not None and name not in self.plan.pinned:
+            ex = _OBSERVE_LINEAR if kind == "linear" else _OBSERVE_OTHER
+        return mp, ex
 
     def _exec_for(self, name: str, kind: str, mp: ModulePrecision | None, weight_op: bool) -> Exec:
         key = (kind, mp, weight_op)
@@ -406,7 +424,9 @@ class PrecisionEngine:
         idx = self.module_index.get(name, 0)
         mp = mp or ModulePrecision()
         observer = self.observer if self.sampling else None
-        offsets = {r: stream_seed(self.seed, self.step, idx, _ROLE_INDEX[r], n_call) for r in ("grad_output", "activation", "weight")}
+        # seeds only where a role rounds stochastically (a compiled graph would otherwise be specialised on the step)
+        offsets = {r: stream_seed(self.seed, self.step, idx, _ROLE_INDEX[r], n_call)
+                   for r in ("grad_output", "activation", "weight") if mp.recipe(r).rounding == "stochastic"}
 
         def emulate(role: str, t: torch.Tensor) -> torch.Tensor:
             return self._caster(name, role, mp.recipe(role), n_call, observe=False)(t)
@@ -425,7 +445,7 @@ class PrecisionEngine:
     def _cast16_tensor(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if t.dtype == dtype:
             return t
-        if is_param_like(t):
+        if is_param_like(t) and not torch.compiler.is_compiling():  # compiled: the graph fuses the cast
             key = (id(t), t._version, dtype, torch.is_grad_enabled())
             hit = self._cast_cache.get(key)
             if hit is None:
@@ -478,6 +498,8 @@ class PrecisionEngine:
         def cast(x: torch.Tensor) -> torch.Tensor:
             if observer is not None:
                 observer(name, role, x.detach(), recipe)
+            if torch.compiler.is_compiling():  # already in a graph: no nested compile, no side effects
+                return caster(x, recipe, seed)
             with compiled(fused):
                 y = caster(x, recipe, seed)
             if caster.last_amax is not None:

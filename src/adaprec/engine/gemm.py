@@ -121,6 +121,8 @@ class _Operand:
 def _int8(x: torch.Tensor, rc: RoleCast, dim: int | None, ctx: GemmContext, role: str) -> Int8Operand:
     q = quantize_int8(x, dim if rc.per_gemm else None, rc.stochastic, ctx.scratch, ctx.noise, ctx.offsets.get(role, 0))
     a = q.amax
+    if torch.compiler.is_compiling():  # no side effects in a graph: the step's gradient check catches it
+        return q
     if isinstance(a, float):
         if not (a < float("inf")):  # inf or NaN
             ctx.fault(role, a)
@@ -143,6 +145,8 @@ def _weight(w: torch.Tensor, rc: RoleCast, dim: int | None, ctx: GemmContext) ->
     """The weight's cast, cached until the optimizer changes it (in-place updates bump ``_version``)."""
     if rc.kind == "fp32":
         return _Operand(None, w)
+    if torch.compiler.is_compiling():  # the compiled graph recomputes it (fused), no Python cache
+        return _cast(w, rc, dim, ctx, "weight")
     key = (id(w), w._version, w.data_ptr(), rc, dim if rc.per_gemm else None)
     hit = ctx.weight_cache.get(key)
     if hit is None:
@@ -181,6 +185,8 @@ def _mm(a: _Operand, at: bool, b: _Operand, bt: bool, fmt: str, native: bool, sc
             cb = cb.reshape(1, -1) if cb.shape[0] == 1 else cb
             if ca.is_cuda:
                 c = _int_mm_cuda(ca, cb)
+            elif torch.compiler.is_compiling():
+                c = torch._int_mm(ca, cb)
             else:
                 c = torch._int_mm(ca, cb, out=scratch.get((ca.shape[0], cb.shape[1]), ca.device, torch.int32))
         else:  # emulation: the same codes, multiplied in fp32

@@ -139,6 +139,15 @@ def quantize_int8(
     Non-finite values are not hidden: the amax says so (the engine reports it).
     """
     amax_t = _amax_of(x, dim)
+    if torch.compiler.is_compiling():  # traced: functional ops the compiler fuses into one pass, no host sync
+        st = pow2_int8_scale(amax_t.float())
+        y = torch.mul(x, st)
+        if stochastic:
+            assert noise is not None
+            y = (y + noise.get(y.numel(), offset, y.device).view(y.shape)).floor()
+        else:
+            y = y.round()
+        return Int8Operand(y.clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8), 1.0 / st, amax_t)
     on_cpu = x.device.type == "cpu"
     if dim is None and on_cpu:
         amax = float(amax_t)

@@ -89,7 +89,7 @@ class SchedulePolicy(Policy):
 
     def decide(self, snapshot: Snapshot, step: int) -> PrecisionPlan:
         self._template()
-        i = self.phase_at(step, snapshot.epoch)
+        i = self.phase_at(step + 1, snapshot.epoch)  # ``step`` has just run: this plan is the next step's
         plan = self._plans[i]
         kind, bound, _, label = self.phases[i]
         until = f", until {kind.split('_')[1]} {bound}" if kind else ""
