@@ -19,11 +19,15 @@ from adaprec.policies import SchedulePolicy, StaticPolicy
 
 torch._dynamo.config.cache_size_limit = 16  # the tests count compiles themselves
 
-INT8 = ModulePrecision(
-    weight=TensorRecipe("int8", scaling="tensor"),
-    activation=TensorRecipe("int8", scaling="tensor"),
-    grad_output=TensorRecipe("int8", scaling="tensor"),
-)
+def _int8(rounding: str = "nearest") -> ModulePrecision:
+    return ModulePrecision(
+        weight=TensorRecipe("int8", scaling="tensor"),
+        activation=TensorRecipe("int8", scaling="tensor"),
+        grad_output=TensorRecipe("int8", scaling="tensor", rounding=rounding),
+    )
+
+
+INT8 = _int8()
 
 
 def _digits(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +68,13 @@ def _ledger(ap) -> dict:
     return {k: s[k] for k in ("macs", "covered_macs", "macs_by_format")}
 
 
-def test_fixed_int8_plan_is_one_graph_matches_eager_and_counts_every_gemm():
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fixed_int8_plan_is_one_graph_matches_eager_and_counts_every_gemm(rounding):
+    """Stochastic rounding reads its per-step noise offset from a tensor: one graph serves every step."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    model, _, ap = _setup(StaticPolicy(INT8))
+    model, _, ap = _setup(StaticPolicy(_int8(rounding)))
     cnt = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=cnt, fullgraph=True)  # any graph break raises
     got = _train(ap, model, compiled, 8)
@@ -76,7 +82,7 @@ def test_fixed_int8_plan_is_one_graph_matches_eager_and_counts_every_gemm():
     compiled_ledger = _ledger(ap)
     ap.close()
 
-    model, _, ap = _setup(StaticPolicy(INT8))
+    model, _, ap = _setup(StaticPolicy(_int8(rounding)))
     want = _train(ap, model, model, 8)
     eager_ledger = _ledger(ap)
     ap.close()
@@ -117,16 +123,50 @@ def test_a_plan_change_recompiles_once():
     ap.close()
 
 
-def test_inductor_graph_keeps_the_ledger_tally():
+@pytest.mark.parametrize("plan", ["bf16", "int8"])
+def test_inductor_graph_keeps_the_ledger_tally_and_counts_nothing_twice(plan):
+    """Inductor's generated code calls ``torch.addmm(..., out=buf)`` for bf16 GEMMs: not counted again."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    model, _, ap = _setup(StaticPolicy(INT8))
+    model, _, ap = _setup(StaticPolicy(INT8 if plan == "int8" else "bf16"))
     cnt = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=cnt, fullgraph=True)
     _train(ap, model, compiled, 3)
     assert cnt.frame_count == 1
     per_step = 64 * (64 * 96 + 96 * 96 + 96 * 10) * 3 - 64 * 64 * 96
     s = ap.energy.summary()
-    assert s["macs"] == 3 * per_step and set(s["macs_by_format"]) == {"int8"}
+    assert s["macs"] == 3 * per_step and set(s["macs_by_format"]) == {plan}
+    assert s["coverage"] == 1.0 and not ap.engine.uncovered
     ap.close()
+
+
+def test_inductor_char_gpt_counts_every_gemm_once():
+    """A GPT block on Shakespeare under inductor: the 3-D linears become ``torch.addmm(..., out=buf)`` calls in
+    the generated code, which the engine's mode sees again at run time; the ledger equals the eager one."""
+    from adaprec.experiments.tasks.char_transformer import CharGPT, load_text
+
+    text = load_text()[:20_000]
+    chars = sorted(set(text))
+    data = torch.tensor([chars.index(c) for c in text])
+    starts = torch.arange(0, 8 * 97, 97).unsqueeze(1) + torch.arange(32)
+    x, y = data[starts], data[starts + 1]
+
+    def run(compiled: bool) -> dict:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = CharGPT(len(chars), d=32, heads=2, layers=1, block=32)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ap = adaprec.AdaptivePrecision(model, opt, "bf16", hardware=FAST_INT8_BF16, guard=False, monitor_every=10**9)
+        net = torch.compile(model) if compiled else model
+        for _ in range(3):
+            with ap.autocast():
+                loss = nn.functional.cross_entropy((model if ap.sampling_next else net)(x).flatten(0, 1), y.flatten())
+            ap.backward(loss)
+            ap.step()
+        out = {**_ledger(ap), "coverage": ap.energy.summary()["coverage"], "uncovered": dict(ap.engine.uncovered)}
+        ap.close()
+        return out
+
+    got, want = run(True), run(False)
+    assert got == want and got["coverage"] == 1.0

@@ -21,6 +21,9 @@ optimizer never sees a new parameter.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -49,6 +52,7 @@ __all__ = ["PrecisionEngine", "BACKENDS", "ModuleFilter"]
 BACKENDS = ("auto", "emulate", "native")
 ModuleFilter = Callable[[nn.Module, str], bool]
 _ROLE_INDEX = {r: i for i, r in enumerate(ROLES)}
+_STEP_STRIDE = 0x9E3779  # odd: consecutive steps read the noise table at well-spread offsets
 _LINEAR_FUNCS = {F.linear}
 _ADDMM = set(f for f in (torch.addmm, getattr(torch.Tensor, "addmm", None)) if f is not None)
 _MHA = {F.multi_head_attention_forward}
@@ -73,15 +77,43 @@ _OBSERVE_LINEAR = Exec("planned", FP32_EXEC.formats, FP32_EXEC.storage, linear=_
 _OBSERVE_OTHER = Exec("emulate", FP32_EXEC.formats, FP32_EXEC.storage)
 
 
+def _from_compiled_graph() -> bool:
+    """Whether the op was called by the code torch.compile generated (inductor calls ``torch.addmm(..., out=buf)``).
+
+    That graph's GEMMs were planned and counted when it was traced; seen again as it runs they would
+    be counted twice, as nobody's.
+    """
+    frame = sys._getframe(2)
+    return frame is not None and frame.f_code.co_filename.startswith(_inductor_dirs())
+
+
+@functools.cache
+def _inductor_dirs() -> tuple[str, ...]:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        d = cache_dir()
+        return (d, os.path.realpath(d))
+    except Exception:  # pragma: no cover - torch without inductor
+        return ("\x00",)
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, engine: PrecisionEngine) -> None:
         super().__init__()
         self.engine = engine
+        self.inside = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if func not in HANDLED:
+        if func not in HANDLED or self.inside or (kwargs and "out" in kwargs and _from_compiled_graph()):
             return func(*args, **(kwargs or {}))
-        return self.engine._dispatch(func, args, kwargs or {})
+        # an op the engine runs is not seen again from inside (torch.compile traces F.linear into
+        # an addmm of the transposed weight, which would be counted twice, as nobody's)
+        self.inside = True
+        try:
+            return self.engine._dispatch(func, args, kwargs or {})
+        finally:
+            self.inside = False
 
 
 def _float_tensor(t: Any) -> bool:
@@ -155,6 +187,7 @@ class PrecisionEngine:
         self.noise = NoiseTable(self.seed)
         self.emulated_seen: dict[str, set[str]] = {}  # format -> modules that emulated it
         self.tally_id, self.tally_tick = register_engine(self)
+        self.step_tensor = torch.zeros((), dtype=torch.int64)  # the step as compiled graphs read it
         self.map.hook(None)  # every module until the first forward pass has shown which ones run GEMMs
 
     # --- sites ------------------------------------------------------------------------
@@ -245,6 +278,7 @@ class PrecisionEngine:
 
     def begin_step(self, step: int, sampling: bool) -> None:
         self.step = step
+        self.step_tensor.fill_(step)
         self.sampling = sampling
         self._calls.clear()
         self._weight_cache.clear()
@@ -425,7 +459,10 @@ class PrecisionEngine:
         mp = mp or ModulePrecision()
         observer = self.observer if self.sampling else None
         # seeds only where a role rounds stochastically (a compiled graph would otherwise be specialised on the step)
-        offsets = {r: stream_seed(self.seed, self.step, idx, _ROLE_INDEX[r], n_call)
+        # an offset per role: a step-free seed of the call plus the step times a stride; in a compiled
+        # graph the step is read from a tensor, so one graph serves every step
+        step: Any = self.step_tensor if torch.compiler.is_compiling() else self.step
+        offsets = {r: (stream_seed(self.seed, idx, _ROLE_INDEX[r], n_call) + step * _STEP_STRIDE) % NoiseTable.MAX_OFFSET
                    for r in ("grad_output", "activation", "weight") if mp.recipe(r).rounding == "stochastic"}
 
         def emulate(role: str, t: torch.Tensor) -> torch.Tensor:

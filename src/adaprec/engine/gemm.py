@@ -101,7 +101,7 @@ class GemmContext:
     module: str
     scratch: Scratch
     noise: NoiseTable
-    offsets: dict[str, int]  # per role: the stochastic-rounding noise offset of this call
+    offsets: dict[str, Any]  # per role: the stochastic-rounding noise offset of this call (int, or a tensor in a graph)
     emulate: Callable[[str, torch.Tensor], torch.Tensor]  # role, tensor -> tensor rounded by the recipe
     observe: Callable[[str, torch.Tensor], None] | None  # role, fp32 tensor (sampled steps)
     fault: Callable[[str, Any], None]  # role, amax: a non-finite value met a cast

@@ -87,7 +87,8 @@ class NoiseTable:
         g = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + i) & 0x7FFFFFFFFFFFFFFF)
         return torch.rand(self.CHUNK, generator=g).to(device)
 
-    def get(self, n: int, offset: int, device: torch.device) -> torch.Tensor:
+    def get(self, n: int, offset: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``n`` values from ``offset`` (an int, or a 0-d integer tensor as a compiled graph passes it)."""
         need = n + self.MAX_OFFSET
         t = self._tables.get(device)
         if t is None or t.numel() < need:
@@ -95,6 +96,8 @@ class NoiseTable:
             chunks = [t] if t is not None else []
             chunks += [self._chunk(i, device) for i in range(have, -(-need // self.CHUNK))]
             t = self._tables[device] = torch.cat(chunks)
+        if isinstance(offset, torch.Tensor):  # a gather the compiler fuses into the rounding pass
+            return t[torch.arange(n, device=device) + (offset.to(device) % self.MAX_OFFSET)]
         off = offset % self.MAX_OFFSET
         return t[off:off + n]
 
