@@ -380,7 +380,8 @@ def test_adaprec_run_nproc_2_writes_one_store_and_one_report(tmp_path):
     cfg.write_text("task: digits-cnn\npolicies: [error-budget]\nseeds: 1\nsteps: 12\neval_every: 6\n"
                    "monitor_every: 3\n")
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONFAULTHANDLER": "1"}  # a rank that aborts shows where
     p = subprocess.run([sys.executable, "-m", "adaprec.cli", "run", str(cfg), "--out", str(out), "--nproc", "2",
                         "--quiet"], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]

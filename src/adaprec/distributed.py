@@ -559,11 +559,22 @@ class RankRun:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self) -> None:
-        """Leave the process group (only if this object created it)."""
+    def close(self, wait: bool = False) -> None:
+        """Leave the process group (only if this object created it).
+
+        ``wait``: first meet every rank at a barrier (after a run that ended well), and
+        free what still holds the group (DDP reducers), so no rank tears its group down
+        while another still uses it: a rank that did abort at exit, now and then
+        ("terminate called without an active exception").
+        """
+        import gc
+
         import torch.distributed as dist
 
         if self._created and dist.is_initialized():
+            if wait:
+                dist.barrier()
+            gc.collect()
             dist.destroy_process_group()
             self._created = False
 

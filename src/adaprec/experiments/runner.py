@@ -200,6 +200,7 @@ def run_experiment(
         if ranks is not None:
             ranks.close()
         raise
+    ended_well = False
     try:
         done = store.finished_runs() if resume else set()
         for spec in config.policies:
@@ -215,10 +216,11 @@ def run_experiment(
                     if ":" not in config.task:
                         raise
                     raise _user_task_error(config.task, f"run {run_id_for(spec, seed)}", e) from e
+        ended_well = True
     finally:
         store.close()
         if ranks is not None:
-            ranks.close()
+            ranks.close(wait=ended_well)
     if report and (ranks is None or ranks.writer):  # one report, by rank 0
         from adaprec.experiments.report import write_report
 
