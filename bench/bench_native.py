@@ -16,7 +16,10 @@ from the same seed and the same batches under
 Sizes: nanoGPT's documented CPU config (n_layer=4, n_head=4, n_embd=128,
 block 64, batch 12, dropout 0, 2000 iterations; nanoGPT's README reports a
 validation loss of about 1.88 on its tiny-shakespeare text) and a wider one
-where GEMMs dominate (6 layers, 384 wide, block 256, batch 8). Step time is
+where GEMMs dominate (6 layers, 384 wide, block 256, batch 8). The variants
+train side by side in turns of a fortieth of the iterations each (the machine
+is shared and drifts by tens of percent within minutes; turns of one step
+would make every variant evict the others' weights from the caches). Step time is
 the median of the timed steps (the first 5 skipped); validation loss is the
 mean next-character loss on fixed held-out windows after training.
 
@@ -129,43 +132,48 @@ def _count_int8_gemms(step: Callable[[], None]) -> int:
     return Count.n
 
 
-def _train(variant: str, size: Size, train: torch.Tensor, val: torch.Tensor, vocab: int) -> Result:
-    model, opt = _model(size, vocab)
-    note = ""
-    ap = None
-    if variant == "torchao int8-mp":
-        from torchao import quantize_
-        from torchao.prototype.quantized_training import int8_mixed_precision_training
+class _Run:
+    """One variant's model, optimizer and step; trained step by step beside the others."""
 
-        quantize_(model, int8_mixed_precision_training(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
-    elif variant.startswith("adaprec"):
-        torch._dynamo.reset()
-        policy = "fp32" if "fp32 plan" in variant else "error-budget"
-        ap = adaprec.AdaptivePrecision(model, opt, policy=policy, total_steps=size.iters, guard=policy != "fp32")
+    def __init__(self, variant: str, size: Size, vocab: int) -> None:
+        self.variant, self.size = variant, size
+        self.model, self.opt = _model(size, vocab)
+        self.note = ""
+        self.ap = None
+        self.times: list[float] = []
+        if variant == "torchao int8-mp":
+            from torchao import quantize_
+            from torchao.prototype.quantized_training import int8_mixed_precision_training
 
-    net = model
-    if variant.endswith("compiled"):  # torch.compile (inductor); sampled steps of adaprec run eager
-        net = torch.compile(model)
+            quantize_(self.model, int8_mixed_precision_training(),
+                      filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+        elif variant.startswith("adaprec"):
+            policy = "fp32" if "fp32 plan" in variant else "error-budget"
+            self.ap = adaprec.AdaptivePrecision(self.model, self.opt, policy=policy, total_steps=size.iters,
+                                                guard=policy != "fp32")
+        # torch.compile (inductor); adaprec's sampled steps run eager
+        self.net = torch.compile(self.model) if variant.endswith("compiled") else self.model
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if ap is not None and ap.sampling_next:
-            return model(x)
-        return net(x)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ap is not None and self.ap.sampling_next:
+            return self.model(x)
+        return self.net(x)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        model, opt, ap = self.model, self.opt, self.ap
         opt.zero_grad(set_to_none=True)
-        if variant == "autocast bf16":
+        if self.variant == "autocast bf16":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             loss.backward()
         elif ap is not None:
             with ap.autocast():
-                loss = F.cross_entropy(forward(x).flatten(0, 1), y.flatten())
+                loss = F.cross_entropy(self._forward(x).flatten(0, 1), y.flatten())
             ap.backward(loss)
             ap.unscale_()
         else:
-            loss = F.cross_entropy(forward(x).flatten(0, 1), y.flatten())
+            loss = F.cross_entropy(self._forward(x).flatten(0, 1), y.flatten())
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if ap is not None:
@@ -173,27 +181,41 @@ def _train(variant: str, size: Size, train: torch.Tensor, val: torch.Tensor, voc
         else:
             opt.step()
 
-    times = []
-    started = time.perf_counter()
-    for it, (x, y) in enumerate(_batches(train, size)):
-        for g in opt.param_groups:
-            g["lr"] = _lr(it, size)
-        if it == 3 and variant == "torchao int8-mp":
-            n = _count_int8_gemms(lambda x=x, y=y: step(x, y))
-            note = f"{n} int8 GEMMs (aten::_int_mm) per step"
-            continue
+    def step(self, it: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = _lr(it, self.size)
+        if it == 3 and self.variant == "torchao int8-mp":
+            n = _count_int8_gemms(lambda: self._step(x, y))
+            self.note = f"{n} int8 GEMMs (aten::_int_mm) per step"
+            return
         t0 = time.perf_counter()
-        step(x, y)
-        times.append(time.perf_counter() - t0)
-    total = time.perf_counter() - started
-    loss = _val_loss(model, val, size.block)
-    if ap is not None:
-        s = ap.energy.summary()
-        note = (f"coverage {100 * s['coverage']:.0f} %; MACs " + ", ".join(
-            f"{f} {100 * n / s['macs']:.0f}%" for f, n in sorted(s["macs_by_format"].items(), key=lambda kv: -kv[1]))
-            + (f"; emulated: {', '.join(s['emulated_formats'])}" if s["emulated_formats"] else ""))
-        ap.close()
-    return Result(variant, 1e3 * statistics.median(times[5:] or times), loss, total, note)
+        self._step(x, y)
+        self.times.append(time.perf_counter() - t0)
+
+    def finish(self, val: torch.Tensor) -> Result:
+        loss = _val_loss(self.model, val, self.size.block)
+        if self.ap is not None:
+            s = self.ap.energy.summary()
+            self.note = (f"coverage {100 * s['coverage']:.0f} %; MACs " + ", ".join(
+                f"{f} {100 * n / s['macs']:.0f}%" for f, n in sorted(s["macs_by_format"].items(), key=lambda kv: -kv[1]))
+                + (f"; emulated: {', '.join(s['emulated_formats'])}" if s["emulated_formats"] else ""))
+            self.ap.close()
+        return Result(self.variant, 1e3 * statistics.median(self.times[5:] or self.times), loss, sum(self.times),
+                      self.note)
+
+
+def _train_side_by_side(variants: list[str], size: Size, train: torch.Tensor, val: torch.Tensor,
+                        vocab: int) -> list[Result]:
+    """The variants take turns of ``iters // 40`` steps on the same batches: a shared machine's drift hits them alike."""
+    runs = [_Run(v, size, vocab) for v in variants]
+    batches = list(_batches(train, size))
+    turn = max(1, size.iters // 40)
+    for start in range(0, len(batches), turn):
+        for r in runs:
+            for it in range(start, min(start + turn, len(batches))):
+                r.step(it, *batches[it])
+        print(f"  {size.name}: {min(start + turn, len(batches))}/{size.iters}", flush=True)
+    return [r.finish(val) for r in runs]
 
 
 VARIANTS = ("plain fp32", "autocast bf16", "torchao int8-mp", "adaprec fp32 plan", "adaprec default",
@@ -214,19 +236,19 @@ def main() -> None:
         Size("nanoGPT CPU config (4x128, block 64, batch 12)", 4, 4, 128, 64, 12, args.small_iters, 1e-3),
         Size(f"wide ({args.wide_layers}x384, block 256, batch 8)", args.wide_layers, 6, 384, 256, 8, args.wide_iters, 1e-3),
     ]
+    torch._dynamo.config.cache_size_limit = 64  # two compiled variants, and a recompile per adaprec plan
     train, val, vocab = _data()
     results: dict[str, list[Result]] = {}
     for size in sizes:
-        results[size.name] = []
-        for v in args.variants:
-            r = _train(v, size, train, val, vocab)
-            results[size.name].append(r)
-            print(f"{size.name} | {v}: {r.step_ms:.1f} ms/step, val loss {r.val_loss:.4f}, {r.total_s:.0f} s  {r.note}",
-                  flush=True)
+        results[size.name] = _train_side_by_side(args.variants, size, train, val, vocab)
+        for r in results[size.name]:
+            print(f"{size.name} | {r.variant}: {r.step_ms:.1f} ms/step, val loss {r.val_loss:.4f}, "
+                  f"{r.total_s:.0f} s of steps  {r.note}", flush=True)
     lines = [
         f"Machine: {report.name}, {report.threads} torch threads, torch {report.torch_version}, "
         f"CPU capability {report.capability}; measured {time.strftime('%Y-%m-%d')} by `bench/bench_native.py`, "
-        "one variant after another in one process, same seed and batches for all.",
+        "all variants in one process, trained side by side in turns of a fortieth of the iterations (so the drift "
+        "of this shared machine hits them alike), same seed and batches for all.",
         "",
         "### (a) The device probe",
         "",

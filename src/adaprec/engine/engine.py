@@ -527,7 +527,9 @@ class PrecisionEngine:
         caster = self._casters.get(key)
         if caster is None:
             caster = self._casters[key] = RecipeCaster()
-        seed = stream_seed(self.seed, self.step, self.module_index.get(name, 0), _ROLE_INDEX[role], call)
+        # nearest rounding needs no seed (and a compiled graph must not depend on the step through one)
+        seed = (stream_seed(self.seed, self.step, self.module_index.get(name, 0), _ROLE_INDEX[role], call)
+                if recipe.rounding == "stochastic" else 0)
         observer = self.observer if (self.sampling and observe) else None
         fused = self.compile
         faults = self._faults
