@@ -104,11 +104,12 @@ def main() -> None:
     ap.add_argument("--char-steps", type=int, default=None, help="steps of char-transformer (default: its 2000)")
     args = ap.parse_args()
     lines = [
-        f"All tasks at their default steps, {args.seeds} seeds. Step time is **measured** on this machine "
-        "(mean over the run, all runs one after another); energy is **modeled** with profile 7nm on what "
+        ("All tasks at their default steps" + (f" (char-transformer: {args.char_steps})" if args.char_steps else "")
+         + f", {args.seeds} seeds. Step time is **measured** on this machine "
+         "(mean over the run, all runs one after another); energy is **modeled** with profile 7nm on what "
         "executed (emulated formats priced as the fp32 they ran as; no meter on this machine). Quality: "
         "accuracy (higher is better) or bits per character (lower is better); Δ is against fp32 in the "
-        "same units (accuracy in points).",
+        "same units (accuracy in points)."),
         "",
         "| task | policy | quality (mean ± sd) | Δ vs fp32 | step time (ms) | time saving vs fp32 | modeled energy (J) "
         "| energy saving vs fp32 | MACs native ≤8-bit | MACs emulated | coverage |",

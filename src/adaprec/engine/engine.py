@@ -389,7 +389,7 @@ class PrecisionEngine:
                 seen = self.emulated_seen.setdefault(f, set())
                 if name not in seen:
                     seen.add(name)
-                    self.note(self._emulation_note(f))
+                    self.note(self._emulation_note(f, kind))
         n_call = self._calls.get(name, 0)
         self._calls[name] = n_call + 1
         if ex.mode == "planned":
@@ -421,10 +421,14 @@ class PrecisionEngine:
             ex = self._exec_cache[key] = decide(kind, mp, self.caps, self.backend, weight_op)
         return ex
 
-    def _emulation_note(self, fmt: str) -> str:
+    def _emulation_note(self, fmt: str, kind: str = "linear") -> str:
         if self.backend == "emulate":
             return (f"backend='emulate': {fmt} runs as fp32 arithmetic on rounded values (research mode); "
                     "the ledger records it as emulated")
+        if fmt in self.caps.native.get("gemm", frozenset()):  # native, but not for this kind of op
+            return (f"the plan asks for {fmt} in a {kind} op; this device runs {fmt} natively only in "
+                    f"linear-like GEMMs, so these ops emulate it: fp32 arithmetic on rounded values, slower "
+                    "than fp32, recorded as emulated. Hardware-aware policies (the default) do not ask for it")
         why = self.caps.reasons.get(fmt)
         return (
             f"the plan asks for {fmt}, which this device can only emulate"
