@@ -102,18 +102,11 @@ class _Mode(TorchFunctionMode):
     def __init__(self, engine: PrecisionEngine) -> None:
         super().__init__()
         self.engine = engine
-        self.inside = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if func not in HANDLED or self.inside or (kwargs and "out" in kwargs and _from_compiled_graph()):
+        if func not in HANDLED or (kwargs and "out" in kwargs and _from_compiled_graph()):
             return func(*args, **(kwargs or {}))
-        # an op the engine runs is not seen again from inside (torch.compile traces F.linear into
-        # an addmm of the transposed weight, which would be counted twice, as nobody's)
-        self.inside = True
-        try:
-            return self.engine._dispatch(func, args, kwargs or {})
-        finally:
-            self.inside = False
+        return self.engine._dispatch(func, args, kwargs or {})
 
 
 def _float_tensor(t: Any) -> bool:
@@ -342,7 +335,6 @@ class PrecisionEngine:
             )
         return mc
 
-
     def _record(self, name: str, call: OpCall, ex: Exec, mp: ModulePrecision | None) -> None:
         mc = self._entry(name)
         fwd_fmt, fwd_native = ex.formats["forward"]
@@ -462,9 +454,8 @@ class PrecisionEngine:
         idx = self.module_index.get(name, 0)
         mp = mp or ModulePrecision()
         observer = self.observer if self.sampling else None
-        # seeds only where a role rounds stochastically (a compiled graph would otherwise be specialised on the step)
-        # an offset per role: a step-free seed of the call plus the step times a stride; in a compiled
-        # graph the step is read from a tensor, so one graph serves every step
+        # a noise offset per stochastically rounded role: a step-free seed of the call plus the step times
+        # a stride; in a compiled graph the step is read from a tensor, so one graph serves every step
         step: Any = self.step_tensor if torch.compiler.is_compiling() else self.step
         offsets = {r: (stream_seed(self.seed, idx, _ROLE_INDEX[r], n_call) + step * _STEP_STRIDE) % NoiseTable.MAX_OFFSET
                    for r in ("grad_output", "activation", "weight") if mp.recipe(r).rounding == "stochastic"}

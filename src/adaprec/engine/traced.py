@@ -81,7 +81,6 @@ def _rebuild(skeleton: list, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
 def _tally(tick: torch.Tensor, operands: list[torch.Tensor], meta: str) -> None:
     """Record one traced op's cost in its engine's ledger (runs each time the graph runs)."""
     tick.add_(1)
-
     parsed = _PARSED.get(meta)
     if parsed is None:
         parsed = _PARSED[meta] = tuple(json.loads(meta))  # type: ignore[assignment]
