@@ -395,7 +395,7 @@ def matrix_markdown(m: Matrix, faults: Sequence[str], policies: Sequence[str]) -
 
 
 # --- the kill -9 soak ------------------------------------------------------------------------------
-WALL_COLUMNS = frozenset({"wall_s", "wall_time_s", "started", "finished"})
+WALL_COLUMNS = frozenset({"wall_s", "wall_time_s", "started", "finished", "peak_memory"})  # measured, not replayed
 TABLES = {  # table -> its key, to compare row for row
     "runs": ("run_id",), "steps": ("run_id", "step"), "evals": ("run_id", "step", "metric"),
     "timeline": ("run_id", "step", "module", "role"), "energy": ("run_id", "step"), "summary": ("run_id",),

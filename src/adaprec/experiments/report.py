@@ -27,7 +27,7 @@ __all__ = ["write_report", "policy_table"]
 
 COLUMNS = (
     "policy", "seeds", "quality", "vs fp32", "step time (measured)", "time saving vs fp32 (measured)",
-    "energy modeled", "saving vs fp32 (modeled)", "energy measured", "MACs by format", "coverage",
+    "peak memory (measured)", "energy modeled", "saving vs fp32 (modeled)", "energy measured", "MACs by format", "coverage",
     "guard fallbacks",
 )
 
@@ -36,6 +36,19 @@ def _step_time(s: Mapping[str, Any]) -> float | None:
     """Mean measured wall time of a run's training steps (s), from its ledger summary."""
     wall, n = s.get("wall_s"), s.get("timed_steps")
     return float(wall) / n if wall is not None and n else None
+
+
+def _peak_memory(sums: Sequence[Mapping[str, Any]]) -> str:
+    """Mean steady-state peak over a policy's runs, with how it was measured, or n/a and why."""
+    readings = [s.get("peak_memory") for s in sums]
+    if not readings or any(r is None for r in readings):
+        return "n/a: not recorded (a store from before memory was measured)"
+    missing = [r for r in readings if r.get("peak_bytes") is None]
+    if missing:
+        return f"n/a: {missing[0].get('reason') or 'not measurable here'}"
+    mib = statistics.fmean(r["peak_bytes"] for r in readings) / 2**20
+    methods = sorted({r.get("method", "?") for r in readings})
+    return f"{mib:,.0f} MiB ({'; '.join(methods)})"
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -103,6 +116,7 @@ def policy_table(store: ResultStore) -> tuple[list[dict[str, Any]], dict[str, An
             "step time (measured)": f"{1e3 * step_t:.2f} ms" if step_t is not None else "n/a",
             "time saving vs fp32 (measured)": "baseline" if p == "fp32" else (
                 f"{100 * (1 - step_t / base_step):.1f} %" if step_t is not None and base_step else "n/a"),
+            "peak memory (measured)": _peak_memory(sums),
             "energy modeled": f"{modeled:.4g} J",
             "energy measured": measured_txt,
             "saving vs fp32 (modeled)": "baseline" if p == "fp32" else (
@@ -182,7 +196,7 @@ def _headers(facts: Mapping[str, Any]) -> list[str]:
     arrow = "higher is better" if facts["higher_is_better"] else "lower is better"
     h = list(COLUMNS)
     h[2] = f"{facts['metric']} (mean ± std; {arrow})"
-    h[6] = f"energy, modeled (profile {facts['profile']}, what executed)"
+    h[COLUMNS.index("energy modeled")] = f"energy, modeled (profile {facts['profile']}, what executed)"
     return h
 
 
@@ -190,7 +204,10 @@ def _notes(facts: Mapping[str, Any]) -> list[str]:
     """Plain-text notes under the table: what is modeled, measured, emulated and not covered."""
     notes = [
         f"Energy is modeled from the device profile {facts['profile']} on what executed (emulated formats "
-        "priced as the fp32 arithmetic they ran as); it is not a measurement. Step time is measured on this machine."
+        "priced as the fp32 arithmetic they ran as); it is not a measurement. Step time is measured on this machine.",
+        "Peak memory is measured from the end of the first tenth of each run's steps (the method is in the cell: "
+        "the process high-water mark on CPU, max_memory_allocated on CUDA); the runs of one experiment share a "
+        "process, so memory an earlier run left with the allocator can raise a later run's CPU figure.",
     ]
     if facts.get("emulated"):
         notes.append("Emulated (no native kernel on this device, or slower than fp32): " + ", ".join(facts["emulated"]))

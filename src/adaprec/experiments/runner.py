@@ -36,6 +36,7 @@ from adaprec.experiments.config import ExperimentConfig, PolicySpec
 from adaprec.experiments.store import DB_NAME, ResultStore, remove_stale_temp_files
 from adaprec.experiments.tasks import Task, get_task
 from adaprec.integrations.logging import RunLoggers, check_available
+from adaprec.memory import PeakMemory
 
 __all__ = ["run_experiment", "run_id_for", "epoch_seed"]
 
@@ -291,6 +292,11 @@ def _run_one(
     flushed = done
     started = time.perf_counter()
     bar = _bar(run_id, total, done, progress, every=eval_every)
+    # peak memory of the steady state: from the end of the first tenth of the steps (or from a resume)
+    peak = PeakMemory(next((p.device for p in model.parameters()), None))
+    steady_from = max(1, total // 10)
+    if done >= steady_from:
+        peak.reset()
 
     def flush() -> None:
         nonlocal flushed
@@ -318,6 +324,8 @@ def _run_one(
                 ap.backward(loss)
                 res = ap.step()
                 done += 1
+                if done == steady_from:
+                    peak.reset()
                 buffer.append({
                     "step": res.step, "loss": res.loss, "lr": opt.param_groups[0]["lr"],
                     "loss_scale": res.loss_scale, "plan_summary": ap.plan.summary(),
@@ -358,9 +366,11 @@ def _run_one(
         ap.close()
     if not writer:
         return
+    memory = peak.read()
     final = task.evaluate(model)
     store.add_evals(run_id, total, final)
-    summary = {**ap.energy.summary(), "final": final, "run_id": run_id, "policy": spec.label, "seed": seed}
+    summary = {**ap.energy.summary(), "final": final, "run_id": run_id, "policy": spec.label, "seed": seed,
+               "peak_memory": memory.to_dict()}
     store.finish_run(
         run_id, final_metric=final[task.metric], wall_time_s=wall_before + time.perf_counter() - started,
         summary=summary,

@@ -1,0 +1,235 @@
+"""Steady-state peak memory of one training step, each variant in its own fresh process.
+
+Issue 19's benchmark. A character-level GPT built from ``nn.TransformerEncoderLayer``
+(pre-norm, GELU, causal mask; a model adaprec did not write) trains on the
+Shakespeare plays under
+
+* plain fp32 PyTorch (AdamW),
+* ``torch.autocast("cpu", dtype=torch.bfloat16)`` (AdamW),
+* autocast bf16 with torchao's ``AdamW8bit`` (block-wise 8-bit moments),
+* adaprec's default (``AdaptivePrecision(model, opt)``: error-budget, hardware-aware;
+  its warm-up shortened to ``--warmup`` steps so the steady state is reached in a bench).
+
+in three regimes: activation-heavy (4 x 256, context 512, batch 16),
+parameter-heavy (8 x 1024, 101 M parameters, context 32, batch 2) and the
+quickstart's model size (2 x 256, context 128, batch 16).
+
+Each variant runs in a new Python process (``python bench_memory.py --child ...``),
+so no allocator cache or library state of one variant reaches another. The
+peak is the process high-water mark (``VmHWM``) after a reset through
+``/proc/self/clear_refs`` once the warm-up steps are done
+(:class:`adaprec.memory.PeakMemory`): everything the process holds in the
+steady state, Python and libraries included. Validation loss is the mean
+next-character loss on fixed held-out windows after the same steps.
+
+Run: ``python bench/bench_memory.py [--steps 24] [--warmup 12] [--regimes activation,parameter,quickstart] [--write]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _markdown import write_section  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    layers: int
+    width: int
+    heads: int
+    block: int
+    batch: int
+    lr: float
+
+
+REGIMES = {
+    "activation": Regime("activation-heavy", 4, 256, 4, 512, 16, 1e-3),
+    "parameter": Regime("parameter-heavy", 8, 1024, 16, 32, 2, 3e-4),
+    "quickstart": Regime("quickstart size", 2, 256, 4, 128, 16, 1e-3),
+}
+VARIANTS = ("plain fp32", "autocast bf16", "autocast bf16 + torchao AdamW8bit", "adaprec default")
+
+
+class EncoderGPT(nn.Module):
+    """A causal character LM from torch's own encoder layers."""
+
+    def __init__(self, vocab: int, r: Regime) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, r.width)
+        self.pos = nn.Embedding(r.block, r.width)
+        layer = nn.TransformerEncoderLayer(r.width, r.heads, 4 * r.width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, r.layers, enable_nested_tensor=False)
+        self.ln = nn.LayerNorm(r.width)
+        self.head = nn.Linear(r.width, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(r.block), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        x = self.encoder(x, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.ln(x))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor, int]:
+    from adaprec.experiments.tasks.char_transformer import load_text
+
+    text = load_text()
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text[: 600_000]], dtype=torch.long)
+    cut = int(0.9 * len(ids))
+    return ids[:cut], ids[cut:], len(chars)
+
+
+def _windows(ids: torch.Tensor, block: int, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.randint(0, len(ids) - block - 1, (batch,), generator=g)
+    x = torch.stack([ids[s: s + block] for s in starts])
+    y = torch.stack([ids[s + 1: s + block + 1] for s in starts])
+    return x, y
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def child(variant: str, regime: Regime, steps: int, warmup: int) -> dict:
+    """Train one variant in this process; return its figures."""
+    from adaprec.memory import PeakMemory
+
+    torch.manual_seed(0)
+    train, val, vocab = _data()
+    model = EncoderGPT(vocab, regime)
+    params = sum(p.numel() for p in model.parameters())
+    if variant.endswith("AdamW8bit"):
+        from torchao.optim import AdamW8bit
+
+        opt: torch.optim.Optimizer = AdamW8bit(model.parameters(), lr=regime.lr)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=regime.lr)
+    ap = None
+    if variant == "adaprec default":
+        import adaprec
+
+        ap = adaprec.AdaptivePrecision(model, opt, policy={"name": "error-budget", "warmup_steps": warmup},
+                                       total_steps=steps)
+    autocast = variant.startswith("autocast")
+    g = torch.Generator().manual_seed(1)
+    peak = PeakMemory()
+    times = []
+    for step in range(steps):
+        if step == steps - max(3, steps // 4):
+            peak.reset()  # the steady state: after warm-up, before the last steps
+        x, y = _windows(train, regime.block, regime.batch, g)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if ap is not None:
+            with ap.autocast():
+                loss = _loss(model(x), y)
+            ap.backward(loss)
+            ap.step()
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = _loss(model(x), y)
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - t0)
+    reading = peak.read()
+    gv = torch.Generator().manual_seed(2)
+    model.eval()
+    with torch.no_grad():
+        losses = []
+        for _ in range(4):
+            x, y = _windows(val, regime.block, regime.batch, gv)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                losses.append(float(_loss(model(x), y)))
+    out = {"variant": variant, "regime": regime.name, "params": params, "peak_bytes": reading.peak_bytes,
+           "method": reading.method, "reason": reading.reason, "val_loss": sum(losses) / len(losses),
+           "step_ms": 1e3 * statistics.median(times[warmup:] or times), "macs": ""}
+    if ap is not None:
+        by_format = ap.energy.summary()["macs_by_format"]  # over all steps, warm-up included
+        total = sum(by_format.values()) or 1
+        out["macs"] = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(by_format.items(), key=lambda kv: -kv[1]))
+        ap.close()
+    return out
+
+
+def _run_child(variant: str, key: str, steps: int, warmup: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", variant, "--regime-key", key, "--steps", str(steps),
+           "--warmup", str(warmup)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_memory: variant {variant!r} ({key}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| regime | variant | steady peak (MiB) | vs plain fp32 | val loss | vs fp32 | step ms | MACs by format |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    base = {r["regime"]: r for r in rows if r["variant"] == "plain fp32"}
+    for r in rows:
+        b = base[r["regime"]]
+        mib = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.0f}"
+        ratio = "n/a" if r["peak_bytes"] is None or not b["peak_bytes"] else f"{r['peak_bytes'] / b['peak_bytes']:.2f}x"
+        dl = 100 * (r["val_loss"] - b["val_loss"]) / b["val_loss"]
+        lines.append(f"| {r['regime']} ({r['params'] / 1e6:.1f} M params) | {r['variant']} | {mib} | {ratio} | "
+                     f"{r['val_loss']:.4f} | {dl:+.2f} % | {r['step_ms']:.0f} | {r['macs'] or '-'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=12, help="adaprec's error-budget warm-up (default policy: 100)")
+    ap.add_argument("--regimes", default="activation,parameter,quickstart")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--write", action="store_true", help="write the table to docs/BENCHMARKS.md")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--regime-key", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, REGIMES[args.regime_key], args.steps, args.warmup)))
+        return
+    if args.warmup + 3 >= args.steps:
+        raise SystemExit("bench_memory: --steps must exceed --warmup by more than 3 (the measured steps)")
+    variants = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"bench_memory: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    rows = []
+    for key in args.regimes.split(","):
+        if key not in REGIMES:
+            raise SystemExit(f"bench_memory: unknown regime {key!r}; known: {', '.join(REGIMES)}")
+        for variant in variants:
+            print(f"[{REGIMES[key].name}] {variant} ...", flush=True)
+            rows.append(_run_child(variant, key, args.steps, args.warmup))
+            r = rows[-1]
+            print(f"    peak {r['peak_bytes'] / 2**20 if r['peak_bytes'] else math.nan:,.0f} MiB ({r['method']}), "
+                  f"val loss {r['val_loss']:.4f}, {r['step_ms']:.0f} ms/step", flush=True)
+    table = _table(rows)
+    print(table)
+    if args.write:
+        write_section(
+            "Steady-state peak memory",
+            f"`python bench/bench_memory.py --steps {args.steps} --warmup {args.warmup}`: each variant in a fresh "
+            "process; peak = process VmHWM after a reset once the warm-up steps are done (measured, "
+            f"`adaprec.memory.PeakMemory`), over the last steps; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads.\n\n{table}",
+        )
+
+
+if __name__ == "__main__":
+    main()

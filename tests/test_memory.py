@@ -1,0 +1,83 @@
+"""Peak memory: measured with its method named, n/a with a reason where it cannot be, and in the store and table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaprec import memory
+from adaprec.experiments import runner
+from adaprec.experiments.config import parse_config
+from adaprec.experiments.report import policy_table
+from adaprec.experiments.store import ResultStore
+from adaprec.memory import MemoryReading, PeakMemory
+
+MIB = 2**20
+LINUX = sys.platform.startswith("linux") and Path("/proc/self/clear_refs").exists()
+
+
+@pytest.mark.skipif(not LINUX, reason="VmHWM and clear_refs are Linux's")
+def test_cpu_peak_sees_a_transient_tensor_and_a_reset_forgets_it() -> None:
+    peak = PeakMemory()
+    peak.reset()
+    before = peak.read()
+    assert before.measured and before.method == "process VmHWM since reset"
+    big = torch.ones(200 * MIB // 4)  # 200 MiB, touched
+    del big
+    during = peak.read()
+    assert during.peak_bytes >= before.peak_bytes + 190 * MIB
+    peak.reset()
+    after = peak.read()
+    assert after.peak_bytes < during.peak_bytes - 150 * MIB
+    assert "MiB (process VmHWM since reset)" in str(after)
+
+
+def test_without_a_resettable_high_water_mark_the_reading_says_since_start(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(memory, "_CLEAR_REFS", tmp_path / "missing" / "clear_refs")  # the write fails
+    peak = PeakMemory()
+    peak.reset()
+    r = peak.read()
+    if sys.platform.startswith(("linux", "darwin")):
+        assert r.measured and "ru_maxrss since start" in r.method
+    else:
+        assert not r.measured
+
+
+def test_an_os_without_a_counter_gets_na_with_the_reason(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(memory, "_STATUS", tmp_path / "no-status")
+    monkeypatch.setattr(memory, "_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    monkeypatch.setattr(memory.sys, "platform", "plan9")
+    peak = PeakMemory()
+    peak.reset()  # never raises
+    r = peak.read()
+    assert r == MemoryReading(None, "none", "no peak-memory counter on plan9")
+    assert str(r) == "n/a (no peak-memory counter on plan9)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a CPU-only process gets")
+def test_a_cuda_reading_without_cuda_is_na_not_an_error() -> None:
+    peak = PeakMemory("cuda")
+    peak.reset()
+    r = peak.read()
+    assert not r.measured and r.method == "cuda max_memory_allocated" and "CUDA is not available" in r.reason
+
+
+def test_the_runner_stores_the_steady_peak_and_the_table_shows_it(tmp_path) -> None:
+    config = parse_config({"task": "digits-cnn", "policies": ["bf16"], "seeds": 1, "steps": 12, "eval_every": 6,
+                           "quiet": True})
+    run_dir = runner.run_experiment(config, tmp_path / "run", progress=False, report=False)
+    with ResultStore(run_dir) as store:
+        summaries = {r["policy"]: store.summary(r["run_id"]) for r in store.runs()}
+        rows, _ = policy_table(store)
+    for policy in ("fp32", "bf16"):
+        reading = summaries[policy]["peak_memory"]
+        if LINUX:
+            assert reading["method"] == "process VmHWM since reset" and reading["peak_bytes"] > 50 * MIB
+    cells = {r["policy"]: r["peak memory (measured)"] for r in rows}
+    if LINUX:
+        for policy, cell in cells.items():
+            mib = summaries[policy]["peak_memory"]["peak_bytes"] / MIB
+            assert cell == f"{mib:,.0f} MiB (process VmHWM since reset)"
