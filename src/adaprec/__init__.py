@@ -13,6 +13,7 @@ from adaprec.errors import AdaprecError
 from adaprec.explain import Explanation, explain  # light: its heavy imports wait for the first call
 from adaprec.formats import quantize
 from adaprec.plan import ModulePrecision, PrecisionPlan, TensorRecipe
+from adaprec.simulation import Simulation, simulate  # light, as explain
 
 __version__ = "0.1.0"
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "plan",
     "quantize",
     "explain",
+    "simulate",
+    "Simulation",
     "__version__",
 ]
 

@@ -113,12 +113,29 @@ class _Parser(argparse.ArgumentParser):
 _DEBUG_HELP = "on an error, show the Python traceback instead of one line (for bug reports)"
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from adaprec.simulation import simulate_config
+
+    sim = simulate_config(args.model, args.target or "h100-sxm", batch=args.batch, seq_len=args.seq_len,
+                          policy=args.policy or "error-budget", formats=args.formats)
+    if args.format == "json":
+        print(json.dumps(sim.to_dict(), indent=2))
+    else:
+        print(sim.table(args.format, max_rows=args.rows))
+    return 0
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     import json
 
     from adaprec.explain import explain_task
 
-    explanation = explain_task(args.target, policy=args.policy, hardware=None if args.hardware == "none" else "auto",
+    if args.meta or args.target:  # a model far bigger than this machine: shapes only, priced on the target
+        args.model = args.config_or_task
+        return _cmd_simulate(args)
+    explanation = explain_task(args.config_or_task, policy=args.policy, hardware=None if args.hardware == "none" else "auto",
                                seed=args.seed, energy_profile=args.energy_profile)
     if args.format == "json":
         print(json.dumps(explanation.to_dict(), indent=2))
@@ -169,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", parents=[common],
                        help="before training: every GEMM of a task's model, the formats this device runs natively "
                             "for it, and the modeled cost of a step")
-    p.add_argument("target", help="an experiment config (its task and first policy), a built-in task name "
-                                  "(e.g. digits-cnn) or package.module:function returning a Task")
+    p.add_argument("config_or_task", metavar="TARGET",
+                   help="an experiment config (its task and first policy), a built-in task name "
+                        "(e.g. digits-cnn) or package.module:function returning a Task; with --meta or --target: "
+                        "a model preset (gpt2-124m, llama-1b, llama2-7b, llama3.1-8b, llama2-70b) or a Hugging "
+                        "Face config.json")
+    _simulate_args(p, default_target=None)
     p.add_argument("--policy", default=None,
                    help="policy to explain (default: a config's error-budget, else its first policy; error-budget)")
     p.add_argument("--hardware", choices=("auto", "none"), default="auto",
@@ -179,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and the example batch")
     p.add_argument("--format", choices=("markdown", "plain", "json"), default="markdown", help="output format")
     p.set_defaults(func=_cmd_explain)
+    p = sub.add_parser("simulate", parents=[common],
+                       help="price one training step of a model (any size, built on the meta device) on a target "
+                            "accelerator: roofline time, energy and memory vs bf16 and fp32 (simulated)")
+    p.add_argument("model", help="a preset (gpt2-124m, llama-1b, llama2-7b, llama3.1-8b, llama2-70b) or a Hugging "
+                                 "Face config.json")
+    p.add_argument("--policy", default=None, help="policy whose rules choose the plan (default error-budget)")
+    p.add_argument("--format", choices=("markdown", "plain", "json"), default="markdown", help="output format")
+    _simulate_args(p, default_target="h100-sxm")
+    p.set_defaults(func=_cmd_simulate)
     p = sub.add_parser("calibrate", parents=[common], help="fit an energy profile from measured GEMM and bandwidth sweeps (needs a meter)")
     p.add_argument("--device", default="cuda", help="torch device to run the sweeps on (default cuda)")
     p.add_argument("--formats", nargs="+", default=["fp32", "bf16"], help="formats of the GEMM sweeps")
@@ -188,6 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.set_defaults(func=_cmd_calibrate)
     return parser
+
+
+def _simulate_args(p: argparse.ArgumentParser, default_target: str | None) -> None:
+    p.add_argument("--target", default=default_target,
+                   help="roofline device profile to simulate on (h100-sxm, a100, rtx-4090, cpu-epyc-2t or a TOML file)"
+                        + ("" if default_target else "; implies --meta"))
+    if default_target is None:
+        p.add_argument("--meta", action="store_true",
+                       help="build the model from its config on the meta device and simulate it on --target "
+                            "(default h100-sxm)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--formats", nargs="+", default=None, help="restrict the simulated plan to these formats")
+    p.add_argument("--rows", type=int, default=20, help="GEMM calls shown in the table, costliest first")
 
 
 def _one_line(e: object) -> str:

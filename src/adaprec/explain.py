@@ -26,13 +26,17 @@ config's task and policy), ``adaprec explain digits-cnn`` or
 
 from __future__ import annotations
 
+import contextlib
+import traceback
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Explanation", "GemmRow", "explain", "explain_task"]
+__all__ = ["Explanation", "GemmRow", "MetaDeviceError", "explain", "explain_task"]
+
+from adaprec.errors import UsageError as _UsageError
 
 _OP_NAMES = {"scaled_dot_product_attention": "attention", "multi_head_attention_forward": "mha"}
 # operand positions (and keyword names) of the ops whose extra tensor arguments are not GEMM operands
@@ -73,6 +77,8 @@ class GemmRow:
     best: str
     best_j: float
     speedup: float | None
+    gemms: tuple[Any, ...] = ()  # the engine's OpGemm records: label, MACs, operand roles, which grads run
+    elements: Mapping[str, int] = field(default_factory=dict)  # per role, elements read or written in a step
 
     @property
     def macs(self) -> int:
@@ -84,6 +90,7 @@ class GemmRow:
         d["shapes"] = [list(s) for s in self.shapes]
         d["formats"] = list(self.formats)
         d["native"] = dict(self.native)
+        d["elements"] = dict(self.elements)
         d["macs"] = self.macs
         return d
 
@@ -101,6 +108,7 @@ class Explanation:
     total_macs: int  # the engine's count of one step, forward and backward
     uncovered: Mapping[str, str] = field(default_factory=dict)  # module -> why its GEMMs run fp32
     notes: tuple[str, ...] = ()
+    simulation: Any = None  # an adaprec.simulation.Simulation when explain() was given a target
 
     @property
     def covered_macs(self) -> int:
@@ -144,6 +152,8 @@ class Explanation:
                 f"{self.best_j:.4g} J ({100 * saving:.1f} % less)"
             )
         lines += [f"note: {n}" for n in self.notes]
+        if self.simulation is not None:  # kept apart from the figures above: nothing in it ran
+            lines += ["", *self.simulation.summary_lines()]
         return lines
 
     _HEAD = ("module", "op", "shapes", "MACs fwd+bwd", "starts in", "formats here", "native here",
@@ -199,6 +209,7 @@ class Explanation:
             "profile": self.profile, "total_macs": self.total_macs, "covered_macs": self.covered_macs,
             "coverage": self.coverage, "uncovered": dict(self.uncovered), "fp32_j": self.fp32_j,
             "best_j": self.best_j, "notes": list(self.notes), "rows": [r.to_dict() for r in self.rows],
+            "simulation": None if self.simulation is None else self.simulation.to_dict(),
         }
 
 
@@ -314,6 +325,49 @@ def _uniform(fmt: str) -> Any:
     )
 
 
+class MetaDeviceError(_UsageError):
+    """A model explained on the meta device ran an op that needs tensor values."""
+
+
+_META_OPS = (  # what torch says on meta -> the op the user wrote
+    ("item() cannot be called on meta", "Tensor.item() (also bool(), int(), float() of a tensor, or an `if` / "
+                                        "`while` on a tensor: data-dependent control flow)"),
+    ("nonzero", "torch.nonzero (also boolean-mask indexing x[mask] and one-argument torch.where: the output "
+                "shape depends on the values)"),
+    ("copy out of meta", "a copy of values to Python or the host (Tensor.tolist(), .numpy(), .cpu())"),
+)
+
+
+def _on_meta(model: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
+    return any(t.is_meta for t in tensors)
+
+
+@contextlib.contextmanager
+def _meta_errors(on_meta: bool) -> Iterator[None]:
+    """On the meta device, turn torch's 'needs values' errors into a MetaDeviceError naming the op and the line."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as e:
+        if not on_meta or isinstance(e, MetaDeviceError):
+            raise
+        text = str(e)
+        op = next((what for key, what in _META_OPS if key in text), None)
+        if op is None and "meta" not in text.lower():
+            raise
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if "/torch/" not in f.filename and "/adaprec/" not in f.filename]
+        where = f" at {frames[-1].filename}:{frames[-1].lineno} (`{(frames[-1].line or '').strip()}`)" if frames else ""
+        raise MetaDeviceError(
+            f"the model's forward needs tensor values, which the meta device does not have: {op or text.splitlines()[0]}"
+            f"{where}. explain() on meta counts shapes only; make that step shape-only (e.g. pass the mask or "
+            "the length as an argument), or explain a smaller copy of the model on the CPU"
+        ) from e
+
+
 def _restore_after(model: Any) -> Callable[[], None]:
     """Save gradients and buffers now; the returned function puts them back."""
     import torch
@@ -340,6 +394,8 @@ def explain(
     loss_fn: Callable[[Any], Any] | None = None,
     energy_profile: str = "7nm",
     name: str | None = None,
+    target: str | None = None,
+    sim_formats: Sequence[str] | None = None,
     **ap_kwargs: Any,
 ) -> Explanation:
     """Every GEMM ``model`` runs on ``example_inputs``, the formats ``policy`` could give it here, and their costs.
@@ -356,9 +412,21 @@ def explain(
             of every floating output that needs a gradient.
         energy_profile: the device profile the modeled joules come from.
         name: what to call the model in the table (default: its class name).
+        target: a roofline device profile (``"h100-sxm"``, ``"a100"``,
+            ``"rtx-4090"``, ``"cpu-epyc-2t"`` or a TOML file): adds
+            ``.simulation``, the step priced on that device
+            (:mod:`adaprec.simulation`), labelled *simulated for* it and kept
+            apart from the figures of this machine. Policies may then choose
+            any format (research mode, as for ``AdaptivePrecision(target=)``).
+        sim_formats: restrict the simulated plan to these formats.
         **ap_kwargs: other :class:`~adaprec.AdaptivePrecision` keywords that
             change what is covered or allowed (``backend``, ``module_filter``,
-            ``pins``, ``quantize_embeddings``, ``target``).
+            ``pins``, ``quantize_embeddings``).
+
+    A model on the meta device (any size, no memory) is explained from
+    shapes alone: the device probe and the monitor, which need values, are
+    skipped (a note says so); a forward that needs values (``.item()``,
+    ``if`` on a tensor, ``nonzero``) raises :class:`MetaDeviceError` naming the op.
 
     Returns an :class:`Explanation` (``.table()``, ``.to_dict()``).
     """
@@ -375,7 +443,21 @@ def explain(
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"explain() needs a torch.nn.Module, got {type(model).__name__}")
     profile = load_profile(energy_profile)
+    target_profile = None
+    if target is not None:
+        from adaprec.energy.roofline import load_target
+
+        target_profile = load_target(target)
+        ap_kwargs["target"] = target
     args, kwargs = _split_inputs(example_inputs)
+    on_meta = _on_meta(model, args, kwargs)
+    meta_notes: list[str] = []
+    if on_meta:
+        hardware = None  # a meta tensor has no device to probe
+        meta_notes.append(
+            "meta device: shapes only. Skipped because they need values: the device probe (nothing narrow is "
+            "native here), the monitor (SQNR, overflow), the probed speedups and any measured figure"
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable or [torch.nn.Parameter(torch.zeros(1))], lr=0.0)  # never stepped
     ap_kwargs.setdefault("tune_allocator", False)  # a look at the model changes nothing process-wide
@@ -387,7 +469,8 @@ def explain(
         rec = None
         restore = _restore_after(model)
         try:
-            ap.prepare(*args, **kwargs)  # the controller's discovery: sites, pins, the policy set up for them
+            with _meta_errors(on_meta):
+                ap.prepare(*args, **kwargs)  # the controller's discovery: sites, pins, the policy set up for them
             allowed, _ = ap._allowed()  # per module, what this device runs natively and fast (None: research)
             plan = ap.plan
             candidates = tuple(ap.policy.candidate_formats)
@@ -397,13 +480,14 @@ def explain(
             with torch.random.fork_rng(devices=devices):
                 for p in model.parameters():
                     p.grad = None
-                with rec.activate():
-                    out = model(*args, **kwargs)
-                loss = _loss(out, loss_fn)
-                if loss is not None:
-                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                        raise UsageError("explain(): loss_fn must return a scalar tensor")
-                    loss.backward()
+                with _meta_errors(on_meta):
+                    with rec.activate():
+                        out = model(*args, **kwargs)
+                    loss = _loss(out, loss_fn)
+                    if loss is not None:
+                        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                            raise UsageError("explain(): loss_fn must return a scalar tensor")
+                        loss.backward()
             rec.commit_backward()  # the backward GEMMs, recorded at forward time, join the step
             total = rec.pop_step_cost()
         finally:
@@ -466,16 +550,38 @@ def explain(
             forward_macs=call.macs, backward_macs=call.backward_macs(), covered=covered, reason=reason,
             start=start, formats=formats, native=native, fp32_j=fp32_j, best=best, best_j=priced[best],
             speedup=1.0 if best == "fp32" else (support.speedup if support is not None else None),
+            gemms=tuple(call.gemms), elements=dict(call.elements),
         ))
-    if report is None:
+    if on_meta:
+        device = "the meta device (shapes only; not probed)"
+    elif report is None:
         device = "a device not probed (hardware=None: nothing narrow runs natively)"
     else:
         device = f"{report.device} ({report.name}, torch {report.torch_version}, {report.threads} threads)"
     notes = [n for n in dict.fromkeys(notes) if not any(why and why in n for why in uncovered.values())]
+    if on_meta:  # the emulation warnings speak of running on this device; nothing runs on meta
+        notes = meta_notes + [n for n in notes if "can only emulate" not in n]
+    simulation = None
+    if target_profile is not None:
+        from adaprec.policies.error_budget import DEFAULT_LADDERS, ErrorBudgetPolicy
+        from adaprec.simulation import _simulate
+
+        base = getattr(ap.policy, "policy", ap.policy)  # inside the guard
+        budget = base if isinstance(base, ErrorBudgetPolicy) else None
+        ladders = budget.ladders if budget is not None else DEFAULT_LADDERS
+        order = list(plan.modules)
+        edges = [order[0], order[-1]] if (budget is None or budget.sensitive_edges) and len(order) > 2 else []
+        pinned = {m: plan.modules[m].weight.format for m in plan.pinned if m in plan.modules}
+        with _meta_errors(on_meta):
+            simulation = _simulate(
+                model=model, args=args, kwargs=kwargs, loss_fn=loss_fn, rows=rows, profile=target_profile,
+                order=order, pinned=pinned, ladders=ladders, edges=edges,
+                allow=None if sim_formats is None else list(sim_formats), name=name or type(model).__name__,
+            )
     return Explanation(
         model=name or type(model).__name__, device=device, policy=ap.policy.name, backend=backend,
         profile=profile.name, rows=tuple(rows), total_macs=total.macs, uncovered=uncovered,
-        notes=tuple(notes),
+        notes=tuple(notes), simulation=simulation,
     )
 
 

@@ -5,7 +5,12 @@ A profile is a TOML file. Two kinds exist:
 * ``energy_table``: pJ per multiply and per add for some formats, and pJ per
   memory access at named levels of the hierarchy (``[ops]``, ``[memory]``);
 * ``roofline``: peak FLOP/s per format, memory bandwidth and board power
-  (``[roofline]``); energy is roofline time x power.
+  (``[roofline]``); energy is roofline time x power. Optional for
+  simulation (:mod:`adaprec.simulation`): ``[roofline.native]``, the formats
+  the device runs natively per op class (``gemm``, ``attention``), and
+  ``[roofline.achievable]``, the fractions of peak compute and bandwidth a
+  real training step reaches (``compute``, ``memory``) with the measured
+  figure they were calibrated from (``source``).
 
 Bundled profiles live in ``adaprec/energy/profiles/``; users pass their own
 file path. Validation names the file and the missing key.
@@ -47,6 +52,10 @@ class Profile:
     peak_flops: Mapping[str, float] = field(default_factory=dict)
     bandwidth_bytes_s: float = 0.0
     board_power_w: float = 0.0
+    native: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # op class -> formats run natively
+    compute_efficiency: float = 1.0  # achievable fraction of peak FLOP/s in a training step
+    memory_efficiency: float = 1.0  # achievable fraction of peak bandwidth
+    calibration: str = ""  # where the achievable fractions come from
 
     # --- energy table -----------------------------------------------------
     def op_energy(self, fmt: Format | str) -> tuple[OpEnergy, bool]:
@@ -87,6 +96,9 @@ class Profile:
             "uncertainty": self.uncertainty,
             "sources": list(self.sources),
             "path": self.path,
+            **({"native": {k: list(v) for k, v in self.native.items()},
+                "compute_efficiency": self.compute_efficiency, "memory_efficiency": self.memory_efficiency,
+                "calibration": self.calibration} if self.kind == "roofline" else {}),
         }
 
 
@@ -166,8 +178,24 @@ def _parse(data: bytes, where: str) -> Profile:
     for key in need("roofline.peak_tflops", Mapping):
         tf = float(need(f"roofline.peak_tflops.{key}", (int, float)))
         peaks[_format_name(key, where)] = tf * 1e12
+    native: dict[str, tuple[str, ...]] = {}
+    for op_class, fmts in dict(doc.get("roofline", {}).get("native", {})).items():
+        if not isinstance(fmts, list):
+            raise ProfileError(f"energy profile {where}: roofline.native.{op_class} must be a list of formats")
+        native[str(op_class)] = tuple(_format_name(str(f), where) for f in fmts)
+    achievable = doc.get("roofline", {}).get("achievable", {})
+    eff = {}
+    for key in ("compute", "memory"):
+        v = achievable.get(key, 1.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 1:
+            raise ProfileError(f"energy profile {where}: roofline.achievable.{key} must be a fraction in (0, 1]")
+        eff[key] = float(v)
     return Profile(
         **common,
+        native=native,
+        compute_efficiency=eff["compute"],
+        memory_efficiency=eff["memory"],
+        calibration=str(achievable.get("source", "")),
         peak_flops=peaks,
         bandwidth_bytes_s=float(need("roofline.memory_bandwidth_gb_s", (int, float))) * 1e9,
         board_power_w=float(need("roofline.board_power_w", (int, float))),

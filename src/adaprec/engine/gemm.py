@@ -142,16 +142,28 @@ def _cast(x: torch.Tensor, rc: RoleCast, dim: int | None, ctx: GemmContext, role
 
 
 def _weight(w: torch.Tensor, rc: RoleCast, dim: int | None, ctx: GemmContext) -> _Operand:
-    """The weight's cast, cached until the optimizer changes it (in-place updates bump ``_version``)."""
+    """The weight's cast, cached for the step until the optimizer changes it (in-place updates bump ``_version``).
+
+    The key is the weight's memory (address, layout, version), not the
+    Python object: ``w`` is a fresh detached view at every call, and
+    ``id()`` of a temporary is reused as soon as it is freed. The entry
+    keeps ``w`` alive, so no other tensor can take its address while the
+    entry lives. A tensor with no memory (the meta device: every
+    ``data_ptr()`` is 0; an empty tensor) is cast every time: that costs
+    nothing, and one cache slot for all of them would hand one layer's cast
+    weight to another.
+    """
     if rc.kind == "fp32":
         return _Operand(None, w)
-    if torch.compiler.is_compiling():  # the compiled graph recomputes it (fused), no Python cache
-        return _cast(w, rc, dim, ctx, "weight")
-    key = (id(w), w._version, w.data_ptr(), rc, dim if rc.per_gemm else None)
+    if torch.compiler.is_compiling() or w.is_meta or w.data_ptr() == 0:
+        return _cast(w, rc, dim, ctx, "weight")  # a graph recomputes it (fused); no memory: nothing to cache
+    key = (w.data_ptr(), w.device, w.dtype, tuple(w.shape), w.stride(), w._version, rc,
+           dim if rc.per_gemm else None)
     hit = ctx.weight_cache.get(key)
     if hit is None:
-        hit = ctx.weight_cache[key] = _cast(w, rc, dim, ctx, "weight")
-    return hit
+        ctx.weight_cache[key] = (w, _cast(w, rc, dim, ctx, "weight"))
+        return ctx.weight_cache[key][1]
+    return hit[1]
 
 
 def _as_float(op: _Operand, dtype: torch.dtype, transpose: bool) -> torch.Tensor:
