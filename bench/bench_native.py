@@ -18,9 +18,10 @@ from the same seed and the same batches under
 Every variant's first step is checked by ``_peers.check_setup``: every
 trainable parameter must be in the optimizer and change in that step, or the
 bench stops with the reason (a variant set up wrong is not reported). On a
-fourth, untimed step (or the first later one in which nothing compiles) the
-torch profiler counts the int8 GEMMs (``aten::_int_mm``) each variant really
-ran, whoever called them.
+middle, untimed step (or the first later one in which nothing compiles; by
+then adaprec's policy has left its initial fp32 plan) the torch profiler
+counts the int8 GEMMs (``aten::_int_mm``) each variant really ran, whoever
+called them.
 
 Sizes: nanoGPT's documented CPU config (n_layer=4, n_head=4, n_embd=128,
 block 64, batch 12, dropout 0, 2000 iterations; nanoGPT's README reports a
@@ -33,7 +34,7 @@ the median of the timed steps (the first 5 skipped); validation loss is the
 mean next-character loss on fixed held-out windows after training.
 
 Run: ``python bench/bench_native.py [--small-iters 2000] [--wide-iters 150] [--sizes small wide]
-[--variants ...] [--write]``
+[--variants ...] [--write [--section TITLE]]``
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ class Run:
             opt.step()
 
     def step(self, it: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One training step; the first is the setup check, the fourth (or the first later one that compiles
-        nothing) counts GEMMs; both untimed."""
+        """One training step; the first is the setup check, the middle one (or the first later one that
+        compiles nothing) counts GEMMs; both untimed."""
         for g in self.opt.param_groups:
             g["lr"] = _lr(it, self.size)
         if it == 0:
@@ -215,7 +216,7 @@ class Run:
             print(f"  {self.variant}: setup check {self.check}", flush=True)
             found.raise_if_failed()
             return
-        if it >= 3 and self.int8_gemms < 0:
+        if it >= max(3, self.size.iters // 2) and self.int8_gemms < 0:
             compiles = _compiles()
             counts = count_ops(lambda: self._step(x, y), (INT8_GEMM, "aten::mm", "aten::addmm"))
             if _compiles() != compiles:
@@ -256,6 +257,8 @@ def _train_side_by_side(variants: list[str], size: Size, train: torch.Tensor, va
     return [r.finish(val) for r in runs]
 
 
+SECTION = "Native execution: training speed on this machine (issue: native)"
+
 VARIANTS = ("plain fp32", "autocast bf16", *TORCHAO, "adaprec fp32 plan", "adaprec default",
             "plain fp32 compiled", "adaprec default compiled")
 """What the bench runs by default; any ``torchao ...`` variant also runs compiled with `` compiled`` appended."""
@@ -269,6 +272,9 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", choices=("small", "wide"), default=["small", "wide"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--write", action="store_true", help="write the section of docs/BENCHMARKS.md")
+    ap.add_argument("--section", default=SECTION,
+                    help="title of the docs/BENCHMARKS.md section --write replaces (a run of some variants "
+                         "only can go to a section of its own)")
     args = ap.parse_args()
     unknown = [v for v in args.variants if v.removesuffix(" compiled") not in {*VARIANTS, *TORCHAO}]
     if unknown:
@@ -304,7 +310,7 @@ def main() -> None:
         "all variants in one process, trained side by side in turns of a fortieth of the iterations (so the drift "
         "of this shared machine hits them alike), same seed and batches for all. Setup check: every trainable "
         "parameter is in the optimizer and changed in the first step (a variant that fails it stops the bench). "
-        "int8 GEMMs: `aten::_int_mm` calls in one training step (the fourth, or the first later one that "
+        "int8 GEMMs: `aten::_int_mm` calls in one training step (the middle one, or the first later one that "
         "compiles nothing), counted by the torch profiler.",
         "",
         "### (a) The device probe",
@@ -360,7 +366,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        write_section("Native execution: training speed on this machine (issue: native)", body)
+        write_section(args.section, body)
 
 
 if __name__ == "__main__":
