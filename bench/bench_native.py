@@ -276,7 +276,7 @@ def main() -> None:
                     help="title of the docs/BENCHMARKS.md section --write replaces (a run of some variants "
                          "only can go to a section of its own)")
     args = ap.parse_args()
-    unknown = [v for v in args.variants if v.removesuffix(" compiled") not in {*VARIANTS, *TORCHAO}]
+    unknown = [v for v in args.variants if v not in {*VARIANTS, *TORCHAO, *(f"{t} compiled" for t in TORCHAO)}]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose among {list(VARIANTS)} "
                  f"(a torchao variant also runs compiled: '{next(iter(TORCHAO))} compiled')")
