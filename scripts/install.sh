@@ -3,7 +3,8 @@
 #
 #   bash scripts/install.sh            adaprec, the tasks' data and the dev tools (pytest, ruff, ...)
 #   bash scripts/install.sh --test     also what the whole test suite needs: the integrations' extras
-#                                      (so their tests run rather than skip) and Chromium for the HTML report test
+#                                      and the peers the benches compare with (so their tests run rather than skip),
+#                                      and Chromium for the HTML report test
 #   --unpinned (or ADAPREC_UNPINNED=1) the newest versions pyproject.toml allows instead of constraints.txt
 #
 # constraints.txt pins every package these commands install (direct and transitive) to the version the
@@ -15,7 +16,7 @@ extras="experiments,dev"
 unpinned="${ADAPREC_UNPINNED:-0}"
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="$extras,tensorboard,mlflow,lightning,huggingface" ;;
+    --test) extras="$extras,tensorboard,mlflow,lightning,huggingface,peers" ;;
     --unpinned) unpinned=1 ;;
     *) echo "install.sh: unknown option '$arg' (known: --test, --unpinned)" >&2; exit 2 ;;
   esac

