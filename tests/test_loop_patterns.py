@@ -274,15 +274,29 @@ def test_torch_func_transforms_on_sampled_steps():
     assert (per_sample - plain).abs().max() < 0.05  # bf16 error
     ap.backward(loss)
     assert ap.step().stepped
+    assert set(ap.engine.sites) == {"0", "2"}  # functional_call's ops are the layers', not <root>'s
     with ap.autocast():
-        try:
-            jac = torch.func.jacrev(lambda xi: model(xi))(x[:2])
-            assert jac.shape == (2, 4, 2, 12)
-        except AdaprecError as e:  # a clear error naming the limitation, not torch's internals
-            assert "torch.func" in str(e)
+        jac = torch.func.jacrev(lambda xi: model(xi))(x[:2])
         loss = nn.functional.cross_entropy(model(x), y)
+    plain_jac = torch.func.jacrev(lambda xi: model(xi))(x[:2])
+    assert jac.shape == (2, 4, 2, 12)
+    assert (jac - plain_jac).abs().max() < 0.05
     ap.backward(loss)
     assert ap.step().stepped
+    assert set(ap.engine.sites) == {"0", "2"}
+
+
+def test_planned_kernels_under_torch_func_raise_a_clear_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ap = adaprec.AdaptivePrecision(model, opt, policy="fp8", backend="emulate")
+    x, _ = _data()
+    ap.prepare(x)
+    with ap.autocast(), pytest.raises(AdaprecError, match="torch.func"):
+        torch.func.jacrev(lambda xi: model(xi))(x[:2])
 
 
 # --- 5. several optimizers --------------------------------------------------------------------------
@@ -400,3 +414,21 @@ def test_checkpoint_files_are_checked(tmp_path):
         load_checkpoint(tmp_path / "flip.pt")
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("policy", ["fp32", "bf16"])
+def test_ledger_equals_dispatch_count_gradient_penalty(policy):
+    torch.manual_seed(0)
+    model = Net()
+
+    def loop(ap, model, x, y):
+        xa = x.clone().requires_grad_(True)
+        with ap.autocast():
+            loss = nn.functional.cross_entropy(model(xa), y)
+            (gx,) = torch.autograd.grad(loss, xa, create_graph=True)
+            loss = loss + gx.square().sum()
+        ap.backward(loss)
+
+    _, counts, costs = _run(model, policy, loop=loop)
+    for count, cost in zip(counts, costs, strict=True):
+        assert dict(_executed(cost)) == count

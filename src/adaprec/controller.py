@@ -987,7 +987,7 @@ class AdaptivePrecision:
             # spike seen on the first step after a resume could only be skipped, not rolled back
             "world_size": self._sync.world.size if self._sync is not None else 1,
             # the parameter shapes this state was saved with: a state of another model is refused whole
-            "params": [[n, list(local(p).shape)] for n, p in self.engine.map.model.named_parameters()],
+            "params": [[n, list(p.shape)] for n, p in self.engine.map.model.named_parameters()],  # global (FSDP) shapes
             "rollback": None if self._backup is None else {
                 "world_size": self._sync.world.size if self._sync is not None else 1,
                 "sharded": self._sharded,
@@ -1024,7 +1024,7 @@ class AdaptivePrecision:
         """Refuse, before touching anything, a state saved with parameters of other names or shapes."""
         if saved is None:  # a state of an older adaprec: the later checks still catch what they can
             return
-        here = {n: list(local(p).shape) for n, p in self.engine.map.model.named_parameters()}
+        here = {n: list(p.shape) for n, p in self.engine.map.model.named_parameters()}
         try:
             there = {str(n): [int(d) for d in shape] for n, shape in saved}
         except (TypeError, ValueError) as e:

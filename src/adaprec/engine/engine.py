@@ -21,6 +21,7 @@ optimizer never sees a new parameter.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -164,18 +165,39 @@ class _GradProbe(torch.autograd.Function):
 
     Why: a backward GEMM runs only when its operand's gradient is needed
     (``autograd.grad(loss, x)`` runs no weight-gradient GEMM), so the ledger
-    records it when it runs, not when the forward pass could predict it.
+    records it when it runs, not when the forward pass could predict it. Under
+    ``create_graph=True`` (gradient penalties) the gradient it passes on is
+    itself differentiated later: a second probe records the GEMMs of that
+    double backward when it runs.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, record: Callable[[], None]):  # type: ignore[override]
-        ctx.record = record
+    def forward(x: torch.Tensor, record: Callable[[], None], second: Callable[[], None] | None):  # type: ignore[override]
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.record, ctx.second = inputs[1], inputs[2]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         ctx.record()
-        return grad, None
+        if ctx.second is not None and grad.requires_grad and torch.is_grad_enabled():
+            return _GradProbe.apply(grad, ctx.second, None), None, None
+        return grad, None, None
+
+
+def _under_transform(args: Any) -> bool:
+    """Whether an operand is a tensor of a running torch.func transform."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    except AttributeError:  # pragma: no cover - another torch
+        return False
+    return any(isinstance(a, torch.Tensor) and wrapped(a) for a in args)
 
 
 def _float_tensor(t: Any) -> bool:
@@ -242,6 +264,8 @@ class PrecisionEngine:
         self._in_backward = False
         self.grad_ops = 0  # ops of the model run with gradients on (or checkpointed) in this activation
         self.nograd_ops = 0  # and without (evaluation)
+        self._swapped: dict[int, tuple[str, torch.Tensor]] = {}  # tensors functional_call swapped into modules
+        self._unowned: set[int] = set()
         self._casters: dict[tuple[str, str], RecipeCaster] = {}
         self._exec_cache: dict[tuple, Exec] = {}
         self._notes: set[str] = set()
@@ -361,11 +385,13 @@ class PrecisionEngine:
             return
         self._in_mode = True
         self.grad_ops = self.nograd_ops = 0
+        self._swapped, self._unowned = {}, set()
         try:
             with _Mode(self):
                 yield
         finally:
             self._in_mode = False
+            self._swapped, self._unowned = {}, set()
             self.end_forward()
 
     @contextlib.contextmanager
@@ -496,7 +522,7 @@ class PrecisionEngine:
         call = describe(func, args, kwargs)
         if call is None:
             return func(*args, **kwargs)
-        name = self.map.owner(call.weight)
+        name = self._owner(call.weight)
         if name is None:
             return func(*args, **kwargs)  # not inside this model (e.g. the loss function)
         if region is None and not torch.is_grad_enabled():
@@ -512,6 +538,22 @@ class PrecisionEngine:
             return self._dispatch_call(func, args, kwargs, call, name, region)
         finally:
             self.sampling = was
+
+    def _owner(self, weight: torch.Tensor | None) -> str | None:
+        """The module running the op; a weight swapped in by ``torch.func.functional_call`` is its module's."""
+        if weight is not None and id(weight) not in self.map.owners:
+            key = id(weight)
+            hit = self._swapped.get(key)
+            if (hit is None or hit[1] is not weight) and key not in self._unowned:
+                # rebuilt on a miss only, once per unknown tensor and forward pass
+                self._swapped = {id(p): (n, p) for n, m in self.map.modules.items()
+                                 for p in m._parameters.values() if p is not None}
+                hit = self._swapped.get(key)
+                if hit is None:
+                    self._unowned.add(key)
+            if hit is not None and hit[1] is weight:
+                return hit[0]
+        return self.map.owner(weight)
 
     def _regions_possible(self) -> bool:
         return (torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
@@ -546,15 +588,14 @@ class PrecisionEngine:
 
     def _probed(self, name: str, func, positions: tuple[int, ...], probes: dict[int, GemmCost]):
         """``func`` with a probe on each operand whose gradient GEMM the ledger records when it runs."""
-        recorder = functools.partial(self._probed_record, name)
-
         def run(*args, **kwargs):
             args = list(args)
+            originals = list(args)
             for j, cost in probes.items():
                 i = positions[j]
                 a = args[i]
                 if isinstance(a, torch.Tensor) and a.requires_grad:
-                    args[i] = _GradProbe.apply(a, recorder(cost))
+                    args[i] = self._probe(name, a, cost, originals[positions[1 - j]])
             return func(*args, **kwargs)
 
         return run
@@ -569,9 +610,9 @@ class PrecisionEngine:
         mp, ex = self._resolve(name, kind, call.weight is not None)
         if mp is not None and not mp.is_fp32 and any(
                 isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args[:3]):
-            self.note(f"{name or '<root>'} computes in float64; the plan runs it in "
-                      f"{ex.formats['forward'][0]} (narrowed from fp64). Pin it to keep it (pins={{{name!r}: 'fp32'}} "
-                      "still computes fp32, not fp64; leave it out with module_filter to keep fp64)")
+            self.note(f"{name or '<root>'} computes in float64 and the plan narrows it to "
+                      f"{ex.formats['forward'][0]}; to keep it in float64, leave it out of the plan: "
+                      f"module_filter=lambda module, name: name != {name!r}")
         probes = None
         runner = func
         # a non-reentrant recompute may stop before an op runs (early stop): count its GEMMs once they ran
@@ -589,18 +630,25 @@ class PrecisionEngine:
                 self._record(name, call, self._real_dtype_exec(args) if ex.mode == "fp32" else ex, mp, probes)
         if probes:
             positions = _OPERANDS[func]
-            if ex.mode in ("planned", "fp8"):  # kernels that take (x, W, bias): probe the operands as given
-                args = list(args)
-                for j, cost in probes.items():
-                    a = args[positions[j]]
-                    if isinstance(a, torch.Tensor) and a.requires_grad:
-                        args[positions[j]] = _GradProbe.apply(a, self._probed_record(name, cost))
-                args = tuple(args)
+            if ex.mode in ("planned", "fp8"):
+                # adaprec's own kernels run every backward GEMM autograd asked for at forward time whenever
+                # their backward runs: a hook on the output's node records them then (no view, no extra node)
+                runner = functools.partial(self._hooked, name, list(probes.values()))
             else:  # probe the operands as the op reads them (after any cast)
                 runner = self._probed(name, func, positions, probes)
         return self._execute(name, func, args, kwargs, kind, mp, ex, region, runner)
 
     def _execute(self, name, func, args, kwargs, kind, mp, ex: Exec, region, runner):
+        if isinstance(runner, functools.partial):  # record the backward GEMMs by a hook on the output's node
+            out = self._execute(name, func, args, kwargs, kind, mp, ex, region, func)
+            return runner(out)
+        if ex.mode in ("planned", "fp8") and _under_transform(args):
+            raise ModuleNotSupportedError(
+                f"{name or '<root>'} runs under a torch.func transform (vmap, grad, jacrev, ...) with a plan that "
+                f"puts it in adaprec's own {ex.formats['forward'][0]} GEMM kernels, which torch.func cannot "
+                "transform (their autograd function has no vmap rule). Run the transform outside ap.autocast(), "
+                "or under a plan of bf16/fp16/fp32 modules, which run torch's own kernels"
+            )
         if ex.mode == "fp32":
             return runner(*args, **kwargs)
         if ex.emulated:
@@ -623,11 +671,37 @@ class PrecisionEngine:
                 return fp8_linear(canon[0], canon[1], canon[2], mp)
         return self._run_emulated(name, func, args, kwargs, mp or ModulePrecision(), n_call, runner)
 
+    def _hooked(self, name: str, costs: list[GemmCost], out: torch.Tensor) -> torch.Tensor:
+        """Record ``costs`` when the backward node that produced ``out`` runs."""
+        node = out.grad_fn if isinstance(out, torch.Tensor) else None
+        if node is not None:
+            def pre(grad_outputs: Any) -> None:
+                if self.counting:
+                    self._entry(name).gemms.extend(costs)
+            node.register_prehook(pre)
+        return out
+
     def _probed_record(self, name: str, cost: GemmCost) -> Callable[[], None]:
         def record() -> None:
             if self.counting:
                 self._entry(name).gemms.append(cost)
         return record
+
+    def _probe(self, name: str, a: torch.Tensor, cost: GemmCost, other: Any) -> torch.Tensor:
+        """``a`` wrapped so its gradient GEMM (``cost``) is recorded when it runs, and so is its double backward.
+
+        The double backward of ``dA = dY @ B`` differentiates it by ``dY`` (a GEMM of the
+        same size) and, when ``B`` requires grad, by ``B`` (another).
+        """
+        twice = [dataclasses.replace(cost, gemm="input_grad", b_role=cost.b_role)]
+        if isinstance(other, torch.Tensor) and other.requires_grad:
+            twice.append(dataclasses.replace(cost, gemm="weight_grad" if is_param_like(other) else "input_grad"))
+
+        def second() -> None:
+            if self.counting:
+                self._entry(name).gemms.extend(twice)
+
+        return _GradProbe.apply(a, self._probed_record(name, cost), second)
 
     @staticmethod
     def _real_dtype_exec(args) -> Exec:
