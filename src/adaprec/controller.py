@@ -240,6 +240,7 @@ class AdaptivePrecision:
         if fsdp_modules(inner):  # FSDP2: the forward sees all-gathered parameters; tell the site map whose
             alias_fsdp_params(self.engine.map.owners, self.engine.map.names, inner)
         self.engine.on_new_site = self._on_new_site
+        self.engine.probe_backward = True  # backward GEMMs go into the ledger as they run
         self._user_pins = dict(pins or {})
         self._quantize_embeddings = quantize_embeddings
         self._run_length = (total_steps, steps_per_epoch)

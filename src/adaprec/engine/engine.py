@@ -264,6 +264,11 @@ class PrecisionEngine:
         self._in_backward = False
         self.grad_ops = 0  # ops of the model run with gradients on (or checkpointed) in this activation
         self.nograd_ops = 0  # and without (evaluation)
+        # record backward GEMMs when they run (the controller, which runs backward, turns it on); off: at
+        # forward time, as a counting pass that runs no backward needs (explain)
+        self.probe_backward = False
+        self._slots: dict[int, GemmCost] | None = None
+        self._slots_pending = True
         self._swapped: dict[int, tuple[str, torch.Tensor]] = {}  # tensors functional_call swapped into modules
         self._unowned: set[int] = set()
         self._casters: dict[tuple[str, str], RecipeCaster] = {}
@@ -480,10 +485,11 @@ class PrecisionEngine:
             )
         return mc
 
-    def _record(self, name: str, call: OpCall, ex: Exec, mp: ModulePrecision | None,
-                probes: dict[int, GemmCost] | None = None, pending: bool = True) -> None:
-        """Record the forward GEMMs now; the backward ones when they run (``probes``: operand position ->
-        the GEMM computing its gradient, recorded by a probe) or, for ops without probes, after backward."""
+    def _record(self, name: str, call: OpCall, ex: Exec, mp: ModulePrecision | None) -> None:
+        """Record the forward GEMMs now; the backward ones when they run (``self._slots``: operand position ->
+        the GEMM computing its gradient, filled here and recorded by a probe) or, without, after backward."""
+        probes, pending = self._slots, self._slots_pending
+        self._slots, self._slots_pending = None, True
         mc = self._entry(name)
         fwd_fmt, fwd_native = ex.formats["forward"]
         for g in call.gemms:
@@ -621,13 +627,23 @@ class PrecisionEngine:
             if torch.compiler.is_compiling():  # the graph records it each time it runs (no side effect here)
                 tally_in_graph(self, name, func, args, kwargs)
             elif deferred:  # its graph is never backpropagated: only its forward GEMMs run
-                out = self._execute(name, func, args, kwargs, kind, mp, ex, region, func)
-                self._record(name, call, self._real_dtype_exec(args) if ex.mode == "fp32" else ex, mp,
-                             pending=False)
+                real = self._real_dtype_exec(args) if ex.mode == "fp32" else ex
+                try:
+                    out = self._execute(name, func, args, kwargs, kind, mp, ex, region, func)
+                except Exception as e:
+                    # torch stops the recompute at the block's last saved tensor: torch's kernels save their
+                    # inputs before they run, adaprec's own kernels save the weight after their GEMM ran
+                    if ex.mode in ("planned", "fp8") and type(e).__name__ == "_StopRecomputationError":
+                        self._slots_pending = False
+                        self._record(name, call, real, mp)
+                    raise
+                self._slots_pending = False
+                self._record(name, call, real, mp)
                 return out
             else:
-                probes = self._probes(func, args, kwargs, call)
-                self._record(name, call, self._real_dtype_exec(args) if ex.mode == "fp32" else ex, mp, probes)
+                probes = self._probes(func, args, kwargs, call) if self.probe_backward else None
+                self._slots = probes
+                self._record(name, call, self._real_dtype_exec(args) if ex.mode == "fp32" else ex, mp)
         if probes:
             positions = _OPERANDS[func]
             if ex.mode in ("planned", "fp8"):
