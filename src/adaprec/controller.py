@@ -46,6 +46,7 @@ from adaprec.distributed import (
     world,
 )
 from adaprec.energy import EnergyLedger, MeasurementWindow, detect_meter
+from adaprec.energy.counting import StepCost
 from adaprec.engine import Capabilities, PrecisionEngine
 from adaprec.engine.sites import unwrap
 from adaprec.errors import CheckpointError, PlanError, UsageError
@@ -239,6 +240,7 @@ class AdaptivePrecision:
         if fsdp_modules(inner):  # FSDP2: the forward sees all-gathered parameters; tell the site map whose
             alias_fsdp_params(self.engine.map.owners, self.engine.map.names, inner)
         self.engine.on_new_site = self._on_new_site
+        self.engine.probe_backward = True  # backward GEMMs go into the ledger as they run
         self._user_pins = dict(pins or {})
         self._quantize_embeddings = quantize_embeddings
         self._run_length = (total_steps, steps_per_epoch)
@@ -280,6 +282,10 @@ class AdaptivePrecision:
         self._t0: float | None = None
         self._sync_cuda = any(p.is_cuda for p in model.parameters())
         self._closed = False
+        self.inference_macs: dict[str, int] = {}  # MACs of ap.inference() passes, by executed format
+        self._others_unscaled: set[int] = set()  # optimizers (other than ours) unscaled this step
+        self._unscaled_ids: set[int] = set()  # their parameters
+        self._warned_outside = False
         _ATTACHED[inner] = weakref.ref(self)
 
     # --- hardware and discovery ------------------------------------------------------
@@ -398,7 +404,16 @@ class AdaptivePrecision:
         Optional: the first training step does the same. Returns module -> op kind.
         """
         if self._decided:
-            raise UsageError("prepare() must come before the first ap.step()")
+            raise UsageError(
+                "prepare() must come before the first ap.step(): the plan's modules are fixed once a step has "
+                "run. A module that first ran later runs fp32; to put it under the plan, build a new "
+                "AdaptivePrecision and call ap.prepare(example_batch) before its first step"
+            )
+        if not example_args and not example_kwargs:
+            if self.engine.sites:
+                self._finalize()
+                return self.engine.kinds
+            raise UsageError("prepare() needs an example batch: ap.prepare(x) runs model(x) once to find its GEMMs")
         self.engine.discover(*example_args, **example_kwargs)
         self._finalize()
         return self.engine.kinds
@@ -429,7 +444,16 @@ class AdaptivePrecision:
     # --- the protocol -----------------------------------------------------
     @contextlib.contextmanager
     def autocast(self, enabled: bool = True) -> Iterator[None]:
-        """Run the forward pass inside under the current plan."""
+        """Run the forward pass inside under the current plan.
+
+        Entered with gradients off (``torch.no_grad()`` / ``torch.inference_mode()``
+        around it) it is :meth:`inference`: evaluation under the plan, any number of
+        times, that leaves the training step alone.
+        """
+        if not torch.is_grad_enabled():
+            with self.inference(enabled):
+                yield
+            return
         if self._phase == "backward":
             raise UsageError("autocast() entered again before step(): call ap.step() after ap.backward(loss)")
         if self._phase == "forward":
@@ -438,13 +462,54 @@ class AdaptivePrecision:
             raise UsageError("autocast() is already active: do not nest `with ap.autocast():` blocks")
         sampling = enabled and self.sampling_next
         self.engine.begin_step(self._step, sampling)
-        if self._t0 is None:
+        started = self._t0 is None
+        if started:
             self._t0 = time.perf_counter()
-        if self._window is not None and self._step == 0:
-            self._window.start()
         with self.engine.activate(enabled):
             yield
+        if enabled and self.engine.grad_ops == 0 and self.engine.nograd_ops > 0:
+            # `with ap.autocast(), torch.no_grad():` an evaluation pass, not a step's forward: training is left alone
+            cost, self.engine._cost = self.engine._cost, StepCost()  # kept apart from the ledger of steps
+            self.engine._pending.clear()
+            for fmt, n in cost.macs_by_format().items():
+                self.inference_macs[fmt] = self.inference_macs.get(fmt, 0) + n
+            self.engine.pop_faults()
+            if started:
+                self._t0 = None
+            return
+        if self._window is not None and self._step == 0:
+            self._window.start()
         self._phase = "forward"
+
+    @contextlib.contextmanager
+    def inference(self, enabled: bool = True) -> Iterator[None]:
+        """Evaluate or serve the model under the plan in force, without gradients, as often as you like.
+
+        The model computes exactly as in a training forward pass (same formats,
+        nearest-rounded where the plan rounds stochastically only in noise, which
+        is deterministic for a step), but nothing of training moves: not the
+        step, its phase, the monitors, the policy nor the ledger of training
+        steps. Inference MACs are counted apart, in ``ap.inference_macs`` (by
+        executed format). Allowed at any point, also between a step's forward
+        and its backward.
+        """
+        engine = self.engine
+        if engine._in_mode:
+            raise UsageError("ap.inference() inside an active ap.autocast(): leave the training forward first")
+        saved = (engine.sampling, engine._calls, engine._region_calls, engine._cost, engine._pending,
+                 engine._faults, engine._weight_cache, engine._cast_cache)
+        engine.sampling = False
+        engine._calls, engine._region_calls, engine._cost, engine._pending = {}, {}, StepCost(), []
+        engine._faults, engine._weight_cache, engine._cast_cache = [], {}, {}
+        try:
+            with torch.no_grad(), engine.activate(enabled):
+                yield
+        finally:
+            cost = engine._cost
+            (engine.sampling, engine._calls, engine._region_calls, engine._cost, engine._pending,
+             engine._faults, engine._weight_cache, engine._cast_cache) = saved
+            for fmt, n in cost.macs_by_format().items():
+                self.inference_macs[fmt] = self.inference_macs.get(fmt, 0) + n
 
     @contextlib.contextmanager
     def not_counted(self) -> Iterator[None]:
@@ -485,7 +550,14 @@ class AdaptivePrecision:
             raise UsageError("backward() needs the scalar loss tensor")
         self._scale = self.loss_scaler.scale() if self._scaling_needed() else 1.0
         self._loss = loss.detach()
-        (loss * self._scale if self._scale != 1.0 else loss).backward()
+        try:
+            # checkpointed blocks recomputed in backward run under the plan, as in their forward pass
+            with self.engine.backward_scope():
+                (loss * self._scale if self._scale != 1.0 else loss).backward()
+        except BaseException:
+            # the step is abandoned, not half-done: the next `with ap.autocast():` starts it again
+            self._abandon_step()
+            raise
         self.engine.commit_backward()
         if (
             recompute is not None
@@ -494,6 +566,16 @@ class AdaptivePrecision:
         ):
             self._shadow_audit(recompute)
         self._phase = "backward"
+
+    def _abandon_step(self) -> None:
+        """A backward pass raised: forget the step's forward (its cost too) so the controller stays usable."""
+        self._phase = "ready"
+        self._loss = None
+        self._unscaled = None
+        self._others_unscaled, self._unscaled_ids = set(), set()
+        self._t0 = None
+        self.engine.pop_step_cost()
+        self.engine.pop_faults()
 
     def _grads(self) -> list[torch.Tensor]:
         return [local(p.grad) for p in self._params if p.grad is not None]
@@ -557,21 +639,62 @@ class AdaptivePrecision:
                         self.optimizer.state.pop(p, None)
         return True
 
-    def unscale_(self) -> bool:
+    def unscale_(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Divide the gradients by the loss scale now, so they can be clipped or inspected before ``step()``.
 
         Optional, as ``torch.amp.GradScaler.unscale_``: ``step()`` unscales by
         itself otherwise, and does not unscale twice. Calling it again before
         ``step()`` changes nothing. Returns True when a gradient is inf/NaN
         (``step()`` will then skip the update).
+
+        ``optimizer``: another optimizer the loop steps by hand (a second one over
+        other parameters, as GradScaler takes one ``unscale_(opt)`` per optimizer):
+        its gradients are unscaled too, once. Step it after this call.
         """
         if self._phase != "backward":
             raise UsageError("unscale_() needs ap.backward(loss) first; call it between backward() and step()")
+        if optimizer is not None and optimizer is not self.optimizer:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise UsageError(f"unscale_(optimizer) takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            if id(optimizer) in self._others_unscaled:
+                return False
+            self._others_unscaled.add(id(optimizer))
+            mine = {id(p) for p in self._params}
+            grads = [local(p.grad) for g in optimizer.param_groups for p in g["params"]
+                     if p.grad is not None and id(p) not in mine]
+            found = torch.zeros(1)
+            if grads and self._scale != 1.0:
+                by_device: dict[torch.device, list[torch.Tensor]] = {}
+                for g in grads:
+                    by_device.setdefault(g.device, []).append(g)
+                for dev, gs in by_device.items():
+                    f = torch.zeros(1, device=dev)
+                    torch._amp_foreach_non_finite_check_and_unscale_(gs, f, torch.tensor(1.0 / self._scale, device=dev))
+                    found += f.cpu()
+            self._unscaled_ids.update(id(p) for g in optimizer.param_groups for p in g["params"])
+            return bool(found.item() > 0)
         if self._unscaled is None:
             nonfinite = self._unscale_and_check()
             # name the overflowing modules now: clipping an inf gradient spreads NaN to every module
             self._unscaled = (nonfinite, self._overflowed_modules() if nonfinite else ())
         return self._unscaled[0]
+
+    def _warn_outside(self) -> None:
+        """Once: gradients of trainable parameters no known optimizer holds stay multiplied by the loss scale."""
+        if self._warned_outside or self._scale == 1.0:
+            return
+        mine = {id(p) for p in self._params} | self._unscaled_ids
+        outside = [n for n, p in self.engine.map.model.named_parameters()
+                   if p.requires_grad and p.grad is not None and id(p) not in mine]
+        if outside:
+            self._warned_outside = True
+            warnings.warn(
+                f"adaprec: {len(outside)} trainable parameter(s) ({', '.join(outside[:3])}"
+                f"{', ...' if len(outside) > 3 else ''}) belong to no optimizer adaprec knows: their gradients "
+                f"are still multiplied by the loss scale ({self._scale:g}). Call ap.unscale_(other_optimizer) "
+                "before stepping that optimizer, as with torch.amp.GradScaler",
+                stacklevel=3,
+            )
 
     def step(self) -> StepResult:
         """Unscale (unless ``unscale_()`` did), check, step (or skip or roll back), then monitor, decide, account."""
@@ -579,6 +702,8 @@ class AdaptivePrecision:
             raise UsageError("step() needs ap.backward(loss) first (forward inside ap.autocast(), then backward)")
         self._finalize()
         self._decided = True
+        self._warn_outside()
+        self._others_unscaled, self._unscaled_ids = set(), set()
         step = self._step
         plan_used = self.plan
         unscaled, self._unscaled = self._unscaled, None
@@ -862,6 +987,8 @@ class AdaptivePrecision:
             # the copy of the last step's starting point a guard rollback would restore: without it, a
             # spike seen on the first step after a resume could only be skipped, not rolled back
             "world_size": self._sync.world.size if self._sync is not None else 1,
+            # the parameter shapes this state was saved with: a state of another model is refused whole
+            "params": [[n, list(p.shape)] for n, p in self.engine.map.model.named_parameters()],  # global (FSDP) shapes
             "rollback": None if self._backup is None else {
                 "world_size": self._sync.world.size if self._sync is not None else 1,
                 "sharded": self._sharded,
@@ -881,17 +1008,36 @@ class AdaptivePrecision:
             raise CheckpointError(
                 f"adaprec state dict lacks {missing}; pass the dict returned by AdaptivePrecision.state_dict()"
             )
+        self._check_params(state.get("params"))
         before = self.state_dict()
         try:
             self._load(state)
         except Exception as e:
             self._load(before)
             if isinstance(e, CheckpointError):
-                raise
+                raise CheckpointError(f"{e}; nothing was changed") from e.__cause__
             raise CheckpointError(
                 f"adaprec state does not fit this model, optimizer or configuration ({type(e).__name__}: {e}); "
                 "nothing was changed. Load a state saved by the same set-up"
             ) from e
+
+    def _check_params(self, saved: Any) -> None:
+        """Refuse, before touching anything, a state saved with parameters of other names or shapes."""
+        if saved is None:  # a state of an older adaprec: the later checks still catch what they can
+            return
+        here = {n: list(p.shape) for n, p in self.engine.map.model.named_parameters()}
+        try:
+            there = {str(n): [int(d) for d in shape] for n, shape in saved}
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"adaprec state has an unreadable parameter list ({e}); nothing was changed") from None
+        diff = [f"{n}: saved {there.get(n)}, here {here.get(n)}" for n in sorted(set(here) | set(there))
+                if here.get(n) != there.get(n)]
+        if diff:
+            raise CheckpointError(
+                "adaprec state was saved with another model (" + "; ".join(diff[:4])
+                + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+                + "); nothing was changed. Load the state saved with this model"
+            )
 
     def _load(self, state: Mapping[str, Any]) -> None:
         step, epoch = int(state["step"]), int(state["epoch"])

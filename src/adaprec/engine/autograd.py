@@ -26,13 +26,18 @@ Observer = Callable[[torch.Tensor], None] | None
 __all__ = ["cast_operand", "cast_grad"]
 
 
+# functorch style (forward without ctx, setup_context): torch.func transforms (vmap, jacrev) can run them
 class _CastOperand(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, fwd: Cast, bwd: Cast | None, observe_bwd: Observer):  # type: ignore[override]
-        ctx.bwd = bwd
-        ctx.observe_bwd = observe_bwd
+    def forward(x: torch.Tensor, fwd: Cast, bwd: Cast | None, observe_bwd: Observer):  # type: ignore[override]
         y = fwd(x).to(x.dtype)
         return x.view_as(x) if y is x else y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.bwd, ctx.observe_bwd = inputs[2], inputs[3]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -44,11 +49,15 @@ class _CastOperand(torch.autograd.Function):
 
 
 class _CastGrad(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, y: torch.Tensor, bwd: Cast, observe_bwd: Observer):  # type: ignore[override]
-        ctx.bwd = bwd
-        ctx.observe_bwd = observe_bwd
+    def forward(y: torch.Tensor, bwd: Cast, observe_bwd: Observer):  # type: ignore[override]
         return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.bwd, ctx.observe_bwd = inputs[1], inputs[2]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]

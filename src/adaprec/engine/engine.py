@@ -21,6 +21,7 @@ optimizer never sees a new parameter.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -72,6 +73,7 @@ for _name in ("matmul", "mm", "bmm", "__matmul__", "__rmatmul__"):
             _OPERANDS[_f] = (0, 1)
 _OPERANDS[F.scaled_dot_product_attention] = (0, 1, 2)
 _OPERANDS[F.embedding] = (1,)
+_DTYPE_FMT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FP32_LINEAR = LinearExec(RoleCast("fp32", FP32), RoleCast("fp32", FP32), RoleCast("fp32", FP32), FP32, False)
 _OBSERVE_LINEAR = Exec("planned", FP32_EXEC.formats, FP32_EXEC.storage, linear=_FP32_LINEAR)
 _OBSERVE_OTHER = Exec("emulate", FP32_EXEC.formats, FP32_EXEC.storage)
@@ -107,6 +109,95 @@ class _Mode(TorchFunctionMode):
         if func not in HANDLED or (kwargs and "out" in kwargs and _from_compiled_graph()):
             return func(*args, **(kwargs or {}))
         return self.engine._dispatch(func, args, kwargs or {})
+
+
+_CKPT_CODES: dict[Any, bool] | None = None
+
+
+def _reentrant_codes() -> dict[Any, bool]:
+    """The code objects of reentrant checkpointing's forward (False) and backward (True: the recompute)."""
+    global _CKPT_CODES
+    if _CKPT_CODES is None:
+        try:
+            from torch.utils.checkpoint import CheckpointFunction
+
+            _CKPT_CODES = {CheckpointFunction.forward.__code__: False, CheckpointFunction.backward.__code__: True}
+        except (ImportError, AttributeError):  # pragma: no cover - another torch
+            _CKPT_CODES = {}
+    return _CKPT_CODES
+
+
+def checkpoint_region() -> tuple[Any, str, bool] | None:
+    """The ``torch.utils.checkpoint`` region running the current op: (region, kind, recompute?), or None.
+
+    Why: a checkpointed block runs twice, in its forward and again in backward
+    (the recompute); the engine must run the recompute in the formats and with
+    the stochastic-rounding noise of the first run, or the saved values differ.
+    Non-reentrant checkpointing is seen by its saved-tensor hooks (the frame
+    they close over is the region), reentrant checkpointing by its autograd
+    function's frame (its ``ctx`` is the region).
+    """
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    if hooks:
+        pack = hooks[0]
+        pack = getattr(pack, "__wrapped__", pack)
+        code = getattr(pack, "__code__", None)
+        if code is not None and pack.__closure__:
+            for name, cell in zip(code.co_freevars, pack.__closure__, strict=False):
+                if name == "frame":
+                    return cell.cell_contents, "non-reentrant", False
+                if name == "target_frame_ref":
+                    return cell.cell_contents(), "non-reentrant", True
+    if torch.is_grad_enabled() and torch._C._current_autograd_node() is None:
+        return None  # reentrant checkpointing runs its forward without grad and its recompute in backward
+    codes = _reentrant_codes()
+    f = sys._getframe(1)
+    while f is not None:
+        rec = codes.get(f.f_code)
+        if rec is not None:
+            return f.f_locals.get("ctx"), "reentrant", rec
+        f = f.f_back
+    return None
+
+
+class _GradProbe(torch.autograd.Function):
+    """Identity; its backward runs exactly when autograd computes the gradient of the operand it wraps.
+
+    Why: a backward GEMM runs only when its operand's gradient is needed
+    (``autograd.grad(loss, x)`` runs no weight-gradient GEMM), so the ledger
+    records it when it runs, not when the forward pass could predict it. Under
+    ``create_graph=True`` (gradient penalties) the gradient it passes on is
+    itself differentiated later: a second probe records the GEMMs of that
+    double backward when it runs.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, record: Callable[[], None], second: Callable[[], None] | None):  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.record, ctx.second = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ctx.record()
+        if ctx.second is not None and grad.requires_grad and torch.is_grad_enabled():
+            return _GradProbe.apply(grad, ctx.second, None), None, None
+        return grad, None, None
+
+
+def _under_transform(args: Any) -> bool:
+    """Whether an operand is a tensor of a running torch.func transform."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    except AttributeError:  # pragma: no cover - another torch
+        return False
+    return any(isinstance(a, torch.Tensor) and wrapped(a) for a in args)
 
 
 def _float_tensor(t: Any) -> bool:
@@ -168,6 +259,18 @@ class PrecisionEngine:
         # observe fp32 modules on sampled steps (a policy that may narrow them needs their statistics)
         self.observe_fp32 = True
         self._calls: dict[str, int] = {}
+        # checkpoint region -> (module -> call indices of its first run, module -> recompute position, region)
+        self._region_calls: dict[int, tuple[dict[str, list[int]], dict[str, int], Any]] = {}
+        self._in_backward = False
+        self.grad_ops = 0  # ops of the model run with gradients on (or checkpointed) in this activation
+        self.nograd_ops = 0  # and without (evaluation)
+        # record backward GEMMs when they run (the controller, which runs backward, turns it on); off: at
+        # forward time, as a counting pass that runs no backward needs (explain)
+        self.probe_backward = False
+        self._slots: dict[int, GemmCost] | None = None
+        self._slots_pending = True
+        self._swapped: dict[int, tuple[str, torch.Tensor]] = {}  # tensors functional_call swapped into modules
+        self._unowned: set[int] = set()
         self._casters: dict[tuple[str, str], RecipeCaster] = {}
         self._exec_cache: dict[tuple, Exec] = {}
         self._notes: set[str] = set()
@@ -212,8 +315,8 @@ class PrecisionEngine:
             site.covered, site.reason = False, "excluded by module_filter"
         elif not self.discovering:
             site.covered, site.reason = False, (
-                f"first ran at step {self.step}, after the plan was set up: runs fp32. Call "
-                "ap.prepare(example_batch) before training (or run one step first) so the plan covers it"
+                f"first ran at step {self.step}, after the plan was set up: runs fp32 for the rest of this run. "
+                "To cover it, call ap.prepare(example_batch) with a batch that runs it, before the first ap.step()"
             )
         self.sites[name] = site
         self._index[name] = len(self._index)
@@ -274,6 +377,7 @@ class PrecisionEngine:
         self.step_tensor.fill_(step)
         self.sampling = sampling
         self._calls.clear()
+        self._region_calls.clear()
         self._weight_cache.clear()
         self._cast_cache.clear()
         self._pending.clear()
@@ -285,12 +389,57 @@ class PrecisionEngine:
             yield
             return
         self._in_mode = True
+        self.grad_ops = self.nograd_ops = 0
+        self._swapped, self._unowned = {}, set()
         try:
             with _Mode(self):
                 yield
         finally:
             self._in_mode = False
+            self._swapped, self._unowned = {}, set()
             self.end_forward()
+
+    @contextlib.contextmanager
+    def backward_scope(self) -> Iterator[None]:
+        """The backward pass of a step: a checkpointed block recomputed inside runs under the plan, as its
+        forward did, and is counted; every other op in backward runs as it is.
+
+        Why module hooks: torch does not carry a torch-function mode into the
+        backward pass, and a recompute (``torch.utils.checkpoint``, either mode)
+        runs the block's modules again there; a global forward hook puts the
+        engine's mode around each module run during backward.
+        """
+        if self._in_mode:  # a backward inside the forward context: the mode is on already
+            yield
+            return
+        depth = [0]
+        modes: list[_Mode] = []
+
+        def enter(module: nn.Module, args: Any) -> None:
+            if depth[0] == 0:
+                mode = _Mode(self)
+                mode.__enter__()
+                modes.append(mode)
+            depth[0] += 1
+
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            depth[0] -= 1
+            if depth[0] == 0 and modes:
+                modes.pop().__exit__(None, None, None)
+
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        handles = (register_module_forward_pre_hook(enter), register_module_forward_hook(leave, always_call=True))
+        self._in_backward = True
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            while modes:
+                modes.pop().__exit__(None, None, None)
+            self._in_backward = False
+            self.map.stack.clear()
 
     @contextlib.contextmanager
     def not_counted(self) -> Iterator[None]:
@@ -307,6 +456,7 @@ class PrecisionEngine:
         for name, g in self._pending:
             self._entry(name).gemms.append(g)
         self._pending.clear()
+        self._region_calls.clear()
 
     def pop_step_cost(self) -> StepCost:
         """Everything counted since the last pop; the tally starts again empty."""
@@ -336,15 +486,23 @@ class PrecisionEngine:
         return mc
 
     def _record(self, name: str, call: OpCall, ex: Exec, mp: ModulePrecision | None) -> None:
+        """Record the forward GEMMs now; the backward ones when they run (``self._slots``: operand position ->
+        the GEMM computing its gradient, filled here and recorded by a probe) or, without, after backward."""
+        probes, pending = self._slots, self._slots_pending
+        self._slots, self._slots_pending = None, True
         mc = self._entry(name)
         fwd_fmt, fwd_native = ex.formats["forward"]
         for g in call.gemms:
             mc.gemms.append(GemmCost("forward", g.macs, g.a_role, g.b_role, g.label, fwd_fmt, fwd_native))
-            for role, other, has in ((g.a_role, g.b_role, g.grad_a), (g.b_role, g.a_role, g.grad_b)):
+            for pos, (role, other, has) in enumerate(((g.a_role, g.b_role, g.grad_a), (g.b_role, g.a_role, g.grad_b))):
                 if has:
                     gname = gemm_name(role)
                     fmt, native = ex.formats[gname]
-                    self._pending.append((name, GemmCost(gname, g.macs, "grad_output", other, g.label, fmt, native)))
+                    cost = GemmCost(gname, g.macs, "grad_output", other, g.label, fmt, native)
+                    if probes is not None:
+                        probes[pos] = cost
+                    elif pending:
+                        self._pending.append((name, cost))
         for role, n in call.elements.items():
             rec = mp.recipe(role) if mp is not None else FP32
             mc.add_traffic(role, n, ex.storage.get(role, "fp32"), rec.format, rec.scaling, rec.block_size)
@@ -356,12 +514,99 @@ class PrecisionEngine:
 
     # --- dispatch -----------------------------------------------------------------------
     def _dispatch(self, func, args, kwargs):
+        if torch.compiler.is_compiling():  # a graph is traced from a training forward: no checkpoint regions
+            call = describe(func, args, kwargs)
+            name = None if call is None else self.map.owner(call.weight)
+            if name is None:
+                return func(*args, **kwargs)
+            self.grad_ops += 1
+            return self._dispatch_call(func, args, kwargs, call, name, None)
+        region = checkpoint_region() if self._regions_possible() else None
+        recompute = region is not None and region[2]
+        if not recompute and torch._C._current_autograd_node() is not None:
+            return func(*args, **kwargs)  # inside a backward pass (adaprec's own GEMMs, hooks): not the model's
         call = describe(func, args, kwargs)
         if call is None:
             return func(*args, **kwargs)
-        name = self.map.owner(call.weight)
+        name = self._owner(call.weight)
         if name is None:
             return func(*args, **kwargs)  # not inside this model (e.g. the loss function)
+        if region is None and not torch.is_grad_enabled():
+            recompute = True  # evaluation inside the forward context: not measured by the monitors
+            self.nograd_ops += 1
+        else:
+            self.grad_ops += 1
+        if not recompute:
+            return self._dispatch_call(func, args, kwargs, call, name, region)
+        was = self.sampling
+        self.sampling = False  # the recompute is not measured twice
+        try:
+            return self._dispatch_call(func, args, kwargs, call, name, region)
+        finally:
+            self.sampling = was
+
+    def _owner(self, weight: torch.Tensor | None) -> str | None:
+        """The module running the op; a weight swapped in by ``torch.func.functional_call`` is its module's."""
+        if weight is not None and id(weight) not in self.map.owners:
+            key = id(weight)
+            hit = self._swapped.get(key)
+            if (hit is None or hit[1] is not weight) and key not in self._unowned:
+                # rebuilt on a miss only, once per unknown tensor and forward pass
+                self._swapped = {id(p): (n, p) for n, m in self.map.modules.items()
+                                 for p in m._parameters.values() if p is not None}
+                hit = self._swapped.get(key)
+                if hit is None:
+                    self._unowned.add(key)
+            if hit is not None and hit[1] is weight:
+                return hit[0]
+        return self.map.owner(weight)
+
+    def _regions_possible(self) -> bool:
+        return (torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+                or not torch.is_grad_enabled() or torch._C._current_autograd_node() is not None)
+
+    def _call_index(self, name: str, region: tuple[Any, str, bool] | None) -> int:
+        """The call's index in its module this step (mixed into the noise); a recompute replays the first run's."""
+        if region is not None:
+            key, _, recompute = region
+            fwd, pos, _ = self._region_calls.setdefault(id(key), ({}, {}, key))
+            if recompute:
+                i = pos.get(name, 0)
+                pos[name] = i + 1
+                seen = fwd.get(name, ())
+                if i < len(seen):
+                    return seen[i]
+        n_call = self._calls.get(name, 0)
+        self._calls[name] = n_call + 1
+        if region is not None and not region[2]:
+            self._region_calls[id(region[0])][0].setdefault(name, []).append(n_call)
+        return n_call
+
+    def _probes(self, func, args, kwargs, call: OpCall) -> dict[int, GemmCost] | None:
+        """Operand position -> backward GEMM, for ops whose backward GEMMs can be seen as they run."""
+        if kwargs or len(call.gemms) != 1 or func is torch.einsum or torch.compiler.is_compiling() \
+                or not torch.is_grad_enabled():
+            return None
+        positions = _OPERANDS.get(func)
+        if positions is None or len(positions) != 2 or len(args) <= max(positions):
+            return None
+        return {}
+
+    def _probed(self, name: str, func, positions: tuple[int, ...], probes: dict[int, GemmCost]):
+        """``func`` with a probe on each operand whose gradient GEMM the ledger records when it runs."""
+        def run(*args, **kwargs):
+            args = list(args)
+            originals = list(args)
+            for j, cost in probes.items():
+                i = positions[j]
+                a = args[i]
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    args[i] = self._probe(name, a, cost, originals[positions[1 - j]])
+            return func(*args, **kwargs)
+
+        return run
+
+    def _dispatch_call(self, func, args, kwargs, call: OpCall, name: str, region):
         site = self.sites.get(name)
         kind = KIND_OF.get(call.kind, call.kind)
         if site is None:
@@ -369,33 +614,119 @@ class PrecisionEngine:
         elif kind not in site.kinds:
             site.kinds.add(kind)
         mp, ex = self._resolve(name, kind, call.weight is not None)
+        if mp is not None and not mp.is_fp32 and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args[:3]):
+            self.note(f"{name or '<root>'} computes in float64 and the plan narrows it to "
+                      f"{ex.formats['forward'][0]}; to keep it in float64, leave it out of the plan: "
+                      f"module_filter=lambda module, name: name != {name!r}")
+        probes = None
+        runner = func
+        # a non-reentrant recompute may stop before an op runs (early stop): count its GEMMs once they ran
+        deferred = region is not None and region[1] == "non-reentrant" and region[2]
         if self.counting:
             if torch.compiler.is_compiling():  # the graph records it each time it runs (no side effect here)
                 tally_in_graph(self, name, func, args, kwargs)
+            elif deferred:  # its graph is never backpropagated: only its forward GEMMs run
+                real = self._real_dtype_exec(args) if ex.mode == "fp32" else ex
+                try:
+                    out = self._execute(name, func, args, kwargs, kind, mp, ex, region, func)
+                except Exception as e:
+                    # torch stops the recompute at the block's last saved tensor: torch's kernels save their
+                    # inputs before they run, adaprec's own kernels save the weight after their GEMM ran
+                    if ex.mode in ("planned", "fp8") and type(e).__name__ == "_StopRecomputationError":
+                        self._slots_pending = False
+                        self._record(name, call, real, mp)
+                    raise
+                self._slots_pending = False
+                self._record(name, call, real, mp)
+                return out
             else:
-                self._record(name, call, ex, mp)
+                probes = self._probes(func, args, kwargs, call) if self.probe_backward else None
+                self._slots = probes
+                self._record(name, call, self._real_dtype_exec(args) if ex.mode == "fp32" else ex, mp)
+        if probes:
+            positions = _OPERANDS[func]
+            if ex.mode in ("planned", "fp8"):
+                # adaprec's own kernels run every backward GEMM autograd asked for at forward time whenever
+                # their backward runs: a hook on the output's node records them then (no view, no extra node)
+                runner = functools.partial(self._hooked, name, list(probes.values()))
+            else:  # probe the operands as the op reads them (after any cast)
+                runner = self._probed(name, func, positions, probes)
+        return self._execute(name, func, args, kwargs, kind, mp, ex, region, runner)
+
+    def _execute(self, name, func, args, kwargs, kind, mp, ex: Exec, region, runner):
+        if isinstance(runner, functools.partial):  # record the backward GEMMs by a hook on the output's node
+            out = self._execute(name, func, args, kwargs, kind, mp, ex, region, func)
+            return runner(out)
+        if ex.mode in ("planned", "fp8") and _under_transform(args):
+            raise ModuleNotSupportedError(
+                f"{name or '<root>'} runs under a torch.func transform (vmap, grad, jacrev, ...) with a plan that "
+                f"puts it in adaprec's own {ex.formats['forward'][0]} GEMM kernels, which torch.func cannot "
+                "transform (their autograd function has no vmap rule). Run the transform outside ap.autocast(), "
+                "or under a plan of bf16/fp16/fp32 modules, which run torch's own kernels"
+            )
         if ex.mode == "fp32":
-            return func(*args, **kwargs)
+            return runner(*args, **kwargs)
         if ex.emulated:
             for f in ex.emulated:
                 seen = self.emulated_seen.setdefault(f, set())
                 if name not in seen:
                     seen.add(name)
                     self.note(self._emulation_note(f, kind))
-        n_call = self._calls.get(name, 0)
-        self._calls[name] = n_call + 1
+        n_call = self._call_index(name, region)
         if ex.mode == "planned":
             canon = self._canonical_linear(func, args, kwargs)
             if canon is not None:
                 return planned_linear(*canon, ex.linear, self._gemm_context(name, mp, n_call))
             ex = _OBSERVE_OTHER if mp is None else Exec("emulate", ex.formats, ex.storage)
         if ex.mode == "cast16":
-            return self._run_cast16(name, func, args, kwargs, mp, ex.dtype)
+            return self._run_cast16(name, func, args, kwargs, mp, ex.dtype, runner)
         if ex.mode == "fp8":
             canon = self._canonical_linear(func, args, kwargs)
             if canon is not None:
                 return fp8_linear(canon[0], canon[1], canon[2], mp)
-        return self._run_emulated(name, func, args, kwargs, mp or ModulePrecision(), n_call)
+        return self._run_emulated(name, func, args, kwargs, mp or ModulePrecision(), n_call, runner)
+
+    def _hooked(self, name: str, costs: list[GemmCost], out: torch.Tensor) -> torch.Tensor:
+        """Record ``costs`` when the backward node that produced ``out`` runs."""
+        node = out.grad_fn if isinstance(out, torch.Tensor) else None
+        if node is not None:
+            def pre(grad_outputs: Any) -> None:
+                if self.counting:
+                    self._entry(name).gemms.extend(costs)
+            node.register_prehook(pre)
+        return out
+
+    def _probed_record(self, name: str, cost: GemmCost) -> Callable[[], None]:
+        def record() -> None:
+            if self.counting:
+                self._entry(name).gemms.append(cost)
+        return record
+
+    def _probe(self, name: str, a: torch.Tensor, cost: GemmCost, other: Any) -> torch.Tensor:
+        """``a`` wrapped so its gradient GEMM (``cost``) is recorded when it runs, and so is its double backward.
+
+        The double backward of ``dA = dY @ B`` differentiates it by ``dY`` (a GEMM of the
+        same size) and, when ``B`` requires grad, by ``B`` (another).
+        """
+        twice = [dataclasses.replace(cost, gemm="input_grad", b_role=cost.b_role)]
+        if isinstance(other, torch.Tensor) and other.requires_grad:
+            twice.append(dataclasses.replace(cost, gemm="weight_grad" if is_param_like(other) else "input_grad"))
+
+        def second() -> None:
+            if self.counting:
+                self._entry(name).gemms.extend(twice)
+
+        return _GradProbe.apply(a, self._probed_record(name, cost), second)
+
+    @staticmethod
+    def _real_dtype_exec(args) -> Exec:
+        """An op outside the plan runs in its operands' own dtype: a bf16 model's GEMMs are bf16, not fp32."""
+        dt = next((a.dtype for a in args[:3] if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        f = _DTYPE_FMT.get(dt)
+        if f is None:
+            return FP32_EXEC
+        return Exec("fp32", {g: (f, True) for g in FP32_EXEC.formats}, FP32_EXEC.storage)
 
     def _resolve(self, name: str, kind: str, weight_op: bool) -> tuple[ModulePrecision | None, Exec]:
         """The plan's precision for an op of ``name`` (None outside the plan) and how it executes."""
@@ -485,7 +816,7 @@ class PrecisionEngine:
             return hit
         return t.to(dtype)
 
-    def _run_cast16(self, name, func, args, kwargs, mp: ModulePrecision, dtype: torch.dtype):
+    def _run_cast16(self, name, func, args, kwargs, mp: ModulePrecision, dtype: torch.dtype, runner=None):
         out_dtype = next((a.dtype for a in args if _float_tensor(a)), torch.float32)
         observe = self.observer if self.sampling else None
         positions = _OPERANDS.get(func, ())
@@ -502,7 +833,7 @@ class PrecisionEngine:
 
         cargs = [cast(i, a) for i, a in enumerate(args)]
         ckw = {k: (self._cast16_tensor(v, dtype) if _float_tensor(v) else v) for k, v in kwargs.items()}
-        out = func(*cargs, **ckw)
+        out = (runner or func)(*cargs, **ckw)
 
         def back(o: Any) -> Any:
             if isinstance(o, torch.Tensor) and o.dtype == dtype:
@@ -543,7 +874,7 @@ class PrecisionEngine:
 
         return cast
 
-    def _run_emulated(self, name, func, args, kwargs, mp: ModulePrecision, call: int):
+    def _run_emulated(self, name, func, args, kwargs, mp: ModulePrecision, call: int, runner=None):
         def c(role: str) -> Callable[[torch.Tensor], torch.Tensor]:
             return self._caster(name, role, mp.recipe(role), call)
 
@@ -581,7 +912,7 @@ class PrecisionEngine:
             for k in ("input", "weight", "other", "mat1", "mat2", "query", "key", "value"):
                 if k in kwargs:
                     kwargs[k] = cast_one(kwargs[k])
-        out = func(*args, **kwargs)
+        out = (runner or func)(*args, **kwargs)
         if isinstance(out, torch.Tensor):
             return cast_grad(out, go_cast, go_obs)
         return out

@@ -219,7 +219,40 @@ def quantize(
 
     NaN stays NaN. Fixed-point formats round ``x / scale`` to integers in
     ``[-qmax, qmax]``.
+
+    Differentiable by the straight-through estimator: when ``x`` requires grad
+    (and grad mode is on), the result has a ``grad_fn`` whose backward passes
+    the gradient through unchanged (rounding is treated as the identity, as in
+    quantization-aware training), cast back to ``x``'s dtype.
     """
+    if x.requires_grad and torch.is_grad_enabled():
+        return _StraightThrough.apply(x, fmt, rounding, seed, saturate)
+    return _quantize(x, fmt, rounding, seed, saturate)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Rounded forward, identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(x, fmt, rounding, seed, saturate):  # type: ignore[override]
+        return _quantize(x, fmt, rounding, seed, saturate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.to(ctx.dtype), None, None, None, None
+
+
+def _quantize(
+    x: torch.Tensor,
+    fmt: str | Format,
+    rounding: str = "nearest",
+    seed: int | None = None,
+    saturate: bool | None = None,
+) -> torch.Tensor:
     f = get(fmt)
     if rounding not in ROUNDING_MODES:
         raise RoundingError(

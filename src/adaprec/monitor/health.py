@@ -50,6 +50,14 @@ def _dist_reduce(t: torch.Tensor, op: str) -> None:
             t.div_(dist.get_world_size())
 
 
+def _transformed(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a tensor of a running ``torch.func`` transform (vmap, grad, jacrev)."""
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    except AttributeError:  # pragma: no cover - another torch
+        return False
+
+
 class HealthMonitor:
     """Measures quantization health, gradient statistics and the loss trend.
 
@@ -135,6 +143,8 @@ class HealthMonitor:
         Only the amax and a strided sample are taken now; the format
         statistics of all of a step's samples are computed in one batch.
         """
+        if _transformed(x):
+            return  # a torch.func transform's batched or wrapped tensor: per-sample views are not the layer's tensor
         candidates = self.role_candidates.get(role, self.candidates)
         pending = prepare(x, recipe, formats_for(recipe, candidates), self.max_sample)
         self._samples.append(((module, role), pending))
