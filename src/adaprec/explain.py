@@ -184,17 +184,7 @@ class Explanation:
 
             raise UsageError(f"table style must be 'markdown' or 'plain', got {style!r}")
         body = [self._cells(r) for r in self.rows]
-        lines = self.summary_lines() + [""]
-        if style == "markdown":
-            lines.append("| " + " | ".join(self._HEAD) + " |")
-            lines.append("|" + "---|" * len(self._HEAD))
-            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-        else:
-            widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
-                      for i, h in enumerate(self._HEAD)]
-            lines.append("  ".join(h.ljust(w) for h, w in zip(self._HEAD, widths, strict=True)).rstrip())
-            lines.append("  ".join("-" * w for w in widths))
-            lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in body]
+        lines = self.summary_lines() + [""] + render_rows(self._HEAD, body, style, rule=True)
         if not body:
             lines.append("(no matmul-like op ran)")
         return "\n".join(lines)
@@ -336,6 +326,18 @@ _META_OPS = (  # what torch says on meta -> the op the user wrote
                 "shape depends on the values)"),
     ("copy out of meta", "a copy of values to Python or the host (Tensor.tolist(), .numpy(), .cpu())"),
 )
+
+
+def render_rows(head: Sequence[str], body: Sequence[Sequence[str]], style: str, rule: bool = False) -> list[str]:
+    """A table's lines: Markdown (``|`` escaped in cells) or plain aligned columns (``rule``: dashes under the head)."""
+    if style == "markdown":
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                *("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body)]
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
+    if rule:
+        lines.append("  ".join("-" * w for w in widths))
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in body]
 
 
 def _on_meta(model: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:

@@ -192,16 +192,9 @@ class Simulation:
                 ", ".join(sorted(r.gemm_formats)), f"{r.times['plan'].time_s * 1e3:.3f}", r.times["plan"].bound,
                 f"{r.times['bf16'].time_s * 1e3:.3f}", f"{r.times['fp32'].time_s * 1e3:.3f}",
             ))
-        lines = self.summary_lines() + [""]
-        if style == "markdown":
-            lines.append("| " + " | ".join(self._HEAD) + " |")
-            lines.append("|" + "---|" * len(self._HEAD))
-            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-        else:
-            widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
-                      for i, h in enumerate(self._HEAD)]
-            lines.append("  ".join(h.ljust(w) for h, w in zip(self._HEAD, widths, strict=True)).rstrip())
-            lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in body]
+        from adaprec.explain import render_rows
+
+        lines = self.summary_lines() + [""] + render_rows(self._HEAD, body, style)
         if max_rows is not None and len(self.rows) > max_rows:
             lines.append(f"({len(self.rows) - max_rows} cheaper GEMM calls not shown; to_dict() has all)")
         return "\n".join(lines)
