@@ -87,13 +87,12 @@ class EncoderGPT(nn.Module):
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, int]:
-    from adaprec.experiments.tasks.char_transformer import load_text
+    from adaprec.experiments.tasks.char_transformer import encode, load_text
 
-    text = load_text()
-    chars = sorted(set(text))
-    ids = torch.tensor([chars.index(c) for c in text[: 600_000]], dtype=torch.long)
+    ids, vocab = encode(load_text())  # the vocabulary of all the plays, as the other benches use
+    ids = ids[:600_000]
     cut = int(0.9 * len(ids))
-    return ids[:cut], ids[cut:], len(chars)
+    return ids[:cut], ids[cut:], vocab
 
 
 def _windows(ids: torch.Tensor, block: int, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import adaprec  # noqa: E402
 from _markdown import write_section  # noqa: E402
 from _peers import INT8_GEMM, SetupError, check_setup, count_ops  # noqa: E402
-from adaprec.experiments.tasks.char_transformer import CharGPT, load_text  # noqa: E402
+from adaprec.experiments.tasks.char_transformer import CharGPT, encode, load_text  # noqa: E402
 from adaprec.hardware import probe  # noqa: E402
 
 
@@ -83,12 +83,9 @@ class Result:
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, int]:
-    text = load_text()
-    chars = sorted(set(text))
-    lookup = {c: i for i, c in enumerate(chars)}
-    data = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+    data, vocab = encode(load_text())
     n = int(0.9 * len(data))
-    return data[:n], data[n:], len(chars)
+    return data[:n], data[n:], vocab
 
 
 def _batches(train: torch.Tensor, size: Size, seed: int = 1337):

@@ -153,17 +153,21 @@ def evaluate(model: nn.Module, val: torch.Tensor, block: int = BLOCK) -> dict[st
     return {"bits_per_char": loss / math.log(2), "val_loss": loss}
 
 
-def make_task(size: str = "char-transformer") -> Task:
-    cfg = SIZES[size]
-    text = load_text()
+def encode(text: str) -> tuple[torch.Tensor, int]:
+    """The text as character ids (the sorted characters it uses, numbered) and the vocabulary size."""
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
-    data = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+    return torch.tensor([lookup[c] for c in text], dtype=torch.long), len(chars)
+
+
+def make_task(size: str = "char-transformer") -> Task:
+    cfg = SIZES[size]
+    data, vocab = encode(load_text())
     n = int(0.9 * len(data))
     train, val = data[:n], data[n:]
     return Task(
         name=cfg.name,
-        make_model=partial(seeded, partial(CharGPT, len(chars), d=cfg.width, heads=cfg.heads, layers=cfg.layers,
+        make_model=partial(seeded, partial(CharGPT, vocab, d=cfg.width, heads=cfg.heads, layers=cfg.layers,
                                            block=cfg.block)),
         make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.1),
         train_loader=lambda seed: WindowLoader(train, seed, cfg.block, cfg.batch),
@@ -173,6 +177,6 @@ def make_task(size: str = "char-transformer") -> Task:
         loss_fn=lm_loss,
         steps_per_epoch=STEPS_PER_EPOCH,
         default_steps=cfg.default_steps,
-        info={"chars": len(data), "train": len(train), "test": len(val), "vocab": len(chars), "block": cfg.block,
+        info={"chars": len(data), "train": len(train), "test": len(val), "vocab": vocab, "block": cfg.block,
               "width": cfg.width, "layers": cfg.layers, "heads": cfg.heads, "batch": cfg.batch},
     )
