@@ -20,21 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_native as bn  # noqa: E402
 from _peers import INT8_GEMM, SetupError, check_setup, count_ops  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 TINY = bn.Size("tiny", layers=1, heads=2, width=32, block=16, batch=4, iters=40, lr=1e-3)
 VOCAB = 40
 EAGER = [v for v in bn.VARIANTS if not v.endswith("compiled")]
 PLAIN = [v for v in EAGER if v not in bn.TORCHAO]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batches(size: bn.Size = TINY) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from bench_reliability import FAULTS, GRADSCALER, Cell, run_cell, seed_noise  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:adaprec. backend='emulate'")]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:adaprec. backend='emulate'"),
+              pytest.mark.usefixtures("one_thread")]
 
 STEPS = 300
 SEED = 0
@@ -29,14 +29,6 @@ NARROW = ("fp8-hybrid", "error-budget")  # the policies the issue holds to the b
 
 _cells: dict[tuple[str, str, int], Cell] = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread per run: faster on a shared 2-core machine, and the figures do not move with the load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cell(policy: str, fault: str, seed: int = SEED) -> Cell:
