@@ -74,7 +74,7 @@ def _worker(rank: int, init: str, out: str, steps: int, every: int, models: list
             ddp = nn.parallel.DistributedDataParallel(model)
             opt = torch.optim.Adam(ddp.parameters(), lr=1e-3)
             ap = adaprec.AdaptivePrecision(ddp, opt, EB, hardware=FAST_INT8_BF16, monitor_every=every)
-            sync = ap._sync
+            sync = ap.reducer.sync
             timed: dict[str, list[float]] = {"sampled": [], "unsampled": []}
             sizes: dict[str, int] = {}
             exchange = sync.exchange

@@ -15,7 +15,8 @@ import argparse
 import json
 import sys
 
-from adaprec.simulation import Simulation, simulate_config
+from adaprec.explain import simulate_config
+from adaprec.simulation import Simulation
 
 MODELS = (("gpt2-124m", "GPT-2 124M"), ("llama-1b", "Llama-style 1B (Llama-3.2-1B shape)"),
           ("llama2-7b", "Llama-2-7B"), ("llama2-70b", "Llama-2-70B"))

@@ -192,6 +192,8 @@ def test_optimizer_state_can_be_kept_narrow():
 class _RollbackAt(StaticPolicy):
     """fp32 throughout; asks for a rollback at one step."""
 
+    may_roll_back = True
+
     def __init__(self, at: int) -> None:
         super().__init__("fp32")
         self.at = at

@@ -136,7 +136,7 @@ def _reduced(rank: int, tmp: str) -> dict:
     return {
         "events": _events(ap), "plan": ap.plan.to_dict(), "losses": [r.loss for r in results],
         "reasons": [r.reason for r in results], "summary": ap.energy.summary(), "local": local,
-        "report": ap.report(), "kinds": list(ap.engine.kinds), "collectives": ap._sync.ex.calls,
+        "report": ap.report(), "kinds": list(ap.engine.kinds), "collectives": ap.reducer.sync.ex.calls,
     }
 
 

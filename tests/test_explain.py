@@ -157,7 +157,7 @@ def test_formats_are_the_controllers_hardware_allowed_set() -> None:
     ap = adaprec.AdaptivePrecision(model, torch.optim.SGD(model.parameters(), lr=0.1), hardware=HW)
     try:
         ap.prepare(x)
-        allowed, _ = ap._allowed()
+        allowed, _ = ap.allowed_formats()
         wanted = set(ap.policy.candidate_formats)
         for r in e.rows:
             assert set(r.formats) == (allowed[r.module] & wanted) | {"fp32"}, r.module

@@ -6,14 +6,13 @@ says what the choice saved (modeled from a named device profile, or
 measured where a meter exists).
 """
 
+import importlib
 from typing import Any
 
 from adaprec import formats, plan
 from adaprec.errors import AdaprecError
-from adaprec.explain import Explanation, explain  # light: its heavy imports wait for the first call
 from adaprec.formats import quantize
 from adaprec.plan import ModulePrecision, PrecisionPlan, TensorRecipe
-from adaprec.simulation import Simulation, simulate  # light, as explain
 
 __version__ = "0.1.0"
 __all__ = [
@@ -34,10 +33,19 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # The controller pulls in every part; import it on first use only.
-    if name in ("AdaptivePrecision", "StepResult"):
-        from adaprec import controller
+# The controller, explain and simulation pull in every part: each is imported on first use only.
+_LAZY = {
+    "AdaptivePrecision": "adaprec.controller",
+    "StepResult": "adaprec.controller",
+    "explain": "adaprec.explain",
+    "Explanation": "adaprec.explain",
+    "simulate": "adaprec.explain",
+    "Simulation": "adaprec.simulation",
+}
 
-        return getattr(controller, name)
-    raise AttributeError(f"module 'adaprec' has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'adaprec' has no attribute {name!r}")
+    return getattr(importlib.import_module(where), name)

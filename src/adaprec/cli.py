@@ -35,8 +35,8 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from adaprec.distributed import launch, launched_world_size
     from adaprec.experiments.config import load_config
+    from adaprec.experiments.ranks import launch, launched_world_size
     from adaprec.experiments.runner import run_experiment
 
     config = load_config(args.config)  # a bad config fails here, before any rank starts
@@ -116,7 +116,7 @@ _DEBUG_HELP = "on an error, show the Python traceback instead of one line (for b
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import json
 
-    from adaprec.simulation import simulate_config
+    from adaprec.explain import simulate_config
 
     sim = simulate_config(args.model, args.target or "h100-sxm", batch=args.batch, seq_len=args.seq_len,
                           policy=args.policy or "error-budget", formats=args.formats)

@@ -29,24 +29,37 @@ from __future__ import annotations
 import contextlib
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Explanation", "GemmRow", "MetaDeviceError", "explain", "explain_task"]
+import torch
 
-from adaprec.errors import UsageError as _UsageError
+from adaprec.controller import AdaptivePrecision
+from adaprec.energy import load_profile, price_step
+from adaprec.energy.counting import StepCost
+from adaprec.energy.roofline import load_target
+from adaprec.engine import PrecisionEngine
+from adaprec.engine.execution import FP32_EXEC, decide
+from adaprec.engine.ops import OP_CLASS, OpCall
+from adaprec.engine.tally import call_cost
+from adaprec.errors import AdaprecError, TaskError, UsageError
+from adaprec.experiments.config import load_config
+from adaprec.experiments.runner import epoch_seed
+from adaprec.experiments.tasks import get_task
+from adaprec.formats import get, width_key
+from adaprec.hardware.report import format_speedup
+from adaprec.inputs import loss_of, split_inputs
+from adaprec.plan import ModulePrecision, TensorRecipe
+from adaprec.policies.error_budget import DEFAULT_LADDERS, ErrorBudgetPolicy
+from adaprec.policies.ladder import recipe_for
+from adaprec.simulation import Simulation, _simulate, meta_model
+from adaprec.tables import render_rows
+
+__all__ = ["Explanation", "GemmRow", "MetaDeviceError", "explain", "explain_task", "simulate", "simulate_config"]
 
 _OP_NAMES = {"scaled_dot_product_attention": "attention", "multi_head_attention_forward": "mha"}
-# operand positions (and keyword names) of the ops whose extra tensor arguments are not GEMM operands
-_OPERAND_ARGS: dict[str, tuple[tuple[int, str], ...]] = {
-    "linear": ((0, "input"), (1, "weight")),
-    "addmm": ((1, "mat1"), (2, "mat2")),
-    "baddbmm": ((1, "batch1"), (2, "batch2")),
-    "attention": ((0, "query"), (1, "key"), (2, "value")),
-    "mha": ((0, "query"), (1, "key"), (2, "value")),
-}
 
 
 @dataclass(frozen=True)
@@ -160,8 +173,6 @@ class Explanation:
              "fp32 J/step", "best", "best J/step", "probed speedup")
 
     def _cells(self, r: GemmRow) -> tuple[str, ...]:
-        from adaprec.hardware.report import format_speedup
-
         native = [f for f in r.formats if r.native.get(f)]
         return (
             r.module or "<root>",
@@ -180,8 +191,6 @@ class Explanation:
     def table(self, style: str = "markdown") -> str:
         """Coverage and totals, then one row per GEMM call: ``style`` ``"markdown"`` or ``"plain"``."""
         if style not in ("markdown", "plain"):
-            from adaprec.errors import UsageError
-
             raise UsageError(f"table style must be 'markdown' or 'plain', got {style!r}")
         body = [self._cells(r) for r in self.rows]
         lines = self.summary_lines() + [""] + render_rows(self._HEAD, body, style, rule=True)
@@ -206,92 +215,6 @@ class Explanation:
 # --- the counting pass ------------------------------------------------------------------------------
 
 
-def _recorder(model: Any, module_filter: Any) -> Any:
-    """A counting engine (fp32, as MacCounter) that also keeps every recognised call and its operand shapes."""
-    from adaprec.energy.counting import ModuleCost, StepCost
-    from adaprec.engine.engine import PrecisionEngine
-
-    class _Recorder(PrecisionEngine):
-        def __init__(self) -> None:
-            super().__init__(model, backend="emulate", module_filter=module_filter)
-            self.calls: list[tuple[str, Any, tuple[tuple[int, ...], ...]]] = []
-            self._args: tuple[Any, Any] = ((), {})
-
-        def _dispatch(self, func, args, kwargs):  # noqa: ANN001, ANN202 - the engine's own signature
-            self._args = (args, kwargs)
-            return super()._dispatch(func, args, kwargs)
-
-        def _record(self, name, call, ex, mp) -> None:  # noqa: ANN001
-            super()._record(name, call, ex, mp)
-            self.calls.append((name, call, _operand_shapes(call, *self._args)))
-
-        def cost_of(self, name: str, call: Any, ex: Any, mp: Any) -> ModuleCost:
-            """What the ledger would record for this one call run as ``ex`` under ``mp``, backward included."""
-            saved = self._cost, self._pending
-            self._cost, self._pending = StepCost(), []
-            try:
-                PrecisionEngine._record(self, name, call, ex, mp)
-                mc = self._cost.modules[name]
-                mc.gemms.extend(g for _, g in self._pending)
-                return mc
-            finally:
-                self._cost, self._pending = saved
-
-    return _Recorder()
-
-
-def _operand_shapes(call: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[tuple[int, ...], ...]:
-    import torch
-
-    op = _OP_NAMES.get(call.func_name, call.func_name)
-    spec = _OPERAND_ARGS.get(op) or (_OPERAND_ARGS["linear"] if op.startswith("conv") else None)
-    found: list[Any] = []
-    if spec is not None:
-        for i, key in spec:
-            found.append(args[i] if len(args) > i else kwargs.get(key))
-    elif call.kind == "rnn":
-        found = [args[0]] if args else []
-    else:  # matmul, mm, bmm, einsum: every tensor operand
-        for a in list(args) + list(kwargs.values()):
-            found += list(a) if isinstance(a, (list, tuple)) else [a]
-    return tuple(tuple(t.shape) for t in found if isinstance(t, torch.Tensor))
-
-
-def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A tensor -> model(x); a tuple or list -> model(*inputs); a dict -> model(**inputs)."""
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
-
-
-def _tensors(out: Any) -> Iterable[Any]:
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, Mapping):
-        for v in out.values():
-            yield from _tensors(v)
-    elif isinstance(out, (list, tuple)):
-        for v in out:
-            yield from _tensors(v)
-
-
-def _loss(out: Any, loss_fn: Callable[[Any], Any] | None) -> Any:
-    """The scalar to run backward from: ``loss_fn(out)``, else the output's ``loss``, else the sum of its outputs."""
-    import torch
-
-    if loss_fn is not None:
-        return loss_fn(out)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if isinstance(loss, torch.Tensor) and loss.requires_grad:
-        return loss
-    parts = [t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
-    return sum(parts[1:], parts[0]) if parts else None
-
-
 def _short(mp: Any) -> str:
     """A module precision as a few words: ``bf16``, ``int8/tensor``, or ``w=... a=... go=...``."""
     shorts = [mp.weight.short(), mp.activation.short(), mp.grad_output.short()]
@@ -300,12 +223,8 @@ def _short(mp: Any) -> str:
     return f"w={shorts[0]} a={shorts[1]} go={shorts[2]}"
 
 
-def _uniform(fmt: str) -> Any:
+def _uniform(fmt: str) -> ModulePrecision:
     """The module precision that puts every operand of an op in ``fmt``, with the recipes policies use."""
-    from adaprec.formats import get
-    from adaprec.plan import ModulePrecision, TensorRecipe
-    from adaprec.policies.ladder import recipe_for
-
     if fmt == "fp32":
         return ModulePrecision()
     gw = fmt if get(fmt).bits >= 16 else "bf16"  # a GEMM output, accumulated wide (as the error budget keeps it)
@@ -315,7 +234,7 @@ def _uniform(fmt: str) -> Any:
     )
 
 
-class MetaDeviceError(_UsageError):
+class MetaDeviceError(UsageError):
     """A model explained on the meta device ran an op that needs tensor values."""
 
 
@@ -328,21 +247,7 @@ _META_OPS = (  # what torch says on meta -> the op the user wrote
 )
 
 
-def render_rows(head: Sequence[str], body: Sequence[Sequence[str]], style: str, rule: bool = False) -> list[str]:
-    """A table's lines: Markdown (``|`` escaped in cells) or plain aligned columns (``rule``: dashes under the head)."""
-    if style == "markdown":
-        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                *("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body)]
-    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
-    if rule:
-        lines.append("  ".join("-" * w for w in widths))
-    return lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in body]
-
-
 def _on_meta(model: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
-    import torch
-
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
     return any(t.is_meta for t in tensors)
@@ -370,10 +275,36 @@ def _meta_errors(on_meta: bool) -> Iterator[None]:
         ) from e
 
 
+def _counting_pass(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
+                   loss_fn: Callable[[Any], Any] | None, module_filter: Any) -> tuple[list[tuple[str, OpCall]], StepCost]:
+    """One forward and backward pass under a bare engine (fp32 numerics): every recognised call, and the step's cost.
+
+    The calls are seen through the engine's public tally (``on_record``); the backward GEMMs are recorded at
+    forward time and join the cost after backward, as a counting pass that runs no optimizer needs.
+    """
+    engine = PrecisionEngine(model, backend="emulate", module_filter=module_filter)
+    calls: list[tuple[str, OpCall]] = []
+    engine.tally.on_record.append(lambda name, call, ex, mp: calls.append((name, call)))
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            for p in model.parameters():
+                p.grad = None
+            with engine.activate():
+                out = model(*args, **kwargs)
+            loss = loss_of(out, loss_fn)
+            if loss is not None:
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise UsageError("explain(): loss_fn must return a scalar tensor")
+                loss.backward()
+        engine.commit_backward()
+        return calls, engine.pop_step_cost()
+    finally:
+        engine.remove()
+
+
 def _restore_after(model: Any) -> Callable[[], None]:
     """Save gradients and buffers now; the returned function puts them back."""
-    import torch
-
     grads = [(p, p.grad) for p in model.parameters()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
 
@@ -432,26 +363,14 @@ def explain(
 
     Returns an :class:`Explanation` (``.table()``, ``.to_dict()``).
     """
-    import torch
-
-    from adaprec.controller import AdaptivePrecision
-    from adaprec.energy import load_profile, price_step
-    from adaprec.energy.counting import StepCost
-    from adaprec.engine.execution import FP32_EXEC, OP_CLASS, decide
-    from adaprec.engine.ops import KIND_OF
-    from adaprec.errors import UsageError
-    from adaprec.policies.ladder import width_rank
-
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"explain() needs a torch.nn.Module, got {type(model).__name__}")
     profile = load_profile(energy_profile)
     target_profile = None
     if target is not None:
-        from adaprec.energy.roofline import load_target
-
         target_profile = load_target(target)
         ap_kwargs["target"] = target
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     on_meta = _on_meta(model, args, kwargs)
     meta_notes: list[str] = []
     if on_meta:
@@ -468,34 +387,19 @@ def explain(
         warnings.simplefilter("always")
         ap = AdaptivePrecision(model, optimizer, policy, hardware=hardware, energy_profile=energy_profile,
                                **ap_kwargs)
-        rec = None
         restore = _restore_after(model)
         try:
             with _meta_errors(on_meta):
                 ap.prepare(*args, **kwargs)  # the controller's discovery: sites, pins, the policy set up for them
-            allowed, _ = ap._allowed()  # per module, what this device runs natively and fast (None: research)
+            # per module, what this device runs natively and fast (None: research)
+            allowed, _ = ap.allowed_formats()
             plan = ap.plan
             candidates = tuple(ap.policy.candidate_formats)
             caps, backend = ap.engine.caps, ap.engine.backend
-            rec = _recorder(model, ap.engine.module_filter)
-            devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-            with torch.random.fork_rng(devices=devices):
-                for p in model.parameters():
-                    p.grad = None
-                with _meta_errors(on_meta):
-                    with rec.activate():
-                        out = model(*args, **kwargs)
-                    loss = _loss(out, loss_fn)
-                    if loss is not None:
-                        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                            raise UsageError("explain(): loss_fn must return a scalar tensor")
-                        loss.backward()
-            rec.commit_backward()  # the backward GEMMs, recorded at forward time, join the step
-            total = rec.pop_step_cost()
+            with _meta_errors(on_meta):
+                calls, total = _counting_pass(model, args, kwargs, loss_fn, ap.engine.module_filter)
         finally:
             restore()
-            if rec is not None:
-                rec.remove()
             ap.close()
     for w in caught:
         text = str(w.message)
@@ -505,13 +409,12 @@ def explain(
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     report = ap.hardware
-    tables = {} if report is None else {"gemm": report.formats, "conv": report.conv, "attention": report.attention}
     uncovered: dict[str, str] = {}
     rows: list[GemmRow] = []
-    for mod, call, shapes in rec.calls:
+    for mod, call in calls:
         if not call.gemms:  # an embedding's gather: traffic, no GEMM
             continue
-        kind = KIND_OF.get(call.kind, call.kind)
+        kind = call.site_kind
         site = ap.engine.sites.get(mod)
         if site is not None:
             covered, reason = site.covered, site.reason
@@ -530,9 +433,9 @@ def explain(
             start = _short(mp)
             wanted = set(candidates) or {mp.weight.format, mp.activation.format, mp.grad_output.format}
             here = allowed.get(mod, frozenset({"fp32"})) if allowed is not None else None
-            formats = tuple(sorted({f for f in wanted if here is None or f in here} | {"fp32"}, key=width_rank))
+            formats = tuple(sorted({f for f in wanted if here is None or f in here} | {"fp32"}, key=width_key))
         weight_op = call.weight is not None
-        fp32_j = price_step(StepCost({mod: rec.cost_of(mod, call, FP32_EXEC, None)}), profile, "fp32").modeled_j
+        fp32_j = price_step(StepCost({mod: call_cost(call, FP32_EXEC, None, kind)}), profile, "fp32").modeled_j
         native: dict[str, bool] = {}
         priced: dict[str, float] = {}
         for f in formats:
@@ -543,12 +446,12 @@ def explain(
             ex = decide(kind, umf, caps, backend, weight_op)
             native[f] = all(nat for _, nat in ex.formats.values())
             if native[f]:
-                cost = StepCost({mod: rec.cost_of(mod, call, ex, umf)})
+                cost = StepCost({mod: call_cost(call, ex, umf, kind)})
                 priced[f] = price_step(cost, profile, "executed").modeled_j
-        best = min(priced, key=lambda f: (priced[f], width_rank(f)))
-        support = tables.get(OP_CLASS.get(kind, "gemm"), {}).get(best)
+        best = min(priced, key=lambda f: (priced[f], width_key(f)))
+        support = report.table_for(OP_CLASS.get(kind, "gemm")).get(best) if report is not None else None
         rows.append(GemmRow(
-            module=mod, op=_OP_NAMES.get(call.func_name, call.func_name), kind=kind, shapes=shapes,
+            module=mod, op=_OP_NAMES.get(call.func_name, call.func_name), kind=kind, shapes=call.shapes,
             forward_macs=call.macs, backward_macs=call.backward_macs(), covered=covered, reason=reason,
             start=start, formats=formats, native=native, fp32_j=fp32_j, best=best, best_j=priced[best],
             speedup=1.0 if best == "fp32" else (support.speedup if support is not None else None),
@@ -565,9 +468,6 @@ def explain(
         notes = meta_notes + [n for n in notes if "can only emulate" not in n]
     simulation = None
     if target_profile is not None:
-        from adaprec.policies.error_budget import DEFAULT_LADDERS, ErrorBudgetPolicy
-        from adaprec.simulation import _simulate
-
         base = getattr(ap.policy, "policy", ap.policy)  # inside the guard
         budget = base if isinstance(base, ErrorBudgetPolicy) else None
         ladders = budget.ladders if budget is not None else DEFAULT_LADDERS
@@ -602,15 +502,9 @@ def explain_task(
     ``package.module:function`` returning a Task. ``policy`` and
     ``energy_profile`` override the config's (default ``error-budget``, ``7nm``).
     """
-    from adaprec.errors import AdaprecError, TaskError
-    from adaprec.experiments.runner import epoch_seed
-    from adaprec.experiments.tasks import get_task
-
     config_policy, config_profile = None, None
     task_name = target
     if Path(target).suffix.lower() in (".yaml", ".yml", ".json") or Path(target).is_file():
-        from adaprec.experiments.config import load_config
-
         config = load_config(target)
         task_name = config.task
         config_profile = config.energy_profile
@@ -634,3 +528,33 @@ def explain_task(
         loss_fn=lambda out: task.loss_fn(out, y), energy_profile=energy_profile or config_profile or "7nm",
         name=task.name,
     )
+
+
+def simulate(
+    model: Any,
+    example_inputs: Any,
+    target: str = "h100-sxm",
+    policy: Any = "error-budget",
+    *,
+    formats: Sequence[str] | None = None,
+    loss_fn: Callable[[Any], Any] | None = None,
+    name: str | None = None,
+    **ap_kwargs: Any,
+) -> Simulation:
+    """One training step of ``model`` on ``example_inputs`` priced on ``target`` (a roofline profile).
+
+    ``formats``: restrict the plan to these formats (e.g. ``["fp8_e4m3",
+    "fp8_e5m2", "bf16"]`` for a float8-only plan). The model may live on the
+    meta device (shapes only). Returns a :class:`Simulation`.
+    """
+    return explain(model, example_inputs, policy, loss_fn=loss_fn, name=name, target=target,
+                   sim_formats=formats, **ap_kwargs).simulation  # type: ignore[return-value]
+
+
+def simulate_config(spec: str, target: str = "h100-sxm", *, batch: int = 1, seq_len: int = 2048,
+                    policy: Any = "error-budget", formats: Sequence[str] | None = None) -> Simulation:
+    """:func:`simulate` a preset or Hugging Face config on the meta device, ``batch`` x ``seq_len`` tokens."""
+    model, name = meta_model(spec, seq_len)
+    x = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+    return simulate(model, {"input_ids": x, "labels": x}, target, policy, formats=formats,
+                    name=f"{name} ({batch}x{seq_len})")

@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from adaprec.errors import PlanError, UnknownFormatError
-from adaprec.formats import ROUNDING_MODES, get
+from adaprec.formats import ROUNDING_MODES, SCALINGS, Rounding, Scaling, get
 
 __all__ = [
+    "pin_matches",
     "ROLES",
     "SCALINGS",
     "TensorRecipe",
@@ -37,7 +38,11 @@ __all__ = [
 ]
 
 ROLES = ("weight", "activation", "grad_output", "grad_weight")
-SCALINGS = ("none", "tensor", "row", "delayed", "block")
+
+
+def pin_matches(pattern: str, names: Iterable[str]) -> list[str]:
+    """The module names a pin's fqn glob matches (case-sensitive ``fnmatch``): the one pin rule."""
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,9 @@ class TensorRecipe:
             )
         if self.scaling not in SCALINGS:
             raise PlanError(f"unknown scaling {self.scaling!r}; use one of {', '.join(SCALINGS)}")
+        # plain strings in the dataclass (plans go to JSON and weights_only checkpoints), checked by the enums
+        object.__setattr__(self, "rounding", Rounding(self.rounding).value)
+        object.__setattr__(self, "scaling", Scaling(self.scaling).value)
         if self.block_size < 1:
             raise PlanError(f"block_size must be >= 1, got {self.block_size}")
 
@@ -236,7 +244,7 @@ class PrecisionPlan:
         mods: dict[str, ModulePrecision] = {n: mp for n in names}
         pinned: set[str] = set()
         for pattern, pin in (pins or {}).items():
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            hits = pin_matches(pattern, names)
             if not hits:
                 raise PlanError(
                     f"pin {pattern!r} matches no quantizable module; modules are: {', '.join(names) or '(none)'}"

@@ -39,14 +39,28 @@ profile's sources and calibration.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from adaprec.energy.model import OPTIMIZER_STATE_ACCESSES
 from adaprec.energy.profiles import Profile
 from adaprec.energy.roofline import RooflineTime, bytes_time, gemm_time
+from adaprec.energy.rules import storage_bits
+from adaprec.errors import MissingExtraError, UsageError
+from adaprec.formats import get, wider, width_key
+from adaprec.inputs import loss_of
+from adaprec.tables import render_rows
 
-__all__ = ["Simulation", "SimRow", "Regime", "simulate", "simulate_config", "meta_model", "plan_for_target", "PRESETS", "REGIMES"]
+__all__ = ["Simulation", "SimRow", "Regime", "meta_model", "plan_for_target", "PRESETS", "REGIMES"]
 
 REGIMES = ("plan", "bf16", "fp32")
 ROLE_NAMES = ("weight", "activation", "grad_output", "grad_weight")
@@ -192,8 +206,6 @@ class Simulation:
                 ", ".join(sorted(r.gemm_formats)), f"{r.times['plan'].time_s * 1e3:.3f}", r.times["plan"].bound,
                 f"{r.times['bf16'].time_s * 1e3:.3f}", f"{r.times['fp32'].time_s * 1e3:.3f}",
             ))
-        from adaprec.explain import render_rows
-
         lines = self.summary_lines() + [""] + render_rows(self._HEAD, body, style)
         if max_rows is not None and len(self.rows) > max_rows:
             lines.append(f"({len(self.rows) - max_rows} cheaper GEMM calls not shown; to_dict() has all)")
@@ -236,7 +248,6 @@ def plan_for_target(
     wins. ``pinned`` modules keep their pin; ``edges`` keep bf16 at least;
     attention and activation x activation products run one 16-bit dtype.
     """
-    from adaprec.policies.ladder import width_rank
 
     pinned = dict(pinned or {})
     out: dict[str, tuple[dict[str, str], str]] = {}
@@ -254,23 +265,16 @@ def plan_for_target(
         for role in ROLE_NAMES:
             ladder = [f for f in ladders.get(role, ()) if f in native and (allow is None or f in allow or f == "fp32")]
             if name in edges:
-                ladder = [f for f in ladder if width_rank(f) >= width_rank("bf16")]
+                ladder = [f for f in ladder if width_key(f) >= width_key("bf16")]
             roles[role] = ladder[0] if ladder else "fp32"
         if coupled:
-            widest = max((roles[r] for r in ("weight", "activation", "grad_output")), key=width_rank)
+            widest = max((roles[r] for r in ("weight", "activation", "grad_output")), key=width_key)
             roles.update({r: widest for r in ("weight", "activation", "grad_output")})
         why = "edge kept at bf16 or wider (error-budget's sensitive first/last module)" if name in edges else (
             "one 16-bit dtype for the op (activation x activation)" if coupled else
             "narrowest native format of each role's ladder")
         out[name] = (roles, why)
     return out
-
-
-def _wider(a: str, b: str) -> str:
-    from adaprec.energy.model import wider
-    from adaprec.formats import get
-
-    return wider(get(a), get(b)).name
 
 
 def _gemm_formats(gemms: Sequence[Any], roles: Mapping[str, str]) -> dict[str, int]:
@@ -283,18 +287,15 @@ def _gemm_formats(gemms: Sequence[Any], roles: Mapping[str, str]) -> dict[str, i
 
     for g in gemms:
         fa, fb = roles.get(g.a_role, "fp32"), roles.get(g.b_role, "fp32")
-        add(_wider(fa, fb), g.macs)
+        add(wider(fa, fb), g.macs)
         if g.grad_a:
-            add(_wider(go, fb), g.macs)
+            add(wider(go, fb), g.macs)
         if g.grad_b:
-            add(_wider(go, fa), g.macs)
+            add(wider(go, fa), g.macs)
     return out
 
 
 def _bits(fmt: str) -> float:
-    from adaprec.energy.rules import storage_bits
-    from adaprec.formats import get
-
     return storage_bits(get(fmt))
 
 
@@ -309,14 +310,6 @@ def _shape_pass(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     stand-ins that only produce shapes, so the pass is cheap at any size and
     their traffic is not counted twice; every other op runs as it is.
     """
-    import torch
-    import torch.nn.functional as F
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    from adaprec.explain import _loss
-
     owner: dict[int, str] = {}
     for mname, mod in model.named_modules():
         for p in mod.parameters(recurse=False):
@@ -402,7 +395,7 @@ def _shape_pass(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _Stand(), counter:
             out = model(*args, **kwargs)
-            loss = _loss(out, loss_fn)
+            loss = loss_of(out, loss_fn)
             if loss is not None:
                 loss.backward()
     finally:
@@ -428,7 +421,6 @@ def _simulate(
 ) -> Simulation:
     """Price explain's rows on ``profile`` (called by :func:`adaprec.explain` when given a target)."""
 
-    from adaprec.energy.model import OPTIMIZER_STATE_ACCESSES
 
     present = {r.module for r in rows}
     kinds: dict[str, str] = {}
@@ -540,8 +532,6 @@ def _owned_params(model: Any) -> list[tuple[str, Any]]:
 
 def _tokens(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
     """Tokens in the example batch: the first integer tensor's elements (else the first tensor's rows)."""
-    import torch
-
     tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
     ints = [t for t in tensors if not t.is_floating_point()]
     if ints:
@@ -550,29 +540,6 @@ def _tokens(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
         t = tensors[0]
         return int(t.shape[0] * (t.shape[1] if t.dim() > 2 else 1))
     return 1
-
-
-def simulate(
-    model: Any,
-    example_inputs: Any,
-    target: str = "h100-sxm",
-    policy: Any = "error-budget",
-    *,
-    formats: Sequence[str] | None = None,
-    loss_fn: Callable[[Any], Any] | None = None,
-    name: str | None = None,
-    **ap_kwargs: Any,
-) -> Simulation:
-    """One training step of ``model`` on ``example_inputs`` priced on ``target`` (a roofline profile).
-
-    ``formats``: restrict the plan to these formats (e.g. ``["fp8_e4m3",
-    "fp8_e5m2", "bf16"]`` for a float8-only plan). The model may live on the
-    meta device (shapes only). Returns a :class:`Simulation`.
-    """
-    from adaprec.explain import explain
-
-    return explain(model, example_inputs, policy, loss_fn=loss_fn, name=name, target=target,
-                   sim_formats=formats, **ap_kwargs).simulation  # type: ignore[return-value]
 
 
 # --- models on the meta device, by name or Hugging Face config --------------------------------------
@@ -597,13 +564,6 @@ def meta_model(spec: str, seq_len: int = 2048) -> tuple[Any, str]:
 
     Needs ``transformers``. Nothing is allocated: parameters are shapes only.
     """
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from adaprec.errors import MissingExtraError, UsageError
-
     try:
         import transformers
     except ImportError:
@@ -633,14 +593,3 @@ def meta_model(spec: str, seq_len: int = 2048) -> tuple[Any, str]:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     return model, name
-
-
-def simulate_config(spec: str, target: str = "h100-sxm", *, batch: int = 1, seq_len: int = 2048,
-                    policy: Any = "error-budget", formats: Sequence[str] | None = None) -> Simulation:
-    """:func:`simulate` a preset or Hugging Face config on the meta device, ``batch`` x ``seq_len`` tokens."""
-    import torch
-
-    model, name = meta_model(spec, seq_len)
-    x = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
-    return simulate(model, {"input_ids": x, "labels": x}, target, policy, formats=formats,
-                    name=f"{name} ({batch}x{seq_len})")

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from adaprec.energy.counting import StepCost
 from adaprec.energy.profiles import Profile
 from adaprec.energy.rules import storage_bits
-from adaprec.formats import Format, get
+from adaprec.formats import get
 
-__all__ = ["PricedModule", "PricedStep", "price_step", "wider", "OPTIMIZER_STATE_ACCESSES", "role_bytes", "PRICING_MODES"]
+__all__ = ["PricedModule", "PricedStep", "price_step", "OPTIMIZER_STATE_ACCESSES", "role_bytes", "PRICING_MODES"]
 
 # Adam-like optimizers keep two state tensors per parameter and read and
 # write each once per step: four accesses per counted element.
@@ -35,12 +35,6 @@ MIXED_RULE = (
     "a GEMM with operands in two formats is priced and attributed at the wider format "
     "(the narrower operand is upcast)"
 )
-
-
-def wider(a: Format, b: Format) -> Format:
-    """The format a mixed-operand GEMM runs in."""
-    key = lambda f: (f.bits, f.kind == "float", f.mbits)  # noqa: E731
-    return a if key(a) >= key(b) else b
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 from adaprec.energy.rules import OpEnergy, fit_rule, rule_energy, significand_bits
 from adaprec.errors import AdaprecError, ProfileError
-from adaprec.formats import Format, get
+from adaprec.formats import Format, get, width_key
 
 __all__ = ["Profile", "load_profile", "list_profiles", "KINDS"]
 
@@ -85,7 +85,7 @@ class Profile:
         same = [f for f in wider if f.kind == fmt.kind] or wider
         if not same:
             return self.peak_flops["fp32"], True
-        best = min(same, key=lambda f: (f.bits, -f.mbits))
+        best = min(same, key=width_key)
         return self.peak_flops[best.name], True
 
     def summary(self) -> dict[str, Any]:

@@ -34,23 +34,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from adaprec.energy.counting import GemmCost, ModuleCost, StepCost
+from adaprec.energy.counting import GemmCost, StepCost
 from adaprec.engine.autograd import cast_grad, cast_operand
 from adaprec.engine.cast import RecipeCaster, stream_seed
-from adaprec.engine.execution import FP32_EXEC, Capabilities, Exec, decide, gemm_name
+from adaprec.engine.execution import FP32_EXEC, Backend, Capabilities, Exec, ExecMode, decide
 from adaprec.engine.gemm import GemmContext, LinearExec, RoleCast, planned_linear
 from adaprec.engine.native import fp8_linear
-from adaprec.engine.ops import HANDLED, KIND_OF, OpCall, describe, is_param_like
+from adaprec.engine.ops import HANDLED, OPERANDS, OpCall, describe, is_param_like
 from adaprec.engine.quant import NoiseTable, Scratch
 from adaprec.engine.sites import Site, SiteMap
-from adaprec.engine.traced import register_engine, tally_in_graph
+from adaprec.engine.tally import StepTally
+from adaprec.engine.traced import register_recorder, tally_in_graph
 from adaprec.errors import ModuleNotSupportedError, PlanError
-from adaprec.formats import compiled
+from adaprec.formats import Rounding, compiled, format_of_dtype
 from adaprec.plan import FP32, ROLES, ModulePrecision, PrecisionPlan
 
 __all__ = ["PrecisionEngine", "BACKENDS", "ModuleFilter"]
 
-BACKENDS = ("auto", "emulate", "native")
+BACKENDS = tuple(b.value for b in Backend)
 ModuleFilter = Callable[[nn.Module, str], bool]
 _ROLE_INDEX = {r: i for i, r in enumerate(ROLES)}
 _STEP_STRIDE = 0x9E3779  # odd: consecutive steps read the noise table at well-spread offsets
@@ -59,24 +60,17 @@ _ADDMM = set(f for f in (torch.addmm, getattr(torch.Tensor, "addmm", None)) if f
 _MHA = {F.multi_head_attention_forward}
 _MHA_WEIGHT_ARGS = (5, 11)
 _MHA_WEIGHT_KWARGS = ("q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj_weight", "in_proj_weight")
-# operand positions of each op (the tensors a GEMM multiplies); einsum: every tensor after the equation
-_OPERANDS: dict[Any, tuple[int, ...]] = {}
-for _f in (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
-    _OPERANDS[_f] = (0, 1)
-for _f in _ADDMM | {torch.baddbmm, getattr(torch.Tensor, "baddbmm", None)}:
-    if _f is not None:
-        _OPERANDS[_f] = (1, 2)
-for _name in ("matmul", "mm", "bmm", "__matmul__", "__rmatmul__"):
-    for _owner in (torch, torch.Tensor):
-        _f = getattr(_owner, _name, None)
-        if _f is not None:
-            _OPERANDS[_f] = (0, 1)
-_OPERANDS[F.scaled_dot_product_attention] = (0, 1, 2)
-_OPERANDS[F.embedding] = (1,)
-_DTYPE_FMT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+# keyword names the GEMM operands of any handled op may be passed under
+_OPERAND_KEYWORDS = tuple(dict.fromkeys(k for spec in OPERANDS.values() for _, k in spec if k != "self"))
+
+
+def _positions(func: Any, default: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The argument positions of ``func``'s GEMM operands (:data:`adaprec.engine.ops.OPERANDS`)."""
+    spec = OPERANDS.get(func)
+    return default if spec is None else tuple(i for i, _ in spec)
 _FP32_LINEAR = LinearExec(RoleCast("fp32", FP32), RoleCast("fp32", FP32), RoleCast("fp32", FP32), FP32, False)
-_OBSERVE_LINEAR = Exec("planned", FP32_EXEC.formats, FP32_EXEC.storage, linear=_FP32_LINEAR)
-_OBSERVE_OTHER = Exec("emulate", FP32_EXEC.formats, FP32_EXEC.storage)
+_OBSERVE_LINEAR = Exec(ExecMode.PLANNED, FP32_EXEC.formats, FP32_EXEC.storage, linear=_FP32_LINEAR)
+_OBSERVE_OTHER = Exec(ExecMode.EMULATE, FP32_EXEC.formats, FP32_EXEC.storage)
 
 
 def _from_compiled_graph() -> bool:
@@ -252,10 +246,9 @@ class PrecisionEngine:
         self.observer: Callable[[str, str, torch.Tensor, Any], None] | None = None
         self.on_new_site: Callable[[str], None] | None = None
         self.sampling = False
-        self.counting = True
         self.step = 0
         self.discovering = True
-        self._in_mode = False
+        self._active = False
         # observe fp32 modules on sampled steps (a policy that may narrow them needs their statistics)
         self.observe_fp32 = True
         self._calls: dict[str, int] = {}
@@ -267,22 +260,20 @@ class PrecisionEngine:
         # record backward GEMMs when they run (the controller, which runs backward, turns it on); off: at
         # forward time, as a counting pass that runs no backward needs (explain)
         self.probe_backward = False
-        self._slots: dict[int, GemmCost] | None = None
-        self._slots_pending = True
         self._swapped: dict[int, tuple[str, torch.Tensor]] = {}  # tensors functional_call swapped into modules
         self._unowned: set[int] = set()
         self._casters: dict[tuple[str, str], RecipeCaster] = {}
         self._exec_cache: dict[tuple, Exec] = {}
         self._notes: set[str] = set()
-        self._cost = StepCost()
-        self._pending: list[tuple[str, GemmCost]] = []
+        # what ran this step, GEMM by GEMM (the public seam: explain and compiled graphs record through it)
+        self.tally = StepTally(lambda name: self.sites.get(name))
         self._faults: list[tuple[str, str, Any]] = []
         self._weight_cache: dict[Any, Any] = {}
         self._cast_cache: dict[Any, torch.Tensor] = {}
         self.scratch = Scratch()
         self.noise = NoiseTable(self.seed)
         self.emulated_seen: dict[str, set[str]] = {}  # format -> modules that emulated it
-        self.tally_id, self.tally_tick = register_engine(self)
+        self.tally_id, self.tally_tick = register_recorder(self.record_traced)
         self.step_tensor = torch.zeros((), dtype=torch.int64)  # the step as compiled graphs read it
         self.map.hook(None)  # every module until the first forward pass has shown which ones run GEMMs
 
@@ -303,7 +294,7 @@ class PrecisionEngine:
         return self._index
 
     def _new_site(self, name: str, call: OpCall) -> Site:
-        kind = KIND_OF.get(call.kind, call.kind)
+        kind = call.site_kind
         site = Site(name, {kind}, has_weight_op=call.weight is not None)
         module = self.map.modules.get(name)
         if kind == "rnn":
@@ -380,7 +371,21 @@ class PrecisionEngine:
         self._region_calls.clear()
         self._weight_cache.clear()
         self._cast_cache.clear()
-        self._pending.clear()
+        self.tally.pending.clear()
+
+    @property
+    def active(self) -> bool:
+        """Whether a forward pass is running under the plan (inside :meth:`activate`)."""
+        return self._active
+
+    @property
+    def counting(self) -> bool:
+        """Whether the ops that run are counted in the step's tally."""
+        return self.tally.counting
+
+    @counting.setter
+    def counting(self, on: bool) -> None:
+        self.tally.counting = on
 
     @contextlib.contextmanager
     def activate(self, enabled: bool = True) -> Iterator[None]:
@@ -388,14 +393,14 @@ class PrecisionEngine:
         if not enabled:
             yield
             return
-        self._in_mode = True
+        self._active = True
         self.grad_ops = self.nograd_ops = 0
         self._swapped, self._unowned = {}, set()
         try:
             with _Mode(self):
                 yield
         finally:
-            self._in_mode = False
+            self._active = False
             self._swapped, self._unowned = {}, set()
             self.end_forward()
 
@@ -409,7 +414,7 @@ class PrecisionEngine:
         runs the block's modules again there; a global forward hook puts the
         engine's mode around each module run during backward.
         """
-        if self._in_mode:  # a backward inside the forward context: the mode is on already
+        if self._active:  # a backward inside the forward context: the mode is on already
             yield
             return
         depth = [0]
@@ -452,17 +457,13 @@ class PrecisionEngine:
 
     # --- accounting ---------------------------------------------------------------------
     def commit_backward(self) -> None:
-        """The backward pass ran: its GEMMs (recorded at forward time) join the step's cost."""
-        for name, g in self._pending:
-            self._entry(name).gemms.append(g)
-        self._pending.clear()
+        """The backward pass ran: its GEMMs that waited for it join the step's cost."""
+        self.tally.commit_backward()
         self._region_calls.clear()
 
     def pop_step_cost(self) -> StepCost:
         """Everything counted since the last pop; the tally starts again empty."""
-        cost, self._cost = self._cost, StepCost()
-        self._pending.clear()
-        return cost
+        return self.tally.pop()
 
     def pop_faults(self) -> list[tuple[str, str]]:
         """(module, role) whose tensors held inf/NaN when cast this step (one sync, here only)."""
@@ -475,42 +476,28 @@ class PrecisionEngine:
             out += [(m, r) for (m, r, _), b in zip(tensors, bad.tolist(), strict=True) if b]
         return sorted(set(out))
 
-    def _entry(self, name: str) -> ModuleCost:
-        mc = self._cost.modules.get(name)
-        if mc is None:
-            site = self.sites.get(name)
-            mc = self._cost.modules[name] = ModuleCost(
-                site.kind if site else "unknown", covered=site.covered if site else False,
-                reason=site.reason if site else "",
-            )
-        return mc
+    @contextlib.contextmanager
+    def apart(self) -> Iterator[StepCost]:
+        """Run passes inside under the plan, counted on their own (evaluation): the step in progress,
+        its call indices, caches, faults and sampling are left exactly as they were.
 
-    def _record(self, name: str, call: OpCall, ex: Exec, mp: ModulePrecision | None) -> None:
-        """Record the forward GEMMs now; the backward ones when they run (``self._slots``: operand position ->
-        the GEMM computing its gradient, filled here and recorded by a probe) or, without, after backward."""
-        probes, pending = self._slots, self._slots_pending
-        self._slots, self._slots_pending = None, True
-        mc = self._entry(name)
-        fwd_fmt, fwd_native = ex.formats["forward"]
-        for g in call.gemms:
-            mc.gemms.append(GemmCost("forward", g.macs, g.a_role, g.b_role, g.label, fwd_fmt, fwd_native))
-            for pos, (role, other, has) in enumerate(((g.a_role, g.b_role, g.grad_a), (g.b_role, g.a_role, g.grad_b))):
-                if has:
-                    gname = gemm_name(role)
-                    fmt, native = ex.formats[gname]
-                    cost = GemmCost(gname, g.macs, "grad_output", other, g.label, fmt, native)
-                    if probes is not None:
-                        probes[pos] = cost
-                    elif pending:
-                        self._pending.append((name, cost))
-        for role, n in call.elements.items():
-            rec = mp.recipe(role) if mp is not None else FP32
-            mc.add_traffic(role, n, ex.storage.get(role, "fp32"), rec.format, rec.scaling, rec.block_size)
-        if call.trainable:
-            gw = mp.grad_weight if mp is not None else FP32
-            mc.add_traffic("grad_weight", call.trainable, "fp32", gw.format, gw.scaling, gw.block_size)
-            opt = mp.optimizer_state if mp is not None else "fp32"
-            mc.add_traffic("optimizer_state", call.trainable, "fp32", opt)
+        Yields the cost the passes inside add up to (complete when the block exits).
+        """
+        saved = (self.sampling, self._calls, self._region_calls, self._faults, self._weight_cache, self._cast_cache)
+        self.sampling = False
+        self._calls, self._region_calls, self._faults, self._weight_cache, self._cast_cache = {}, {}, [], {}, {}
+        try:
+            with self.tally.apart() as cost:
+                yield cost
+        finally:
+            (self.sampling, self._calls, self._region_calls, self._faults, self._weight_cache,
+             self._cast_cache) = saved
+
+    def record_traced(self, name: str, call: OpCall) -> None:
+        """Record a call a compiled graph ran (:mod:`adaprec.engine.traced`), as the eager path would."""
+        if self.counting:
+            mp, ex = self.resolve(name, call.site_kind, call.weight is not None)
+            self.tally.record(name, call, ex, mp)
 
     # --- dispatch -----------------------------------------------------------------------
     def _dispatch(self, func, args, kwargs):
@@ -587,8 +574,8 @@ class PrecisionEngine:
         if kwargs or len(call.gemms) != 1 or func is torch.einsum or torch.compiler.is_compiling() \
                 or not torch.is_grad_enabled():
             return None
-        positions = _OPERANDS.get(func)
-        if positions is None or len(positions) != 2 or len(args) <= max(positions):
+        positions = _positions(func)
+        if len(positions) != 2 or len(args) <= max(positions):
             return None
         return {}
 
@@ -608,12 +595,12 @@ class PrecisionEngine:
 
     def _dispatch_call(self, func, args, kwargs, call: OpCall, name: str, region):
         site = self.sites.get(name)
-        kind = KIND_OF.get(call.kind, call.kind)
+        kind = call.site_kind
         if site is None:
             site = self._new_site(name, call)
         elif kind not in site.kinds:
             site.kinds.add(kind)
-        mp, ex = self._resolve(name, kind, call.weight is not None)
+        mp, ex = self.resolve(name, kind, call.weight is not None)
         if mp is not None and not mp.is_fp32 and any(
                 isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args[:3]):
             self.note(f"{name or '<root>'} computes in float64 and the plan narrows it to "
@@ -625,27 +612,25 @@ class PrecisionEngine:
         deferred = region is not None and region[1] == "non-reentrant" and region[2]
         if self.counting:
             if torch.compiler.is_compiling():  # the graph records it each time it runs (no side effect here)
-                tally_in_graph(self, name, func, args, kwargs)
+                tally_in_graph(self.tally_id, self.tally_tick, name, func, args, kwargs)
             elif deferred:  # its graph is never backpropagated: only its forward GEMMs run
-                real = self._real_dtype_exec(args) if ex.mode == "fp32" else ex
+                real = self._real_dtype_exec(args) if ex.mode == ExecMode.FP32 else ex
                 try:
                     out = self._execute(name, func, args, kwargs, kind, mp, ex, region, func)
                 except Exception as e:
                     # torch stops the recompute at the block's last saved tensor: torch's kernels save their
                     # inputs before they run, adaprec's own kernels save the weight after their GEMM ran
-                    if ex.mode in ("planned", "fp8") and type(e).__name__ == "_StopRecomputationError":
-                        self._slots_pending = False
-                        self._record(name, call, real, mp)
+                    if ex.mode in (ExecMode.PLANNED, ExecMode.FP8) and type(e).__name__ == "_StopRecomputationError":
+                        self.tally.record(name, call, real, mp, backward=False)
                     raise
-                self._slots_pending = False
-                self._record(name, call, real, mp)
+                self.tally.record(name, call, real, mp, backward=False)
                 return out
             else:
                 probes = self._probes(func, args, kwargs, call) if self.probe_backward else None
-                self._slots = probes
-                self._record(name, call, self._real_dtype_exec(args) if ex.mode == "fp32" else ex, mp)
+                real = self._real_dtype_exec(args) if ex.mode == ExecMode.FP32 else ex
+                self.tally.record(name, call, real, mp, backward=True if probes is None else probes)
         if probes:
-            positions = _OPERANDS[func]
+            positions = _positions(func)
             if ex.mode in ("planned", "fp8"):
                 # adaprec's own kernels run every backward GEMM autograd asked for at forward time whenever
                 # their backward runs: a hook on the output's node records them then (no view, no extra node)
@@ -665,7 +650,7 @@ class PrecisionEngine:
                 "transform (their autograd function has no vmap rule). Run the transform outside ap.autocast(), "
                 "or under a plan of bf16/fp16/fp32 modules, which run torch's own kernels"
             )
-        if ex.mode == "fp32":
+        if ex.mode == ExecMode.FP32:
             return runner(*args, **kwargs)
         if ex.emulated:
             for f in ex.emulated:
@@ -674,14 +659,14 @@ class PrecisionEngine:
                     seen.add(name)
                     self.note(self._emulation_note(f, kind))
         n_call = self._call_index(name, region)
-        if ex.mode == "planned":
+        if ex.mode == ExecMode.PLANNED:
             canon = self._canonical_linear(func, args, kwargs)
             if canon is not None:
                 return planned_linear(*canon, ex.linear, self._gemm_context(name, mp, n_call))
-            ex = _OBSERVE_OTHER if mp is None else Exec("emulate", ex.formats, ex.storage)
-        if ex.mode == "cast16":
+            ex = _OBSERVE_OTHER if mp is None else Exec(ExecMode.EMULATE, ex.formats, ex.storage)
+        if ex.mode == ExecMode.CAST16:
             return self._run_cast16(name, func, args, kwargs, mp, ex.dtype, runner)
-        if ex.mode == "fp8":
+        if ex.mode == ExecMode.FP8:
             canon = self._canonical_linear(func, args, kwargs)
             if canon is not None:
                 return fp8_linear(canon[0], canon[1], canon[2], mp)
@@ -692,15 +677,13 @@ class PrecisionEngine:
         node = out.grad_fn if isinstance(out, torch.Tensor) else None
         if node is not None:
             def pre(grad_outputs: Any) -> None:
-                if self.counting:
-                    self._entry(name).gemms.extend(costs)
+                self.tally.add(name, costs)
             node.register_prehook(pre)
         return out
 
     def _probed_record(self, name: str, cost: GemmCost) -> Callable[[], None]:
         def record() -> None:
-            if self.counting:
-                self._entry(name).gemms.append(cost)
+            self.tally.add(name, [cost])
         return record
 
     def _probe(self, name: str, a: torch.Tensor, cost: GemmCost, other: Any) -> torch.Tensor:
@@ -714,8 +697,7 @@ class PrecisionEngine:
             twice.append(dataclasses.replace(cost, gemm="weight_grad" if is_param_like(other) else "input_grad"))
 
         def second() -> None:
-            if self.counting:
-                self._entry(name).gemms.extend(twice)
+            self.tally.add(name, twice)
 
         return _GradProbe.apply(a, self._probed_record(name, cost), second)
 
@@ -723,16 +705,16 @@ class PrecisionEngine:
     def _real_dtype_exec(args) -> Exec:
         """An op outside the plan runs in its operands' own dtype: a bf16 model's GEMMs are bf16, not fp32."""
         dt = next((a.dtype for a in args[:3] if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
-        f = _DTYPE_FMT.get(dt)
-        if f is None:
+        f = format_of_dtype(dt) if dt is not None else None
+        if f is None or f == "fp32":
             return FP32_EXEC
-        return Exec("fp32", {g: (f, True) for g in FP32_EXEC.formats}, FP32_EXEC.storage)
+        return Exec(ExecMode.FP32, {g: (f, True) for g in FP32_EXEC.formats}, FP32_EXEC.storage)
 
-    def _resolve(self, name: str, kind: str, weight_op: bool) -> tuple[ModulePrecision | None, Exec]:
+    def resolve(self, name: str, kind: str, weight_op: bool) -> tuple[ModulePrecision | None, Exec]:
         """The plan's precision for an op of ``name`` (None outside the plan) and how it executes."""
         mp = self.plan.modules.get(name) if self.sites[name].covered else None
         ex = self._exec_for(name, kind, mp, weight_op)
-        if ex.mode == "fp32" and self.sampling and self.observe_fp32 and mp is not None \
+        if ex.mode == ExecMode.FP32 and self.sampling and self.observe_fp32 and mp is not None \
                 and self.observer is not None and name not in self.plan.pinned:
             ex = _OBSERVE_LINEAR if kind == "linear" else _OBSERVE_OTHER
         return mp, ex
@@ -789,7 +771,7 @@ class PrecisionEngine:
         # a stride; in a compiled graph the step is read from a tensor, so one graph serves every step
         step: Any = self.step_tensor if torch.compiler.is_compiling() else self.step
         offsets = {r: (stream_seed(self.seed, idx, _ROLE_INDEX[r], n_call) + step * _STEP_STRIDE) % NoiseTable.MAX_OFFSET
-                   for r in ("grad_output", "activation", "weight") if mp.recipe(r).rounding == "stochastic"}
+                   for r in ("grad_output", "activation", "weight") if mp.recipe(r).rounding == Rounding.STOCHASTIC}
 
         def emulate(role: str, t: torch.Tensor) -> torch.Tensor:
             return self._caster(name, role, mp.recipe(role), n_call, observe=False)(t)
@@ -819,7 +801,7 @@ class PrecisionEngine:
     def _run_cast16(self, name, func, args, kwargs, mp: ModulePrecision, dtype: torch.dtype, runner=None):
         out_dtype = next((a.dtype for a in args if _float_tensor(a)), torch.float32)
         observe = self.observer if self.sampling else None
-        positions = _OPERANDS.get(func, ())
+        positions = _positions(func)
 
         def cast(i: int, a: Any) -> Any:
             if not _float_tensor(a):
@@ -855,7 +837,7 @@ class PrecisionEngine:
             caster = self._casters[key] = RecipeCaster()
         # nearest rounding needs no seed (and a compiled graph must not depend on the step through one)
         seed = (stream_seed(self.seed, self.step, self.module_index.get(name, 0), _ROLE_INDEX[role], call)
-                if recipe.rounding == "stochastic" else 0)
+                if recipe.rounding == Rounding.STOCHASTIC else 0)
         observer = self.observer if (self.sampling and observe) else None
         fused = self.compile
         faults = self._faults
@@ -906,10 +888,10 @@ class PrecisionEngine:
             else:
                 args = [args[0], *(cast_one(t) for t in ops)]
         else:
-            for i in _OPERANDS.get(func, (0, 1)):
+            for i in _positions(func, (0, 1)):
                 if i < len(args):
                     args[i] = cast_one(args[i])
-            for k in ("input", "weight", "other", "mat1", "mat2", "query", "key", "value"):
+            for k in _OPERAND_KEYWORDS:
                 if k in kwargs:
                     kwargs[k] = cast_one(kwargs[k])
         out = (runner or func)(*args, **kwargs)

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
 
 import torch
 
 from adaprec.engine.gemm import LinearExec, RoleCast, gemm_format
+from adaprec.engine.ops import LINEAR_LIKE, OP_CLASS
+from adaprec.formats import FLOAT16_DTYPES, Rounding, Scaling, wider
+from adaprec.hardware.report import OPS
 from adaprec.plan import ModulePrecision, TensorRecipe
 
-__all__ = ["Exec", "Capabilities", "decide", "FP32_EXEC"]
+__all__ = ["Backend", "Exec", "ExecMode", "Capabilities", "decide", "FP32_EXEC", "allowed_formats"]
 
-_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,8 @@ class Capabilities:
     def from_report(cls, report) -> Capabilities:  # noqa: ANN001 - adaprec.hardware.DeviceReport
         """Capabilities from a device probe (:func:`adaprec.hardware.probe`)."""
         native, fast = {}, {}
-        for op in ("gemm", "conv", "attention"):
-            table = {"gemm": report.formats, "conv": report.conv, "attention": getattr(report, "attention", {})}[op]
+        for op in OPS:
+            table = report.table_for(op)
             native[op] = frozenset(f for f, fs in table.items() if fs.native)
             fast[op] = frozenset(report.fast_formats(op)) if table else frozenset({"fp32"})
         reasons = {f: fs.reason for f, fs in report.formats.items()}
@@ -62,11 +66,29 @@ class Capabilities:
         return fmt in self.native.get(op_class, frozenset())
 
 
+class Backend(StrEnum):
+    """Where a plan's narrow formats run (see :class:`~adaprec.AdaptivePrecision`)."""
+
+    AUTO = "auto"  # natively where the probe found the format native and faster than fp32, else emulated
+    NATIVE = "native"  # natively wherever a kernel exists, even a slow one
+    EMULATE = "emulate"  # rounded in fp32 everywhere (research mode)
+
+
+class ExecMode(StrEnum):
+    """How one op runs: the closed set the engine dispatches on."""
+
+    FP32 = "fp32"  # as the model wrote it (fp32, or its own dtype outside the plan)
+    CAST16 = "cast16"  # operands cast to bf16/fp16, the op in that dtype
+    PLANNED = "planned"  # adaprec's linear kernels: int8 `_int_mm`, bf16, per-role casts
+    FP8 = "fp8"  # `_scaled_mm` on fp8 units
+    EMULATE = "emulate"  # rounded in fp32, computed in fp32 (research mode)
+
+
 @dataclass(frozen=True)
 class Exec:
     """The decision for one op: mode, and per GEMM the (format, native) it executes in."""
 
-    mode: str  # fp32 | cast16 | planned | fp8 | emulate
+    mode: ExecMode
     formats: Mapping[str, tuple[str, bool]]
     storage: Mapping[str, str]  # role -> format the tensor is really stored in
     dtype: torch.dtype | None = None  # cast16
@@ -76,25 +98,16 @@ class Exec:
 
 _FP32_FORMATS = {"forward": ("fp32", True), "input_grad": ("fp32", True), "weight_grad": ("fp32", True)}
 _FP32_STORAGE = dict.fromkeys(("weight", "activation", "grad_output", "grad_weight", "optimizer_state"), "fp32")
-FP32_EXEC = Exec("fp32", _FP32_FORMATS, _FP32_STORAGE)
-
-
-def _wider(a: str, b: str) -> str:
-    from adaprec.formats import get
-
-    fa, fb = get(a), get(b)
-    ka = (fa.bits, int(fa.kind == "float"), fa.mbits)
-    kb = (fb.bits, int(fb.kind == "float"), fb.mbits)
-    return a if ka >= kb else b
+FP32_EXEC = Exec(ExecMode.FP32, _FP32_FORMATS, _FP32_STORAGE)
 
 
 def _uniform16(mp: ModulePrecision) -> str | None:
     """bf16/fp16 when activation, weight and output gradient all are that dtype, unscaled, to nearest."""
     rs = (mp.activation, mp.weight, mp.grad_output)
     f = rs[0].format
-    if f not in _DTYPE:
+    if f not in FLOAT16_DTYPES:
         return None
-    if all(r.format == f and r.rounding == "nearest" and r.scaling == "none" for r in rs):
+    if all(r.format == f and r.rounding == Rounding.NEAREST and r.scaling == Scaling.NONE for r in rs):
         if mp.grad_weight.format in ("fp32", f):
             return f
     return None
@@ -104,7 +117,7 @@ def _role_cast(recipe: TensorRecipe, caps: Capabilities, backend: str) -> RoleCa
     f = recipe.format
     if f == "fp32":
         return RoleCast("fp32", recipe)
-    if f in _DTYPE and recipe.scaling == "none" and recipe.rounding == "nearest" and caps.allows(f, "gemm", backend):
+    if f in FLOAT16_DTYPES and recipe.scaling == Scaling.NONE and recipe.rounding == Rounding.NEAREST and caps.allows(f, "gemm", backend):
         return RoleCast(f, recipe)
     if f == "int8" and recipe.scaling in ("tensor", "row"):
         return RoleCast("int8", recipe, per_gemm=recipe.scaling == "row")
@@ -114,13 +127,10 @@ def _role_cast(recipe: TensorRecipe, caps: Capabilities, backend: str) -> RoleCa
 def _planned_formats(mp: ModulePrecision, weight_op: bool) -> dict[str, str]:
     b = mp.weight.format if weight_op else mp.activation.format
     return {
-        "forward": _wider(mp.activation.format, b),
-        "input_grad": _wider(mp.grad_output.format, b),
-        "weight_grad": _wider(mp.grad_output.format, mp.activation.format),
+        "forward": wider(mp.activation.format, b),
+        "input_grad": wider(mp.grad_output.format, b),
+        "weight_grad": wider(mp.grad_output.format, mp.activation.format),
     }
-
-
-OP_CLASS = {"conv": "conv", "attention": "attention"}  # the probe's op class of an op kind (else "gemm")
 
 
 def decide(
@@ -134,7 +144,7 @@ def decide(
     f16 = _uniform16(mp)
     if f16 is not None and kind != "embedding" and caps.allows(f16, op_class, backend):
         storage = dict(_FP32_STORAGE, weight=f16, activation=f16, grad_output=f16)
-        return Exec("cast16", {g: (f16, True) for g in planned}, storage, dtype=_DTYPE[f16])
+        return Exec(ExecMode.CAST16, {g: (f16, True) for g in planned}, storage, dtype=FLOAT16_DTYPES[f16])
     if kind == "linear":
         if (
             caps.device_type == "cuda"
@@ -146,7 +156,7 @@ def decide(
             and all(caps.allows(f, "gemm", backend) for f in ("fp8_e4m3", mp.grad_output.format))
         ):
             storage = dict(_FP32_STORAGE, weight="fp8_e4m3", activation="fp8_e4m3", grad_output=mp.grad_output.format)
-            return Exec("fp8", {g: (f, True) for g, f in planned.items()}, storage)
+            return Exec(ExecMode.FP8, {g: (f, True) for g, f in planned.items()}, storage)
         int8_native = caps.allows("int8", "gemm", backend)
         ex = LinearExec(
             activation=_role_cast(mp.activation, caps, backend),
@@ -161,13 +171,13 @@ def decide(
             rc: RoleCast = getattr(ex, role)
             if rc.kind == "int8" and int8_native:
                 storage[role] = "int8"
-            elif rc.kind in _DTYPE:
+            elif rc.kind in FLOAT16_DTYPES:
                 storage[role] = rc.kind
         emulated = tuple(sorted({f for f, nat in formats.values() if not nat}))
-        return Exec("planned", formats, storage, linear=ex, emulated=emulated)
+        return Exec(ExecMode.PLANNED, formats, storage, linear=ex, emulated=emulated)
     formats = {g: (f, f == "fp32") for g, f in planned.items()}
     emulated = tuple(sorted({f for f, nat in formats.values() if not nat}))
-    return Exec("emulate", formats, _FP32_STORAGE, emulated=emulated)
+    return Exec(ExecMode.EMULATE, formats, _FP32_STORAGE, emulated=emulated)
 
 
 def gemm_name(role_with_grad: str) -> str:
@@ -176,3 +186,37 @@ def gemm_name(role_with_grad: str) -> str:
 
 
 __all__ += ["gemm_name", "gemm_format"]
+
+
+_CANDIDATES = frozenset({"fp32", "int8", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2"})
+
+
+def allowed_formats(
+    sites: Mapping[str, Any], caps: Capabilities, backend: str
+) -> tuple[dict[str, frozenset[str]] | None, set[str]]:
+    """The hardware filter: per covered module, the formats this device runs natively (and, under
+    ``auto``, faster than fp32) for every op kind the module runs; and the modules whose kernels need
+    activation, weight and output gradient in one format (every kind but linear).
+
+    ``None`` under ``backend="emulate"`` (research mode: any format, emulated). Policies choose only
+    among these (:meth:`adaprec.policies.Policy.restrict`); explain shows them.
+    """
+    if backend == "emulate":
+        return None, set()
+    table = caps.native if backend == "native" else caps.fast
+    allowed: dict[str, frozenset[str]] = {}
+    coupled: set[str] = set()
+    for name, site in sites.items():
+        if not site.covered:
+            continue
+        fmts = set(_CANDIDATES)
+        for kind in site.kinds:
+            fmts &= set(table.get(OP_CLASS.get(kind, "gemm"), ()))
+            if kind not in LINEAR_LIKE:  # their kernels cast to one 16-bit dtype (no int8 path)
+                fmts &= set(FLOAT16_DTYPES)
+            if kind == "embedding":
+                fmts = set()
+        if site.kinds - LINEAR_LIKE:
+            coupled.add(name)
+        allowed[name] = frozenset(fmts | {"fp32"})
+    return allowed, coupled

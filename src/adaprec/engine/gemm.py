@@ -34,11 +34,11 @@ from typing import Any
 import torch
 
 from adaprec.engine.quant import Int8Operand, NoiseTable, Scratch, quantize_int8
+from adaprec.formats import FLOAT16_DTYPES, Rounding, wider
 from adaprec.plan import TensorRecipe
 
 __all__ = ["RoleCast", "LinearExec", "GemmContext", "planned_linear", "gemm_format"]
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -51,26 +51,19 @@ class RoleCast:
 
     @property
     def stochastic(self) -> bool:
-        return self.recipe.rounding == "stochastic"
-
-
-def _rank(fmt: str) -> tuple[int, int, int]:
-    from adaprec.formats import get
-
-    f = get(fmt)
-    return (f.bits, int(f.kind == "float"), f.mbits)
+        return self.recipe.rounding == Rounding.STOCHASTIC
 
 
 def gemm_format(a: RoleCast, b: RoleCast, int8_native: bool) -> tuple[str, bool]:
     """The format one GEMM executes in, and whether natively (the wider operand's format)."""
     fa, fb = a.recipe.format, b.recipe.format
-    fmt = fa if _rank(fa) >= _rank(fb) else fb
+    fmt = wider(fa, fb)
     if fmt == "fp32":
         return "fp32", True
     if a.kind == b.kind == "int8":
         return "int8", int8_native
     kinds = {a.kind, b.kind}
-    if fmt in _DTYPES and kinds <= {"int8", "bf16", "fp16"}:
+    if fmt in FLOAT16_DTYPES and kinds <= {"int8", "bf16", "fp16"}:
         return fmt, True
     return fmt, False
 
@@ -134,8 +127,8 @@ def _int8(x: torch.Tensor, rc: RoleCast, dim: int | None, ctx: GemmContext, role
 def _cast(x: torch.Tensor, rc: RoleCast, dim: int | None, ctx: GemmContext, role: str) -> _Operand:
     if rc.kind == "int8":
         return _Operand(_int8(x, rc, dim, ctx, role), None)
-    if rc.kind in _DTYPES:
-        return _Operand(None, x.to(_DTYPES[rc.kind]))
+    if rc.kind in FLOAT16_DTYPES:
+        return _Operand(None, x.to(FLOAT16_DTYPES[rc.kind]))
     if rc.kind == "emulate":
         return _Operand(None, ctx.emulate(role, x))
     return _Operand(None, x)
@@ -207,7 +200,7 @@ def _mm(a: _Operand, at: bool, b: _Operand, bt: bool, fmt: str, native: bool, sc
             return torch.mul(c, ia * ib)
         out = torch.mul(c, ia)
         return out.mul_(ib)
-    dtype = _DTYPES.get(fmt, torch.float32) if native else torch.float32
+    dtype = FLOAT16_DTYPES.get(fmt, torch.float32) if native else torch.float32
     c = torch.mm(_as_float(a, dtype, at), _as_float(b, dtype, bt))
     return c if c.dtype == torch.float32 else c.float()
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OpCall", "OpGemm", "describe", "HANDLED", "LINEAR_LIKE", "KIND_OF"]
+__all__ = ["OpCall", "OpGemm", "describe", "operands", "HANDLED", "LINEAR_LIKE", "KIND_OF", "OP_CLASS", "OPERANDS"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,12 @@ class OpCall:
     # elements read or written per role, forward and backward (bytes = elements x storage bits)
     elements: dict[str, int] = field(default_factory=dict)
     trainable: int = 0  # elements of trainable parameters used (grad_weight, optimizer state)
+    shapes: tuple[tuple[int, ...], ...] = ()  # the GEMM operands' shapes, in operand order
+
+    @property
+    def site_kind(self) -> str:
+        """The kind as plans, sites and the probe know it (``conv_transpose`` is ``conv``, ``sdpa`` is ``attention``)."""
+        return KIND_OF.get(self.kind, self.kind)
 
     @property
     def macs(self) -> int:
@@ -545,10 +551,44 @@ _DESCRIBE: dict[Any, Callable[..., OpCall | None]] = {f: d for fs, d in _TABLE f
 HANDLED: frozenset[Any] = frozenset(_DESCRIBE)
 # ops whose weight operand the planned-GEMM kernels (int8, bf16) can run natively
 LINEAR_LIKE = frozenset({"linear"})
+
+
+# the op kind as the plan and the probe know it (conv and conv_transpose are one kind; sdpa is attention)
 KIND_OF = {
     "linear": "linear", "matmul": "matmul", "conv": "conv", "conv_transpose": "conv",
     "einsum": "einsum", "sdpa": "attention", "mha": "mha", "embedding": "embedding", "rnn": "rnn",
 }
+# the probe's op class of a site kind (its speed tables: gemm, conv, attention)
+OP_CLASS = {"conv": "conv", "attention": "attention"}
+
+# The one operand table: per op, the (position, keyword) of each tensor its GEMMs multiply. einsum
+# (absent): every tensor after the equation.
+_INPUT_WEIGHT = ((0, "input"), (1, "weight"))
+_QKV = ((0, "query"), (1, "key"), (2, "value"))
+_OPERAND_SPECS: list[tuple[list[Any], tuple[tuple[int, str], ...]]] = [
+    ([F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+      F.embedding], _INPUT_WEIGHT),
+    (_funcs("torch.addmm", "torch.Tensor.addmm"), ((1, "mat1"), (2, "mat2"))),
+    (_funcs("torch.baddbmm", "torch.Tensor.baddbmm"), ((1, "batch1"), (2, "batch2"))),
+    (_funcs("torch.matmul", "torch.Tensor.matmul", "torch.Tensor.__matmul__"), ((0, "input"), (1, "other"))),
+    (_funcs("torch.Tensor.__rmatmul__"), ((0, "self"), (1, "other"))),
+    (_funcs("torch.mm", "torch.Tensor.mm", "torch.bmm", "torch.Tensor.bmm"), ((0, "input"), (1, "mat2"))),
+    ([F.scaled_dot_product_attention, F.multi_head_attention_forward], _QKV),
+    (_funcs("torch.lstm", "torch.gru", "torch.rnn_tanh", "torch.rnn_relu"), ((0, "input"),)),
+]
+OPERANDS: dict[Any, tuple[tuple[int, str], ...]] = {f: spec for fs, spec in _OPERAND_SPECS for f in fs}
+
+
+def operands(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors ``func``'s GEMMs multiply, in operand order (einsum: every tensor after the equation)."""
+    spec = OPERANDS.get(func)
+    if spec is None:
+        found: list[Any] = []
+        for a in list(args[1:]) + list(kwargs.values()):
+            found += list(a) if isinstance(a, (list, tuple)) else [a]
+    else:
+        found = [args[i] if len(args) > i else kwargs.get(key) for i, key in spec]
+    return [t for t in found if isinstance(t, torch.Tensor)]
 
 
 def describe(func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None) -> OpCall | None:
@@ -556,7 +596,11 @@ def describe(func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None) -> O
     d = _DESCRIBE.get(func)
     if d is None:
         return None
+    kwargs = kwargs or {}
     try:
-        return d(args, kwargs or {})
+        call = d(args, kwargs)
     except (TypeError, ValueError, IndexError, RuntimeError):
         return None  # an unusual call signature: run it, count it as unknown (the engine notes it)
+    if call is not None:
+        call.shapes = tuple(tuple(t.shape) for t in operands(func, args, kwargs))
+    return call

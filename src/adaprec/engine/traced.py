@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import json
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from adaprec.engine.ops import HANDLED, KIND_OF, describe
+from adaprec.engine.ops import HANDLED, OpCall, describe
 
-if TYPE_CHECKING:
-    from adaprec.engine.engine import PrecisionEngine
+__all__ = ["register_recorder", "tally_in_graph"]
 
-__all__ = ["register_engine", "tally_in_graph"]
-
-_ENGINES: weakref.WeakValueDictionary[int, PrecisionEngine] = weakref.WeakValueDictionary()
+# recorder id -> (module name, call) -> None; a bound method, held weakly (an engine that is gone records nothing)
+_RECORDERS: dict[int, weakref.WeakMethod] = {}
 _NEXT_ID = [0]
 # the handled ops by index, so a traced call names its op by a constant
 _FUNCS: list[Any] = sorted(HANDLED, key=lambda f: (getattr(f, "__module__", "") or "", getattr(f, "__qualname__", repr(f))))
@@ -35,11 +34,13 @@ _FUNC_INDEX: dict[Any, int] = {f: i for i, f in enumerate(_FUNCS)}
 _PARSED: dict[str, tuple[int, str, int, bool, list]] = {}
 
 
-def register_engine(engine: PrecisionEngine) -> tuple[int, torch.Tensor]:
-    """An id for ``engine`` that a graph can carry as a constant, and the tensor its tallies tick."""
+def register_recorder(record: Callable[[str, OpCall], None]) -> tuple[int, torch.Tensor]:
+    """An id for ``record`` (a bound method: the engine's) that a graph can carry as a constant, and the
+    tensor its tallies tick."""
     _NEXT_ID[0] += 1
-    _ENGINES[_NEXT_ID[0]] = engine
-    return _NEXT_ID[0], torch.zeros((), dtype=torch.int64)
+    key = _NEXT_ID[0]
+    _RECORDERS[key] = weakref.WeakMethod(record, lambda _ref: _RECORDERS.pop(key, None))  # type: ignore[arg-type]
+    return key, torch.zeros((), dtype=torch.int64)
 
 
 def _skeleton(args: tuple, kwargs: dict) -> tuple[list, list[torch.Tensor]]:
@@ -79,21 +80,21 @@ def _rebuild(skeleton: list, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
 
 @torch.library.custom_op("adaprec::tally", mutates_args=("tick",))
 def _tally(tick: torch.Tensor, operands: list[torch.Tensor], meta: str) -> None:
-    """Record one traced op's cost in its engine's ledger (runs each time the graph runs)."""
+    """Record one traced op's cost in its recorder's tally (runs each time the graph runs)."""
     tick.add_(1)
     parsed = _PARSED.get(meta)
     if parsed is None:
         parsed = _PARSED[meta] = tuple(json.loads(meta))  # type: ignore[assignment]
-    engine_id, name, func_index, grad, skeleton = parsed
-    engine = _ENGINES.get(engine_id)
-    if engine is None or not engine.counting:
+    recorder_id, name, func_index, grad, skeleton = parsed
+    ref = _RECORDERS.get(recorder_id)
+    record = ref() if ref is not None else None
+    if record is None:
         return
     with torch.set_grad_enabled(grad):  # as the traced op saw it: it decides which gradient GEMMs run
         args, kwargs = _rebuild(skeleton, [t.detach() for t in operands])
         call = describe(_FUNCS[func_index], args, kwargs)
     if call is not None:
-        mp, ex = engine._resolve(name, KIND_OF.get(call.kind, call.kind), call.weight is not None)
-        engine._record(name, call, ex, mp)
+        record(name, call)
 
 
 @_tally.register_fake
@@ -101,8 +102,8 @@ def _(tick: torch.Tensor, operands: list[torch.Tensor], meta: str) -> None:
     return None
 
 
-def tally_in_graph(engine: PrecisionEngine, name: str, func: Any, args: tuple, kwargs: dict) -> None:
+def tally_in_graph(recorder_id: int, tick: torch.Tensor, name: str, func: Any, args: tuple, kwargs: dict) -> None:
     """Called while ``torch.compile`` traces an op: put the op's ledger entry into the graph."""
     skeleton, tensors = _skeleton(tuple(args), dict(kwargs))
-    meta = _meta(engine.tally_id, name, _FUNC_INDEX[func], torch.is_grad_enabled(), skeleton)
-    torch.ops.adaprec.tally(engine.tally_tick, [t.detach() for t in tensors], meta)
+    meta = _meta(recorder_id, name, _FUNC_INDEX[func], torch.is_grad_enabled(), skeleton)
+    torch.ops.adaprec.tally(tick, [t.detach() for t in tensors], meta)

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from adaprec import errors as _errors
-from adaprec.distributed import NullStore, RankRun
 from adaprec.errors import (
     AdaprecError,
     CheckpointError,
@@ -33,6 +32,7 @@ from adaprec.errors import (
     TrainingUnstableError,
 )
 from adaprec.experiments.config import ExperimentConfig, PolicySpec
+from adaprec.experiments.ranks import NullStore, RankRun
 from adaprec.experiments.store import DB_NAME, ResultStore, remove_stale_temp_files
 from adaprec.experiments.tasks import Task, get_task
 from adaprec.integrations.logging import RunLoggers, check_available

@@ -1,8 +1,19 @@
 """Number formats and their emulation: registry, rounding, scaling, loss scaling."""
 
 from adaprec.formats.loss_scaling import DynamicLossScaler
+from adaprec.formats.modes import SCALINGS, Rounding, Scaling
 from adaprec.formats.quantize import ROUNDING_MODES, compiled, quantize, quantize_each
-from adaprec.formats.registry import Format, get, is_registered, names, register
+from adaprec.formats.registry import (
+    FLOAT16_DTYPES,
+    Format,
+    format_of_dtype,
+    get,
+    is_registered,
+    names,
+    register,
+    wider,
+    width_key,
+)
 from adaprec.formats.scaling import (
     MX_FORMATS,
     CurrentScaler,
@@ -20,10 +31,17 @@ __all__ = [
     "names",
     "register",
     "is_registered",
+    "width_key",
+    "FLOAT16_DTYPES",
+    "wider",
+    "format_of_dtype",
     "quantize",
     "quantize_each",
     "compiled",
     "ROUNDING_MODES",
+    "Rounding",
+    "Scaling",
+    "SCALINGS",
     "CurrentScaler",
     "DelayedScaler",
     "ScalingError",

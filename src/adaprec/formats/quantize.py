@@ -29,11 +29,11 @@ from typing import Any
 import torch
 
 from adaprec.errors import RoundingError
+from adaprec.formats.modes import ROUNDING_MODES
 from adaprec.formats.registry import Format, get
 
 __all__ = ["quantize", "quantize_each", "compiled", "ROUNDING_MODES"]
 
-ROUNDING_MODES = ("nearest", "stochastic")
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -248,3 +249,34 @@ def get(name: str | Format) -> Format:
         f"unknown number format {name!r}. Known formats: {known}; or spell one as "
         "'eXmY' (e.g. 'e3m4'), 'intN' (e.g. 'int6') or 'fixedN_F' (e.g. 'fixed16_8')."
     )
+
+
+# the 16-bit float formats torch computes in natively (a dtype of their own), by name
+FLOAT16_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def width_key(fmt: str | Format | Any) -> tuple[int, int, int]:
+    """Sort key of "wider", the one rule policies, engine and ledger share.
+
+    More storage bits is wider. At equal bits a float format ranks above
+    fixed point: it carries its own dynamic range where fixed point needs a
+    scale for it, so a guard widening an int8 role that overflowed moves
+    towards fp8, never the other way. Then more mantissa bits (bf16 < fp16).
+    Accepts a name, a :class:`Format`, or anything with a ``.format`` name
+    (a plan's recipe).
+    """
+    f = get(fmt if isinstance(fmt, (str, Format)) else fmt.format)
+    return (f.bits, int(f.kind == "float"), f.mbits)
+
+
+def wider(a: str, b: str) -> str:
+    """The wider of two format names by :func:`width_key` (``a`` on a tie): what a mixed-operand GEMM runs in."""
+    return a if width_key(a) >= width_key(b) else b
+
+
+def format_of_dtype(dtype: torch.dtype) -> str | None:
+    """The registered format a torch dtype stores exactly (``torch.bfloat16`` -> ``"bf16"``), or None."""
+    for f in _REGISTRY.values():
+        if f.torch_dtype == dtype and f.kind == "float":
+            return f.name
+    return None

@@ -109,7 +109,7 @@ class DeviceReport:
         object.__setattr__(self, "flags", tuple(self.flags))
         object.__setattr__(self, "notes", tuple(self.notes))
 
-    def _table_for(self, op: str) -> Mapping[str, FormatSupport]:
+    def table_for(self, op: str) -> Mapping[str, FormatSupport]:
         if op == "gemm":
             return self.formats
         if op == "conv":
@@ -120,7 +120,7 @@ class DeviceReport:
 
     def is_native(self, fmt: str, op: str = "gemm") -> bool:
         """Whether ``fmt`` runs natively (and correctly) here for ``op``; unlisted formats are not."""
-        fs = self._table_for(op).get(fmt)
+        fs = self.table_for(op).get(fmt)
         return bool(fs and fs.native)
 
     def fast_formats(self, op: str = "gemm") -> tuple[str, ...]:
@@ -129,7 +129,7 @@ class DeviceReport:
         fp32 is always included (last), so a policy always has somewhere to go.
         Formats that were not measured (sweep="none") are not offered.
         """
-        table = self._table_for(op)
+        table = self.table_for(op)
         out = []
         for fmt in FORMATS:
             if fmt == "fp32":
@@ -152,7 +152,7 @@ class DeviceReport:
             lines.append(f"flags: {' '.join(self.flags)}")
         lines.extend(f"note: {n}" for n in self.notes)
         for op, title in (("gemm", "GEMM"), ("conv", "conv2d fwd+bwd"), ("attention", "attention fwd+bwd")):
-            table = self._table_for(op)
+            table = self.table_for(op)
             if not table:
                 continue
             lines += [

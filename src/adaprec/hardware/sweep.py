@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from adaprec.formats import FLOAT16_DTYPES
+
 __all__ = [
     "ATTENTION_KERNEL",
     "CONV_FORMATS",
@@ -60,7 +62,7 @@ NOISY_SPREAD = 1.5
 _ATTEMPTS = 2
 _REPEATS = {"full": 5, "quick": 3, "none": 0}
 _CHECK_SHAPE: Shape = (64, 128, 64)  # small; meets _int_mm (M > 16, K, N % 8) and _scaled_mm (% 16) rules
-_FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_FLOAT_DTYPES = {"fp32": torch.float32, **FLOAT16_DTYPES}
 _FP8_OUT = torch.bfloat16  # the output type every _scaled_mm build accepts
 
 

@@ -28,17 +28,16 @@ over steps, as in the HTML report) as an image ``precision/heatmap``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from adaprec.energy.ledger import saving_fraction
 from adaprec.errors import MissingExtraError
+from adaprec.extras import require
 from adaprec.formats import get
 from adaprec.plan import ROLES, PrecisionPlan
 from adaprec.timeline import Timeline, TimelineEvent
@@ -90,17 +89,6 @@ class ExperimentLogger(Protocol):
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush and release the backend; the run ends with ``status``."""
-
-
-def require(module: str, extra: str, what: str) -> ModuleType:
-    """Import ``module`` or say which ``adaprec[extra]`` to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise MissingExtraError(
-            f"{what} needs the {extra!r} package, which cannot be imported ({e}); "
-            f"install it with: pip install 'adaprec[{extra}]'"
-        ) from None
 
 
 def check_available(names: Sequence[str]) -> None:

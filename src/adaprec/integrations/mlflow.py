@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-from adaprec.integrations.logging import require
+from adaprec.extras import require
 
 __all__ = ["MlflowLogger"]
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adaprec.integrations.logging import require
+from adaprec.extras import require
 
 __all__ = ["TensorBoardLogger"]
 

@@ -4,9 +4,12 @@ The engine calls :meth:`HealthMonitor.observe_tensor` for every tensor it
 casts on a sampled step; the controller adds gradients and the loss, then
 asks for a :class:`Snapshot`. Observations only accumulate tensors on the
 device; the one host sync happens in :meth:`snapshot`, so the hot path
-never waits on the GPU. Under ``torch.distributed`` the accumulated sums
-are all-reduced first (:meth:`reduce_distributed`) so every rank sees the
-same snapshot and its policy takes the same decision.
+never waits on the GPU. Under ``torch.distributed`` the controller's rank
+reducer (:class:`adaprec.controller.reducer.RankReducer`) carries the
+accumulated sums in the step's one collective (:meth:`HealthMonitor.pack`,
+then :meth:`HealthMonitor.unpack`) so every rank sees the same snapshot and
+its policy takes the same decision. :meth:`reduce_distributed` does the same
+with its own all-reduces, for a monitor used without the controller.
 """
 
 from __future__ import annotations

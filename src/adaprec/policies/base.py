@@ -35,15 +35,25 @@ class Policy(ABC):
     Subclasses implement :meth:`decide` (and :meth:`initial_plan` when they
     do not start from the template as is), keep all state that decisions
     depend on in :meth:`state_dict`, and fill ``last_reasons``.
+
+    Besides the plan, each :meth:`decide` leaves a verdict the controller
+    reads: ``rollback_requested`` (undo the step just taken: put back the
+    weights and optimizer state from before it) and ``incident`` (what was
+    seen, for the step's reason and the timeline; None when nothing was).
+    A policy that may ask for a rollback sets ``may_roll_back``: only then
+    does the controller keep a pre-step copy (it costs memory).
     """
 
     name: str = "policy"
+    may_roll_back: bool = False
 
     def __init__(self) -> None:
         self.template: PrecisionPlan | None = None
         self.total_steps: int | None = None
         self.steps_per_epoch: int | None = None
         self.last_reasons: dict[tuple[str, str], str] = {}
+        self.rollback_requested = False  # the verdict of the last decide(): undo the step just taken
+        self.incident: str | None = None  # and what was seen (None: nothing)
         # module -> formats this device executes natively and faster than fp32 (None: unrestricted)
         self.allowed: dict[str, frozenset[str]] | None = None
         # modules whose activation, weight and output gradient must share one format (their native kernels need it)

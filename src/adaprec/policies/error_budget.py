@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from adaprec.errors import PlanError, PolicyError, UnknownFormatError
-from adaprec.formats import get
+from adaprec.formats import get, width_key
 from adaprec.monitor.snapshot import Snapshot, TensorStats
 from adaprec.plan import ROLES, PrecisionPlan, preset
 from adaprec.policies.base import Policy, _check_keys
-from adaprec.policies.ladder import GRAD_ROLES, recipe_for, width_rank
+from adaprec.policies.ladder import GRAD_ROLES, recipe_for
 
 __all__ = ["ErrorBudgetPolicy", "DEFAULT_TARGETS", "DEFAULT_LADDERS"]
 
@@ -231,9 +231,9 @@ class ErrorBudgetPolicy(Policy):
     def _position(self, ladder: tuple[str, ...], fmt: str) -> int:
         if fmt in ladder:
             return ladder.index(fmt)
-        rank = width_rank(fmt)
+        rank = width_key(fmt)
         for i, f in enumerate(ladder):
-            if width_rank(f) >= rank:
+            if width_key(f) >= rank:
                 return i
         return len(ladder) - 1
 
@@ -294,7 +294,7 @@ class ErrorBudgetPolicy(Policy):
     def _couple(self, module: str, mp, old, reasons: dict) -> Any:  # noqa: ANN001
         """Activation, weight and output gradient in the widest of the three (their kernel runs one dtype)."""
         roles = ("activation", "weight", "grad_output")
-        widest = max((mp.recipe(r).format for r in roles), key=width_rank)
+        widest = max((mp.recipe(r).format for r in roles), key=width_key)
         for r in roles:
             if mp.recipe(r).format != widest:
                 mp = mp.with_role(r, recipe_for(widest, r, mp.recipe(r)))

@@ -20,10 +20,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from adaprec.errors import CheckpointError, PolicyError, TrainingUnstableError
+from adaprec.formats import width_key
 from adaprec.monitor.snapshot import Snapshot
 from adaprec.plan import ROLES, ModulePrecision, PrecisionPlan, preset
 from adaprec.policies.base import Policy, _check_keys
-from adaprec.policies.ladder import widen_module, width_rank
+from adaprec.policies.ladder import widen_module
 
 __all__ = ["Guard"]
 
@@ -44,6 +45,8 @@ class Guard(Policy):
             in more than this fraction of values is an incident.
         min_history: losses the trend must have seen before spikes count.
     """
+
+    may_roll_back = True
 
     def __init__(
         self,
@@ -79,8 +82,6 @@ class Guard(Policy):
         self.floor: dict[str, ModulePrecision] = {}
         self.last_incident_step: int | None = None
         self.consecutive = 0
-        self.rollback_requested = False
-        self.incident: str | None = None
         self.skips: list[int] = []  # steps of the current run of consecutive inf/NaN steps
         self.fp32_skips: list[int] = []  # those of them taken with every adjustable module in fp32
 
@@ -163,7 +164,7 @@ class Guard(Policy):
                     mp = plan.get(module)
                     merged = mp
                     for role in ROLES:
-                        if width_rank(floor.recipe(role)) > width_rank(mp.recipe(role)):
+                        if width_key(floor.recipe(role)) > width_key(mp.recipe(role)):
                             merged = merged.with_role(role, floor.recipe(role))
                     if merged != mp and module not in template.pinned:
                         plan = plan.with_module(module, merged)

@@ -6,11 +6,11 @@ Kept apart so every policy and the guard agree on what "one rung wider" and
 
 from __future__ import annotations
 
-from adaprec.formats import get
+from adaprec.formats import Rounding, Scaling, get
 from adaprec.monitor.stats import candidate_scaling
 from adaprec.plan import ROLES, ModulePrecision, TensorRecipe
 
-__all__ = ["recipe_for", "widen_recipe", "widen_module", "fixed_point_module", "width_rank", "GRAD_ROLES"]
+__all__ = ["recipe_for", "widen_recipe", "widen_module", "fixed_point_module", "GRAD_ROLES"]
 
 GRAD_ROLES = ("grad_output", "grad_weight")
 
@@ -26,15 +26,9 @@ def recipe_for(fmt: str, role: str, current: TensorRecipe | None = None) -> Tens
     cur_scaling = current.scaling if current is not None else "none"
     scaling = candidate_scaling(name, cur_scaling)
     narrow = get(name).bits < 16
-    rounding = "stochastic" if (role in GRAD_ROLES and narrow) else "nearest"
+    rounding = Rounding.STOCHASTIC if (role in GRAD_ROLES and narrow) else Rounding.NEAREST
     block = current.block_size if current is not None else 32
     return TensorRecipe(name, rounding=rounding, scaling=scaling, block_size=block)
-
-
-def width_rank(recipe: TensorRecipe | str) -> tuple[int, int]:
-    """Sort key: wider (more bits, then more mantissa) is larger."""
-    f = get(recipe.format if isinstance(recipe, TensorRecipe) else recipe)
-    return (f.bits, f.mbits)
 
 
 def widen_recipe(recipe: TensorRecipe, role: str) -> TensorRecipe | None:
@@ -84,6 +78,6 @@ def fixed_point_module(fwd_bits: int, bwd_bits: int | None, grad_weight: str = "
     if bwd_bits is None:
         go = TensorRecipe("fp32")
     else:
-        go = TensorRecipe(f"int{bwd_bits}", rounding="stochastic", scaling="tensor")
+        go = TensorRecipe(f"int{bwd_bits}", rounding=Rounding.STOCHASTIC, scaling=Scaling.TENSOR)
     gw = recipe_for(grad_weight, "grad_weight")
     return ModulePrecision(weight=fwd, activation=fwd, grad_output=go, grad_weight=gw)

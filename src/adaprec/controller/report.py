@@ -1,0 +1,43 @@
+"""The controller's report: what ran, what changed, what it cost, in a few lines a person reads."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adaprec.controller.adaptive import AdaptivePrecision
+
+__all__ = ["report_lines"]
+
+
+def report_lines(ap: AdaptivePrecision) -> list[str]:
+    """Coverage, native formats, precision changes, time and energy, from the controller's parts."""
+    s = ap.energy.summary()
+    world = s.get("world_size", 1)
+    device = ap.hardware.name if ap.hardware is not None else "not probed"
+    lines = [
+        f"adaprec: {ap.step_count} steps, policy {ap.policy.name}, backend {ap.engine.backend}",
+        f"plan now: {ap.plan.summary()}",
+        f"coverage: {100 * s['coverage']:.1f} % of {s['macs']:,} MACs under the plan"
+        + "".join(f"\n  fp32, not covered: {m or '<root>'}: {why}" for m, why in s["uncovered"].items()),
+        "ran natively: " + (", ".join(s["native_formats"]) or "fp32 only")
+        + (f"; emulated: {', '.join(s['emulated_formats'])}" if s["emulated_formats"] else ""),
+        f"narrow MACs (run natively below 32 bits): {100 * s['narrow_mac_fraction']:.1f} %"
+        + (f"; emulated: {100 * s['emulated_mac_fraction']:.1f} %" if s["emulated_mac_fraction"] else ""),
+        f"precision changes recorded: {len(ap.timeline.events)}",
+        f"world size: {world}"
+        + (" (statistics reduced over ranks before every decision; MACs, energy and wall time summed over "
+           "ranks)" if world > 1 else ""),
+        f"device: {device}; allocator: {ap.allocator}",
+        (f"wall time, measured: {s['wall_s']:.3f} s over {s['timed_steps']} steps" if s["wall_s"] is not None
+         else "wall time: not measured"),
+        f"energy, {s['kind']['modeled_j']}: {s['modeled_j']:.4g} J; fp32 would be {s['fp32_modeled_j']:.4g} J"
+        f" (saving {100 * (s['saving_vs_fp32'] or 0):.1f} %), static bf16 {s['bf16_modeled_j']:.4g} J",
+        "measured: "
+        + (f"{s['measured_j']:.4g} J" if s.get("measured_j") is not None else f"n/a ({s.get('measured_reason')})"),
+    ]
+    sim = s.get("simulated")
+    if sim:
+        lines.append(f"{sim['label']}: {sim['modeled_j']:.4g} J vs fp32 {sim['fp32_modeled_j']:.4g} J "
+                     f"(saving {100 * sim['saving_vs_fp32']:.1f} %)")
+    return lines

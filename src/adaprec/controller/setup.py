@@ -1,0 +1,167 @@
+"""Setting the policy up for the modules the model really runs: discovery, pins, the hardware filter.
+
+The first forward pass finds the modules that run GEMMs (or :meth:`prepare`
+does, with an example batch); each one found before the first decision sets
+the policy up again with it. Pins are matched with the plan's one rule
+(:func:`adaprec.plan.pin_matches`), formats are filtered by what this device
+runs (:func:`adaprec.engine.execution.allowed_formats`).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaprec.controller.config import ControllerConfig
+from adaprec.distributed import alias_fsdp_params, fsdp_modules
+from adaprec.engine import Capabilities, PrecisionEngine
+from adaprec.engine.allocator import tune_cpu_allocator
+from adaprec.engine.execution import allowed_formats
+from adaprec.engine.sites import unwrap
+from adaprec.errors import PlanError, UsageError
+from adaprec.hardware import DeviceReport, probe
+from adaprec.monitor import HealthMonitor
+from adaprec.plan import ModulePrecision, PrecisionPlan, pin_matches
+from adaprec.policies import Policy
+from adaprec.timeline import Timeline
+
+__all__ = ["PlanSetup", "build_engine", "probe_for", "loss_scaling_needed"]
+
+_WIDE_GRAD_FORMATS = {"fp32", "tf32", "bf16"}
+
+
+def probe_for(model: nn.Module, hardware: Any, backend: str) -> DeviceReport | None:
+    """The device report policies choose formats from (None: no native narrow format)."""
+    if isinstance(hardware, DeviceReport):
+        return hardware
+    if hardware is None or hardware == "none":
+        return None
+    if hardware != "auto":
+        raise UsageError(f"hardware must be 'auto', None or an adaprec.hardware.DeviceReport, got {hardware!r}")
+    if backend == "emulate":
+        return None
+    return probe(next((p.device for p in model.parameters()), torch.device("cpu")))
+
+
+def build_engine(model: nn.Module, config: ControllerConfig, reducer: Any) -> tuple[PrecisionEngine, Any, str]:
+    """The engine for ``model`` on this device: (engine, the device report every rank shares, the allocator's note)."""
+    report = reducer.share_report(lambda: probe_for(model, config.hardware, config.backend))
+    allocator = "glibc defaults (tune_allocator=False)"
+    if config.tune_allocator and config.backend != "emulate" and not any(p.is_cuda for p in model.parameters()):
+        allocator = tune_cpu_allocator()[1]
+    caps = Capabilities.from_report(report) if report is not None else Capabilities()
+    engine = PrecisionEngine(model, backend=config.backend, module_filter=config.module_filter, seed=config.seed,
+                             compile=config.compile, capabilities=caps)
+    inner = unwrap(model)
+    if fsdp_modules(inner):  # FSDP2: the forward sees all-gathered parameters; tell the site map whose
+        alias_fsdp_params(engine.map.owners, engine.map.names, inner)
+    engine.probe_backward = True  # backward GEMMs go into the ledger as they run
+    return engine, report, allocator
+
+
+@functools.lru_cache(maxsize=64)
+def loss_scaling_needed(plan: PrecisionPlan) -> bool:
+    """Whether ``plan`` has an output gradient in a narrow format with no per-tensor scaling (e.g. fp16)."""
+    return any(mp.grad_output.scaling == "none" and mp.grad_output.format not in _WIDE_GRAD_FORMATS
+               for mp in plan.modules.values())
+
+
+class PlanSetup:
+    """The template plan (every module that runs GEMMs, pins applied) and the policy set up for it."""
+
+    def __init__(self, config: ControllerConfig, engine: PrecisionEngine, policy: Policy,
+                 monitor: HealthMonitor, timeline: Timeline) -> None:
+        self.config, self.engine, self.policy, self.monitor, self.timeline = config, engine, policy, monitor, timeline
+        self.template = PrecisionPlan()
+        self.decided = False  # no decision yet: discovery may still set the policy up again
+        self.finalized = False
+        engine.set_plan(policy.setup(self.template, *config.run_length))
+
+    def discover(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """:meth:`AdaptivePrecision.prepare`: one forward pass finds the modules (before any decision)."""
+        if self.decided:
+            raise UsageError(
+                "prepare() must come before the first ap.step(): the plan's modules are fixed once a step has "
+                "run. A module that first ran later runs fp32; to put it under the plan, build a new "
+                "AdaptivePrecision and call ap.prepare(example_batch) before its first step"
+            )
+        if not args and not kwargs and not self.engine.sites:
+            raise UsageError("prepare() needs an example batch: ap.prepare(x) runs model(x) once to find its GEMMs")
+        if args or kwargs:
+            self.engine.discover(*args, **kwargs)
+
+    def allowed(self) -> tuple[dict[str, frozenset[str]] | None, set[str]]:
+        """Per module, the formats this device runs natively and faster (None: research mode, any format)."""
+        if self.config.target is not None:
+            return None, set()
+        return allowed_formats(self.engine.sites, self.engine.caps, self.engine.backend)
+
+    def pins(self) -> dict[str, str | ModulePrecision]:
+        """Embeddings pinned to fp32 (unless ``quantize_embeddings``), then the user's pins that match a module."""
+        names = list(self.engine.kinds)
+        pins: dict[str, str | ModulePrecision] = {}
+        if not self.config.quantize_embeddings:
+            pins.update({n: "fp32" for n, s in self.engine.sites.items() if s.covered and s.kinds == {"embedding"}})
+        for pattern, pin in self.config.pins.items():
+            if pin_matches(pattern, names):
+                pins[pattern] = pin
+        return pins
+
+    def on_new_site(self, name: str) -> None:
+        """The engine met a module that runs GEMMs: set the policy up again with it (before any decision)."""
+        if self.decided:
+            return
+        self.template = PrecisionPlan.uniform(self.engine.kinds, "fp32", pins=self.pins())
+        self.policy.restrict(*self.allowed())
+        self.engine.set_plan(self.policy.setup(self.template, *self.config.run_length))
+        self.configure_monitor()
+        self.timeline.set_initial(self.engine.plan)
+
+    def configure_monitor(self) -> None:
+        """Measure what the policy may choose; a policy that chooses nothing from measurements (static,
+        schedule) gets only the format in force measured (the guard's overflow check), and fp32 not at all."""
+        wanted = self.policy.candidate_formats
+        self.monitor.set_candidates(wanted, self.policy.candidate_formats_by_role) if wanted \
+            else self.monitor.set_candidates(())
+        self.engine.observe_fp32 = bool(wanted)
+
+    def finalize(self, model_name: str) -> bool:
+        """After discovery: check the pins matched, say what the plan does not cover. True the first time."""
+        if self.finalized:
+            return False
+        self.finalized = True
+        names = list(self.engine.kinds)
+        for pattern in self.config.pins:
+            if not pin_matches(pattern, names):
+                raise PlanError(
+                    f"pin {pattern!r} matches no module that runs GEMMs; such modules are: {', '.join(names) or '(none)'}"
+                )
+        if not self.engine.sites:
+            _warn(f"no matmul-like op ran in {model_name}'s forward pass: there is nothing to run under a precision "
+                  "plan, every step runs as plain fp32 and the ledger counts 0 MACs")
+        elif not names:
+            _warn("no module that runs GEMMs is under the plan (all filtered out or fused kernels): "
+                  f"{self.engine.uncovered}; training runs fp32")
+        elif all(n in self.engine.plan.pinned for n in names):
+            _warn("every module that runs GEMMs is pinned, so the policy decides nothing; "
+                  "unpin some (pins=, quantize_embeddings=True) to let it")
+        return True
+
+    def restore(self, template: Mapping[str, Any]) -> None:
+        """Set the policy up again for a saved template (the plan in force stays the engine's); the policy's
+        own state is loaded after this."""
+        self.template = PrecisionPlan.from_dict(template)
+        self.policy.restrict(*self.allowed())
+        plan = self.engine.plan
+        self.policy.setup(self.template, *self.config.run_length)
+        self.engine.set_plan(plan)
+        self.finalized = False
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"adaprec: {message}", stacklevel=5)
