@@ -48,6 +48,8 @@ from _markdown import write_section  # noqa: E402
 from _train import fake_report  # noqa: E402
 from adaprec.errors import TrainingUnstableError  # noqa: E402
 from adaprec.experiments.tasks import get_task  # noqa: E402
+from adaprec.hardware import cache as hardware_cache  # noqa: E402
+from adaprec.hardware.probing import cache_key  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
 TASK = "digits-cnn"
@@ -475,6 +477,18 @@ def adaprec_run(workdir: Path, cache_dir: Path, resume: bool = False, timeout: f
     return time.perf_counter() - t0
 
 
+def _fixed_report(cache_dir: Path) -> None:
+    """Put the fixed device report (int8 and bf16 fast) where the runs' probe reads it, as the in-process
+    columns use it, so the soak's plans (and its timeline rows) do not depend on this CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the runs' OMP_NUM_THREADS (_env): part of the cache key
+    try:
+        key = cache_key("cpu", "full")
+    finally:
+        torch.set_num_threads(threads)
+    hardware_cache.store(hardware_cache.cache_path(cache_dir, key), key, fake_report())
+
+
 def write_config(workdir: Path, policies: Sequence[str], seeds: Sequence[int], steps: int,
                  checkpoint_every: int, eval_every: int) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -594,7 +608,8 @@ def soak(workdir: Path, kills: int, policies: Sequence[str] = ("error-budget",),
     """
     rng = random.Random(seed)
     per_round = kills_per_round or kills
-    cache = workdir / "hardware-cache"  # one device report for every run: the reference measures, the rest read
+    cache = workdir / "hardware-cache"  # one device report for every run, fixed: int8 and bf16 fast
+    _fixed_report(cache)
     ref = workdir / "reference"
     write_config(ref, policies, seeds, steps, checkpoint_every, eval_every)
     reference_s, startup_s = _reference(ref, cache)

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from adaprec.explain import simulate_config
+from adaprec.explainer import simulate_config
 from adaprec.simulation import Simulation
 
 MODELS = (("gpt2-124m", "GPT-2 124M"), ("llama-1b", "Llama-style 1B (Llama-3.2-1B shape)"),

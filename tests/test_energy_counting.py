@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from _train import TinyAttention
 from adaprec.energy import GemmCost, MacCounter, StepCost
 
 
@@ -178,19 +178,8 @@ def test_multihead_attention_with_keyword_inputs() -> None:
     assert 2 * cost.macs_by_gemm()["forward"] == fc.get_total_flops()
 
 
-class _SdpaBlock(nn.Module):
-    def __init__(self, d: int = 16, heads: int = 2) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.heads = heads
+_SdpaBlock = TinyAttention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 def test_sdpa_is_attributed_to_the_module_that_calls_it() -> None:

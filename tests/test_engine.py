@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _train import TinyAttention
 from adaprec.engine import Capabilities, PrecisionEngine
 from adaprec.errors import ModuleNotSupportedError, PlanError
 from adaprec.formats import quantize
@@ -36,21 +37,6 @@ def _engine(model: nn.Module, *inputs: torch.Tensor, plan="fp32", **kw) -> Preci
     eng.discover(*inputs)
     eng.set_plan(plan if isinstance(plan, PrecisionPlan) else PrecisionPlan.uniform(eng.kinds, plan))
     return eng
-
-
-class TinyAttention(nn.Module):
-    def __init__(self, d: int = 16, heads: int = 2) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.heads = heads
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 class _Zoo(nn.Module):

@@ -16,7 +16,7 @@ from adaprec.cli import main
 from adaprec.errors import AdaprecError
 from adaprec.experiments.runner import epoch_seed
 from adaprec.experiments.tasks import get_task, task_names
-from adaprec.explain import Explanation, explain_task
+from adaprec.explainer import Explanation, explain_task
 
 torch.set_num_threads(2)
 HW = fake_report()  # int8 and bf16 fast for GEMMs, bf16 for convs, nothing for attention

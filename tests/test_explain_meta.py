@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import adaprec
-from adaprec.explain import MetaDeviceError
+from adaprec.explainer import MetaDeviceError
 
 transformers = pytest.importorskip("transformers")
 

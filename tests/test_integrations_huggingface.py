@@ -13,7 +13,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from _train import assert_resumed_exactly  # noqa: E402
+from _train import FAST_INT8_BF16, assert_resumed_exactly  # noqa: E402
 from adaprec.errors import AdaprecError  # noqa: E402
 from adaprec.integrations.huggingface import (  # noqa: E402
     AdaptivePrecisionTrainer,
@@ -120,7 +120,8 @@ def test_fp8_hybrid_trains_digits_and_ledger_shows_narrow_macs(tmp_path):
 def test_checkpoint_resume_restores_adaprec_state_exactly(tmp_path, caplog):
     """Resumed from its epoch-1 checkpoint, a run ends exactly where the uninterrupted run ends."""
     epochs = 3
-    ap_kw = {"policy": "error-budget", "adaprec_kwargs": {"monitor_every": 3, "seed": 7, "loss_scaling": True}}
+    ap_kw = {"policy": "error-budget",
+             "adaprec_kwargs": {"monitor_every": 3, "seed": 7, "loss_scaling": True, "hardware": FAST_INT8_BF16}}
     with caplog.at_level(logging.WARNING):  # Python's default level: what a default set-up shows
         full, full_trainer = _train(tmp_path / "full", trainer_kw=ap_kw, num_train_epochs=epochs,
                                     save_strategy="epoch")

@@ -148,7 +148,8 @@ def test_checkpoint_resume_restores_adaprec_state_exactly(tmp_path):
     epochs = 3
 
     def plugin():
-        return AdaptivePrecisionPlugin("error-budget", monitor_every=3, seed=7, loss_scaling=True)
+        return AdaptivePrecisionPlugin("error-budget", monitor_every=3, seed=7, loss_scaling=True,
+                                       hardware=FAST_INT8_BF16)
 
     ckpt_dir = tmp_path / "ckpt"
     saver = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", every_n_epochs=1, save_top_k=-1)

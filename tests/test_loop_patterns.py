@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import adaprec
+from _train import FAST_INT8_BF16  # the plans' formats run natively whatever this CPU has
 from adaprec.errors import AdaprecError, CheckpointError
 
 aten = torch.ops.aten
@@ -106,7 +107,7 @@ def _run(model, policy, steps=3, ap_kwargs=None, loop=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ap = adaprec.AdaptivePrecision(model, opt, policy=policy, **(ap_kwargs or {}))
+        ap = adaprec.AdaptivePrecision(model, opt, policy=policy, **{"hardware": FAST_INT8_BF16, **(ap_kwargs or {})})
     costs = _ledger(ap)
     counts = []
     x, y = _data()
@@ -200,7 +201,7 @@ def test_exception_in_backward_does_not_wedge_the_controller(mode):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ap = adaprec.AdaptivePrecision(model, opt, policy="bf16")
+        ap = adaprec.AdaptivePrecision(model, opt, policy="bf16", hardware=FAST_INT8_BF16)
     x, y = _data()
     h = model.head.weight.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("boom")))
     with ap.autocast():
@@ -256,7 +257,7 @@ def test_refused_state_is_all_or_nothing(guard):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ap = adaprec.AdaptivePrecision(model, opt, policy="bf16", guard=guard)
+        ap = adaprec.AdaptivePrecision(model, opt, policy="bf16", guard=guard, hardware=FAST_INT8_BF16)
     costs = _ledger(ap)
     x, y = _data()
     for i in range(3):
@@ -285,7 +286,7 @@ def test_torch_func_transforms_on_sampled_steps():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ap = adaprec.AdaptivePrecision(model, opt, policy="bf16", monitor_every=1)
+        ap = adaprec.AdaptivePrecision(model, opt, policy="bf16", monitor_every=1, hardware=FAST_INT8_BF16)
     x, y = _data()
     params = {k: v.detach() for k, v in model.named_parameters()}
     with ap.autocast():

@@ -37,9 +37,9 @@ __all__ = [
 _LAZY = {
     "AdaptivePrecision": "adaprec.controller",
     "StepResult": "adaprec.controller",
-    "explain": "adaprec.explain",
-    "Explanation": "adaprec.explain",
-    "simulate": "adaprec.explain",
+    "explain": "adaprec.explainer",
+    "Explanation": "adaprec.explainer",
+    "simulate": "adaprec.explainer",
     "Simulation": "adaprec.simulation",
 }
 

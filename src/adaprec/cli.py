@@ -116,7 +116,7 @@ _DEBUG_HELP = "on an error, show the Python traceback instead of one line (for b
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import json
 
-    from adaprec.explain import simulate_config
+    from adaprec.explainer import simulate_config
 
     sim = simulate_config(args.model, args.target or "h100-sxm", batch=args.batch, seq_len=args.seq_len,
                           policy=args.policy or "error-budget", formats=args.formats)
@@ -130,7 +130,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     import json
 
-    from adaprec.explain import explain_task
+    from adaprec.explainer import explain_task
 
     if args.meta or args.target:  # a model far bigger than this machine: shapes only, priced on the target
         args.model = args.config_or_task

@@ -11,13 +11,13 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from adaprec.errors import CheckpointError, PlanError
+from adaprec.files import write_text_atomic
 from adaprec.plan import PrecisionPlan, TensorRecipe
 
 __all__ = ["TimelineEvent", "Timeline"]
@@ -47,20 +47,6 @@ class TimelineEvent:
         d = asdict(self)
         d["recipe"] = dict(self.recipe)
         return d
-
-
-def _atomic_write(path: str | os.PathLike[str], text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Timeline:
@@ -154,7 +140,7 @@ class Timeline:
         """The timeline as JSON text; also written to ``path`` (atomically) when given."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            _atomic_write(path, text)
+            write_text_atomic(path, text)
         return text
 
     @classmethod
@@ -182,7 +168,7 @@ class Timeline:
             w.writerow([getattr(ev, f) for f in _CSV_FIELDS])
         text = buf.getvalue()
         if path is not None:
-            _atomic_write(path, text)
+            write_text_atomic(path, text)
         return text
 
     # --- state --------------------------------------------------------------------------

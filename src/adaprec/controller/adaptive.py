@@ -218,7 +218,7 @@ class AdaptivePrecision:
             yield
         if enabled and self.engine.grad_ops == 0 and self.engine.nograd_ops > 0:
             # `with ap.autocast(), torch.no_grad():` an evaluation pass, not a step's forward: training is left alone
-            self.books.count_inference(self.engine.pop_step_cost())
+            self.books.count_inference(self.engine.tally.pop())  # kept apart from the ledger of steps
             self.engine.pop_faults()
             if started:
                 self.books.cancel()

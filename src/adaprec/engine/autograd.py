@@ -23,7 +23,7 @@ import torch
 Cast = Callable[[torch.Tensor], torch.Tensor]
 Observer = Callable[[torch.Tensor], None] | None
 
-__all__ = ["cast_operand", "cast_grad"]
+__all__ = ["cast_operand", "cast_grad", "on_backward"]
 
 
 # functorch style (forward without ctx, setup_context): torch.func transforms (vmap, jacrev) can run them
@@ -48,22 +48,27 @@ class _CastOperand(torch.autograd.Function):
         return grad, None, None, None
 
 
-class _CastGrad(torch.autograd.Function):
+class _OnBackward(torch.autograd.Function):
+    """Identity forward; in backward the gradient passes through ``hook`` (which may cast, observe or record)."""
+
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(y: torch.Tensor, bwd: Cast, observe_bwd: Observer):  # type: ignore[override]
+    def forward(y: torch.Tensor, hook: Cast):  # type: ignore[override]
         return y.view_as(y)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        ctx.bwd, ctx.observe_bwd = inputs[1], inputs[2]
+        ctx.hook = inputs[1]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        if ctx.observe_bwd is not None:
-            ctx.observe_bwd(grad)
-        return ctx.bwd(grad).to(grad.dtype), None, None
+        return ctx.hook(grad), None
+
+
+def on_backward(y: torch.Tensor, hook: Cast) -> torch.Tensor:
+    """``y`` unchanged; ``hook(grad)`` is what flows back into it (run exactly when that gradient is computed)."""
+    return _OnBackward.apply(y, hook)
 
 
 def cast_operand(x: torch.Tensor, fwd: Cast, bwd: Cast | None = None, observe_bwd: Observer = None) -> torch.Tensor:
@@ -77,4 +82,10 @@ def cast_grad(y: torch.Tensor, bwd: Cast, observe_bwd: Observer = None) -> torch
     """Identity forward; quantize the gradient that flows back into ``y``."""
     if not y.requires_grad:
         return y
-    return _CastGrad.apply(y, bwd, observe_bwd)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if observe_bwd is not None:
+            observe_bwd(grad)
+        return bwd(grad).to(grad.dtype)
+
+    return _OnBackward.apply(y, hook)

@@ -35,7 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from adaprec.energy.counting import GemmCost, StepCost
-from adaprec.engine.autograd import cast_grad, cast_operand
+from adaprec.engine.autograd import cast_grad, cast_operand, on_backward
 from adaprec.engine.cast import RecipeCaster, stream_seed
 from adaprec.engine.execution import FP32_EXEC, Backend, Capabilities, Exec, ExecMode, decide
 from adaprec.engine.gemm import GemmContext, LinearExec, RoleCast, planned_linear
@@ -152,35 +152,6 @@ def checkpoint_region() -> tuple[Any, str, bool] | None:
             return f.f_locals.get("ctx"), "reentrant", rec
         f = f.f_back
     return None
-
-
-class _GradProbe(torch.autograd.Function):
-    """Identity; its backward runs exactly when autograd computes the gradient of the operand it wraps.
-
-    Why: a backward GEMM runs only when its operand's gradient is needed
-    (``autograd.grad(loss, x)`` runs no weight-gradient GEMM), so the ledger
-    records it when it runs, not when the forward pass could predict it. Under
-    ``create_graph=True`` (gradient penalties) the gradient it passes on is
-    itself differentiated later: a second probe records the GEMMs of that
-    double backward when it runs.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor, record: Callable[[], None], second: Callable[[], None] | None):  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        ctx.record, ctx.second = inputs[1], inputs[2]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        ctx.record()
-        if ctx.second is not None and grad.requires_grad and torch.is_grad_enabled():
-            return _GradProbe.apply(grad, ctx.second, None), None, None
-        return grad, None, None
 
 
 def _under_transform(args: Any) -> bool:
@@ -681,25 +652,28 @@ class PrecisionEngine:
             node.register_prehook(pre)
         return out
 
-    def _probed_record(self, name: str, cost: GemmCost) -> Callable[[], None]:
-        def record() -> None:
-            self.tally.add(name, [cost])
-        return record
-
     def _probe(self, name: str, a: torch.Tensor, cost: GemmCost, other: Any) -> torch.Tensor:
         """``a`` wrapped so its gradient GEMM (``cost``) is recorded when it runs, and so is its double backward.
 
-        The double backward of ``dA = dY @ B`` differentiates it by ``dY`` (a GEMM of the
-        same size) and, when ``B`` requires grad, by ``B`` (another).
+        Why: a backward GEMM runs only when its operand's gradient is needed (``autograd.grad(loss, x)``
+        runs no weight-gradient GEMM), so the ledger records it when it runs. Under ``create_graph=True``
+        (gradient penalties) the gradient passed on is itself differentiated later: the double backward of
+        ``dA = dY @ B`` differentiates it by ``dY`` (a GEMM of the same size) and, when ``B`` requires
+        grad, by ``B`` (another); a second probe records those when they run.
         """
         twice = [dataclasses.replace(cost, gemm="input_grad", b_role=cost.b_role)]
         if isinstance(other, torch.Tensor) and other.requires_grad:
             twice.append(dataclasses.replace(cost, gemm="weight_grad" if is_param_like(other) else "input_grad"))
 
-        def second() -> None:
+        def second(grad: torch.Tensor) -> torch.Tensor:
             self.tally.add(name, twice)
+            return grad
 
-        return _GradProbe.apply(a, self._probed_record(name, cost), second)
+        def first(grad: torch.Tensor) -> torch.Tensor:
+            self.tally.add(name, [cost])
+            return on_backward(grad, second) if grad.requires_grad and torch.is_grad_enabled() else grad
+
+        return on_backward(a, first)
 
     @staticmethod
     def _real_dtype_exec(args) -> Exec:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 from adaprec.errors import ConfigError
 from adaprec.experiments import plots
 from adaprec.experiments.store import DB_NAME, ResultStore
+from adaprec.files import write_text_atomic
 
 __all__ = ["write_report", "policy_table"]
 
@@ -255,19 +254,6 @@ def _markdown(rows: Sequence[Mapping[str, Any]], facts: Mapping[str, Any], figs:
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_report(run_dir: str | Path) -> dict[str, Path]:
     """Write report.html, report.md and plots/*.png for ``run_dir``; returns their paths by name."""
     run_dir = Path(run_dir)
@@ -279,7 +265,7 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
             raise ConfigError(f"{run_dir} has no finished run yet; finish it with `adaprec run CONFIG --resume`")
         figs = _figures(store, facts, run_dir / "plots")
     out = {
-        "html": _write_text(run_dir / "report.html", _html(rows, facts, figs)),
-        "markdown": _write_text(run_dir / "report.md", _markdown(rows, facts, figs, run_dir)),
+        "html": write_text_atomic(run_dir / "report.html", _html(rows, facts, figs)),
+        "markdown": write_text_atomic(run_dir / "report.md", _markdown(rows, facts, figs, run_dir)),
     }
     return {**out, **figs}

@@ -199,6 +199,11 @@ def _assemble(dev: torch.device, facts: Mapping[str, Any], result: _sweep.SweepR
     )
 
 
+def cache_key(device: str | torch.device | None = None, sweep: str = "full") -> dict[str, Any]:
+    """The key :func:`probe` files ``device``'s report under (machine, torch, thread count, sweep, op classes)."""
+    return _identify(resolve_device(device), sweep)[0]
+
+
 def probe(
     device: str | torch.device | None = None,
     *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -103,3 +104,23 @@ def classification_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
         correct += int((out.argmax(-1) == y[i : i + batch_size]).sum())
     model.train(was_training)
     return {"accuracy": correct / len(x), "val_loss": loss / len(x)}
+
+
+def classification_task(name: str, build: Callable[[], nn.Module], split: tuple[torch.Tensor, ...], *, lr: float,
+                        batch: int, default_steps: int, shape: tuple[int, ...], samples: int) -> Task:
+    """A 10-class classification task on tensors already split (x_train, y_train, x_test, y_test):
+    Adam at ``lr``, cross-entropy, accuracy on the held-out split."""
+    xtr, ytr, xte, yte = split
+    return Task(
+        name=name,
+        make_model=partial(seeded, build),
+        make_optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=lr),
+        train_loader=lambda seed: TensorLoader(xtr, ytr, batch, seed),
+        evaluate=lambda m: classification_eval(m, xte, yte),
+        metric="accuracy",
+        higher_is_better=True,
+        loss_fn=nn.functional.cross_entropy,
+        steps_per_epoch=len(xtr) // batch,
+        default_steps=default_steps,
+        info={"samples": samples, "train": len(xtr), "test": len(xte), "classes": 10, "shape": shape},
+    )

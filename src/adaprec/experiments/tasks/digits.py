@@ -6,12 +6,10 @@ few hundred steps and a few seconds on a CPU.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
-from adaprec.experiments.tasks.base import Task, TensorLoader, classification_eval, seeded, stratified_split
+from adaprec.experiments.tasks.base import Task, classification_task, stratified_split
 
 BATCH = 64
 
@@ -41,17 +39,5 @@ def load() -> tuple[torch.Tensor, torch.Tensor]:
 def make_task() -> Task:
     x, y = load()
     tr, te = stratified_split(y, test_per_class=36)  # 360 test images, fixed
-    xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
-    return Task(
-        name="digits-cnn",
-        make_model=partial(seeded, DigitsCNN),
-        make_optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=3e-3),
-        train_loader=lambda seed: TensorLoader(xtr, ytr, BATCH, seed),
-        evaluate=lambda m: classification_eval(m, xte, yte),
-        metric="accuracy",
-        higher_is_better=True,
-        loss_fn=nn.functional.cross_entropy,
-        steps_per_epoch=len(xtr) // BATCH,
-        default_steps=300,
-        info={"samples": len(x), "train": len(xtr), "test": len(xte), "classes": 10, "shape": (1, 8, 8)},
-    )
+    return classification_task("digits-cnn", DigitsCNN, (x[tr], y[tr], x[te], y[te]), lr=3e-3, batch=BATCH,
+                               default_steps=300, shape=(1, 8, 8), samples=len(x))

@@ -6,13 +6,11 @@ arguments (4000 train, 1000 test signals of length 40); nothing is downloaded.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
 from adaprec.errors import TaskError
-from adaprec.experiments.tasks.base import Task, TensorLoader, classification_eval, seeded
+from adaprec.experiments.tasks.base import Task, classification_task
 
 BATCH = 100
 
@@ -45,16 +43,5 @@ def load() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def make_task() -> Task:
     xtr, ytr, xte, yte = load()
-    return Task(
-        name="mnist1d-cnn",
-        make_model=partial(seeded, MNIST1DCNN),
-        make_optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=3e-3),
-        train_loader=lambda seed: TensorLoader(xtr, ytr, BATCH, seed),
-        evaluate=lambda m: classification_eval(m, xte, yte),
-        metric="accuracy",
-        higher_is_better=True,
-        loss_fn=nn.functional.cross_entropy,
-        steps_per_epoch=len(xtr) // BATCH,
-        default_steps=1000,
-        info={"samples": len(xtr) + len(xte), "train": len(xtr), "test": len(xte), "classes": 10, "shape": (40,)},
-    )
+    return classification_task("mnist1d-cnn", MNIST1DCNN, (xtr, ytr, xte, yte), lr=3e-3, batch=BATCH,
+                               default_steps=1000, shape=(40,), samples=len(xtr) + len(xte))

@@ -5,13 +5,11 @@ Fixed stratified split: 400 images per class for training, 100 for test.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
 from adaprec.errors import TaskError
-from adaprec.experiments.tasks.base import Task, TensorLoader, classification_eval, seeded, stratified_split
+from adaprec.experiments.tasks.base import Task, classification_task, stratified_split
 
 BATCH = 64
 
@@ -35,17 +33,5 @@ def load() -> tuple[torch.Tensor, torch.Tensor]:
 def make_task() -> Task:
     x, y = load()
     tr, te = stratified_split(y, test_per_class=100)
-    xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
-    return Task(
-        name="mnist-mlp",
-        make_model=partial(seeded, make_mlp),
-        make_optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
-        train_loader=lambda seed: TensorLoader(xtr, ytr, BATCH, seed),
-        evaluate=lambda m: classification_eval(m, xte, yte),
-        metric="accuracy",
-        higher_is_better=True,
-        loss_fn=nn.functional.cross_entropy,
-        steps_per_epoch=len(xtr) // BATCH,
-        default_steps=500,
-        info={"samples": len(x), "train": len(xtr), "test": len(xte), "classes": 10, "shape": (784,)},
-    )
+    return classification_task("mnist-mlp", make_mlp, (x[tr], y[tr], x[te], y[te]), lr=1e-3, batch=BATCH,
+                               default_steps=500, shape=(784,), samples=len(x))
