@@ -218,6 +218,17 @@ def test_user_mistakes_raise_clear_errors() -> None:
         StepTraffic().without("update")
     with pytest.raises(AdaprecError, match="bytes_by"):
         StepTraffic().bytes_by("bits")
+    with pytest.raises(AdaprecError, match="bytes source"):
+        StepTraffic().apply_to(StepCost(), "guessed")
+    counter = TrafficCounter(model)
+    with pytest.raises(AdaprecError, match="nest"), counter, counter:
+        pass
+    with counter:  # usable again after the error
+        model(torch.randn(1, 2))
+    assert counter.pop().bytes > 0
+    cost = StepTraffic().apply_to(StepCost(), "counted")
+    with pytest.raises(AdaprecError, match="once"):
+        StepTraffic().apply_to(cost, "counted")
 
 
 def test_a_plain_training_loop_with_the_book_and_the_ledger() -> None:
@@ -439,6 +450,36 @@ def test_counting_changes_no_number_and_leaves_no_hook_behind() -> None:
 
     assert not module_mod._global_forward_hooks and not module_mod._global_forward_pre_hooks
     assert counter.pop().bytes > 0 and counter.pop().bytes == 0
+
+
+def test_a_region_names_the_ops_of_the_training_loop_itself() -> None:
+    model = _mlp()
+    counter = TrafficCounter(model)
+    with counter:
+        model(torch.randn(4, 8)).sum().backward()
+        with counter.region("(adaprec: unscale)"):
+            for p in model.parameters():
+                p.grad.mul_(0.5)
+    t = counter.pop()
+    n = sum(p.numel() for p in model.parameters())
+    assert t.bytes_by("module")["(adaprec: unscale)"] == 2 * 4 * n
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.dictionaries(
+    st.tuples(st.sampled_from(["a", "b.c", OUTSIDE]), st.sampled_from(["forward", "backward", "optimizer"]),
+              st.sampled_from(["gemm", "elementwise", "cast"]), st.sampled_from([("fp32", 32), ("bf16", 16), ("int8", 8)]),
+              st.sampled_from(["read", "write"])),
+    st.integers(0, 10**9), max_size=12))
+def test_step_traffic_totals_agree_and_round_trip(entries) -> None:
+    t = StepTraffic({(m, ph, c, d, b, di): n for (m, ph, c, (d, b), di), n in entries.items()})
+    for f in ("module", "phase", "op_class", "dtype", "direction"):
+        assert sum(t.bytes_by(f).values()) == t.bytes
+    assert StepTraffic.from_dict(t.to_dict()) == t
+    assert t.without("optimizer").bytes == t.bytes - t.bytes_by("phase").get("optimizer", 0)
+    cost = t.apply_to(StepCost(), "replayed")
+    assert cost.op_bytes == t.bytes
+    assert price_step(cost, load_profile("7nm")).total("bytes_moved") == t.bytes
 
 
 def test_skipped_optimizer_update_drops_its_phase() -> None:

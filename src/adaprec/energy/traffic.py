@@ -299,6 +299,10 @@ class StepTraffic:
         counts (GEMM operands included) instead of its GEMM-operand model.
         Returns ``cost``.
         """
+        if source not in ("counted", "replayed"):
+            raise CountingError(f"bytes source {source!r}: use 'counted' or 'replayed'")
+        if cost.op_counted:
+            raise CountingError("this StepCost already carries an op-level count; apply a step's traffic once")
         for (mod, phase, cls, dtype, bits, direction), n in self.counts.items():
             cost.add_op_traffic(mod, phase, cls, dtype, bits, direction, n, kind=self.kinds.get(mod, ""))
         cost.bytes_source = source
@@ -347,6 +351,7 @@ class TrafficCounter(TorchDispatchMode):
             for p in m.parameters(recurse=False):
                 self._param_owner.setdefault(id(p), mname)
         self._handles: list[Any] = []
+        self._active = False
         self._reset()
 
     def _reset(self) -> None:
@@ -366,6 +371,9 @@ class TrafficCounter(TorchDispatchMode):
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+        if self._active:
+            raise CountingError("this TrafficCounter is already counting: do not nest `with counter:` blocks")
+        self._active = True
         self._mark()
         self._handles = [
             register_module_forward_pre_hook(self._enter_module),
@@ -379,6 +387,7 @@ class TrafficCounter(TorchDispatchMode):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._active = False
         return super().__exit__(*exc)
 
     def _mark(self) -> None:
@@ -637,7 +646,8 @@ class TrafficBook:
     def measure(self, key: str, step: int) -> Iterator[Measurement]:
         """Run a training step inside; afterwards ``measurement.traffic`` is its count, counted or replayed.
 
-        Replayed steps run with nothing added. A block that raises leaves the book as it was.
+        Replayed steps run with nothing added; their traffic is the stored count itself (shared: read it,
+        do not change it). A block that raises leaves the book as it was.
         """
         if not isinstance(key, str):
             raise CountingError(f"a traffic key must be a string, got {type(key).__name__}; build one with "
@@ -649,7 +659,7 @@ class TrafficBook:
             e["replays"] += 1
             self._entries.move_to_end(key)
             self.replayed += 1
-            m.traffic = StepTraffic.from_dict(e["traffic"])
+            m.traffic = e["traffic"]
             return
         m = Measurement(key, int(step), "counted")
         self.counter.pop()
@@ -663,13 +673,13 @@ class TrafficBook:
         old = self._entries.get(key)
         agree = False
         if old is not None:
-            before = StepTraffic.from_dict(old["traffic"]).bytes
+            before = old["traffic"].bytes
             after = traffic.bytes
             agree = abs(after - before) <= self.tolerance * max(before, 1)
             if not agree and old["confirmed"]:
                 self.drifts.append({"key": key, "step": step, "bytes_before": before, "bytes_after": after})
                 del self.drifts[:-100]
-        self._entries[key] = {"traffic": traffic.to_dict(), "counted_at": step, "replays": 0,
+        self._entries[key] = {"traffic": traffic, "counted_at": step, "replays": 0,
                               "confirmed": agree}
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_keys:
@@ -679,9 +689,9 @@ class TrafficBook:
         del self.counted_steps[:-1000]
 
     def replay(self, key: str) -> StepTraffic | None:
-        """The stored count of ``key``, or None."""
+        """The stored count of ``key`` (shared: read it, do not change it), or None."""
         e = self._entries.get(key)
-        return None if e is None else StepTraffic.from_dict(e["traffic"])
+        return None if e is None else e["traffic"]
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -696,7 +706,7 @@ class TrafficBook:
         """Plain Python values only (loadable with ``torch.load(weights_only=True)``)."""
         return {
             "version": 1, "recount_every": self.recount_every, "max_keys": self.max_keys, "tolerance": self.tolerance,
-            "entries": [[k, {"traffic": e["traffic"], "counted_at": e["counted_at"], "replays": e["replays"],
+            "entries": [[k, {"traffic": e["traffic"].to_dict(), "counted_at": e["counted_at"], "replays": e["replays"],
                              "confirmed": e["confirmed"]}] for k, e in self._entries.items()],
             "counted": self.counted, "replayed": self.replayed, "drifts": [dict(d) for d in self.drifts],
             "counted_steps": list(self.counted_steps),
@@ -710,8 +720,7 @@ class TrafficBook:
             raise CheckpointError(f"traffic book state is missing keys {missing}; was it written by TrafficBook.state_dict()?")
         entries: OrderedDict[str, dict[str, Any]] = OrderedDict()
         for k, e in d["entries"]:
-            StepTraffic.from_dict(e["traffic"])  # validate before anything changes
-            entries[str(k)] = {"traffic": e["traffic"], "counted_at": int(e["counted_at"]), "replays": int(e["replays"]),
+            entries[str(k)] = {"traffic": StepTraffic.from_dict(e["traffic"]), "counted_at": int(e["counted_at"]), "replays": int(e["replays"]),
                                "confirmed": bool(e.get("confirmed", False))}
         self._entries = entries
         self.recount_every = int(d.get("recount_every", self.recount_every))
