@@ -179,6 +179,35 @@ def test_a_recount_that_differs_is_logged_as_drift_and_replaces_the_count() -> N
     assert not book.must_count("same key")  # steps 3 and 4 agree: confirmed again
 
 
+def test_start_and_stop_span_a_step_made_of_separate_calls_and_a_failed_step_leaves_no_trace() -> None:
+    model, opt, batch, loss_fn = _digits_cnn()
+    _step(model, opt, loss_fn, *batch())
+    book = TrafficBook(model)
+    x, y = batch()
+    with book.measure("k", 0) as ref:
+        _step(model, opt, loss_fn, x, y)
+    m = book.start("k", 1)  # e.g. in autocast()
+    loss = loss_fn(model(x), y)
+    loss.backward()  # in backward()
+    opt.step()
+    opt.zero_grad()
+    assert book.stop(m) is m.traffic  # in step(), before the ledger records the step
+    assert m.source == "counted" and m.traffic.to_dict() == ref.traffic.to_dict()
+    with pytest.raises(CountingError, match="not the open one"):
+        book.stop(m)
+    m = book.start("k", 2)
+    with pytest.raises(CountingError, match="still being measured"):
+        book.start("k", 3)
+    book.abort(m)
+    with pytest.raises(RuntimeError, match="boom"), book.measure("other", 3):
+        model(x)
+        raise RuntimeError("boom")
+    assert book.summary()["counted"] == 2 and book.keys() == ["k"]
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    assert _get_current_dispatch_mode() is None  # no counter left active
+
+
 def test_book_state_round_trips_through_a_weights_only_checkpoint() -> None:
     model, opt, batch, loss_fn = _digits_cnn()
     book = TrafficBook(model, recount_every=5)

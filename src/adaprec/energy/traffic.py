@@ -636,6 +636,7 @@ class TrafficBook:
         self.replayed = 0
         self.drifts: list[dict[str, Any]] = []
         self.counted_steps: list[int] = []  # the last steps that were counted (bounded)
+        self._open: Measurement | None = None
 
     def must_count(self, key: str) -> bool:
         """Whether the next step of ``key`` is counted (new key, or time to recount) rather than replayed."""
@@ -649,25 +650,52 @@ class TrafficBook:
         Replayed steps run with nothing added; their traffic is the stored count itself (shared: read it,
         do not change it). A block that raises leaves the book as it was.
         """
+        m = self.start(key, step)
+        try:
+            yield m
+        except BaseException:
+            self.abort(m)
+            raise
+        self.stop(m)
+
+    def start(self, key: str, step: int) -> Measurement:
+        """Begin a step (for loops whose step is not one block: call :meth:`stop` after the optimizer step)."""
         if not isinstance(key, str):
             raise CountingError(f"a traffic key must be a string, got {type(key).__name__}; build one with "
                                 "input_signature() and the plan's signature")
-        if not self.must_count(key):
-            m = Measurement(key, int(step), "replayed")
-            yield m
-            e = self._entries[key]
+        if self._open is not None:
+            raise CountingError(f"step {self._open.step} is still being measured: stop() it before starting another")
+        m = Measurement(key, int(step), "counted" if self.must_count(key) else "replayed")
+        if m.source == "counted":
+            self.counter.pop()
+            self.counter.__enter__()
+        self._open = m
+        return m
+
+    def stop(self, m: Measurement) -> StepTraffic:
+        """End the step begun by :meth:`start`: its traffic (also in ``m.traffic``), counted or replayed."""
+        if self._open is not m:
+            raise CountingError("stop() of a measurement that is not the open one; call start() first")
+        self._open = None
+        if m.source == "replayed":
+            e = self._entries[m.key]
             e["replays"] += 1
-            self._entries.move_to_end(key)
+            self._entries.move_to_end(m.key)
             self.replayed += 1
             m.traffic = e["traffic"]
-            return
-        m = Measurement(key, int(step), "counted")
-        self.counter.pop()
-        with self.counter:
-            yield m
-        traffic = self.counter.pop()
-        self._store(key, int(step), traffic)
-        m.traffic = traffic
+            return m.traffic
+        self.counter.__exit__(None, None, None)
+        m.traffic = self.counter.pop()
+        self._store(m.key, m.step, m.traffic)
+        return m.traffic
+
+    def abort(self, m: Measurement) -> None:
+        """Drop the step begun by :meth:`start` (it raised, or was abandoned): nothing is stored or counted."""
+        if self._open is m:
+            self._open = None
+            if m.source == "counted":
+                self.counter.__exit__(None, None, None)
+                self.counter.pop()
 
     def _store(self, key: str, step: int, traffic: StepTraffic) -> None:
         old = self._entries.get(key)
