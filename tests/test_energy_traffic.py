@@ -413,6 +413,8 @@ def test_classify_uses_names_then_tags() -> None:
     assert classify(aten.embedding_dense_backward.default) == "scatter"
     assert classify(aten.convolution_backward.default) == "gemm"
     assert classify(aten._int_mm.default) == "gemm"
+    assert classify(aten._amp_foreach_non_finite_check_and_unscale_.default) == "elementwise"
+    assert classify(torch.ops.profiler._record_function_exit._RecordFunction) == "view"  # a profiler marker moves nothing
 
 
 # --- attribution --------------------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ def classify(func: Any) -> str:
     if name in _REDUCTION or name.endswith("_norm"):
         return "reduction"
     tags = func.tags
-    if torch.Tag.pointwise in tags or name.startswith("_foreach_") or "dropout" in name or name.startswith("_fused_"):
+    if (torch.Tag.pointwise in tags or name.startswith(("_foreach_", "_fused_", "_amp_foreach_"))
+            or "dropout" in name):
         return "elementwise"
     if torch.Tag.reduction in tags:
         return "reduction"
@@ -156,7 +157,7 @@ def classify(func: Any) -> str:
         if "pool" in fwd or fwd in {"gelu", "silu", "mish", "hardswish", "hardsigmoid", "elu", "threshold", "tanh",
                                     "sigmoid", "softplus", "leaky_relu", "hardtanh", "glu", "log_sigmoid"}:
             return "elementwise" if "pool" not in fwd else "reduction"
-    if "pool" in name:
+    if "pool" in name or name == "_amp_update_scale_":
         return "reduction"
     return "other"
 
