@@ -160,7 +160,9 @@ def _planned_bits(mc: ModuleCost) -> float | None:
 
 def _price_ops(mc: ModuleCost, mode: str) -> tuple[float, dict[str, float], dict[str, float]]:
     planned = _planned_bits(mc) if mode == "planned" else None
-    total, by_fmt, by_cls = 0.0, {}, {}
+    total = 0.0
+    by_fmt: dict[str, float] = {}
+    by_cls: dict[str, float] = {}
     for k, n in mc.ops.items():
         b = n * _op_bits(k, mode, planned) / 8
         if b:
@@ -172,7 +174,9 @@ def _price_ops(mc: ModuleCost, mode: str) -> tuple[float, dict[str, float], dict
 
 
 def _price_roles(mc: ModuleCost, mode: str) -> tuple[float, dict[str, float], dict[str, float]]:
-    total, by_fmt, by_cls = 0.0, {}, {}
+    total = 0.0
+    by_fmt: dict[str, float] = {}
+    by_cls: dict[str, float] = {}
     for k, n in mc.traffic.items():
         if not n:
             continue

@@ -282,7 +282,8 @@ class StepTraffic:
         i = fields.index(what)
         out: dict[str, int] = {}
         for k, n in self.counts.items():
-            out[k[i]] = out.get(k[i], 0) + n * k[4] // 8
+            name = str(k[i])
+            out[name] = out.get(name, 0) + n * k[4] // 8
         return out
 
     def without(self, *phases: str) -> StepTraffic:
@@ -347,7 +348,7 @@ class TrafficCounter(TorchDispatchMode):
         self.model = model
         self._names = {id(m): n for n, m in model.named_modules()}
         self._kinds = {n: type(m).__name__ for n, m in model.named_modules()}
-        self._param_owner = {}
+        self._param_owner: dict[int, str] = {}
         for mname, m in model.named_modules():
             for p in m.parameters(recurse=False):
                 self._param_owner.setdefault(id(p), mname)
