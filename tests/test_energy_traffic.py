@@ -14,16 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adaprec.energy import EnergyLedger, MacCounter, StepCost, load_profile, price_step
 from adaprec.energy.counting import OP_CLASSES, CountingError
-from adaprec.energy.traffic import (
-    OPTIMIZER,
-    OUTSIDE,
-    StepTraffic,
-    TrafficBook,
-    TrafficCounter,
-    classify,
-    dtype_label,
-    input_signature,
-)
+from adaprec.energy.op_rules import classify, dtype_label
+from adaprec.energy.traffic import OPTIMIZER, OUTSIDE, StepTraffic, TrafficCounter
+from adaprec.energy.traffic_book import TrafficBook, input_signature
 from adaprec.engine import Capabilities, PrecisionEngine
 from adaprec.errors import AdaprecError, CheckpointError
 from adaprec.plan import PrecisionPlan

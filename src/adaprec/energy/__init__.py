@@ -17,7 +17,8 @@ from adaprec.energy.ledger import EnergyLedger
 from adaprec.energy.meters import MeasurementWindow, Meter, NvmlMeter, RaplMeter, ZeusMeter, detect_meter
 from adaprec.energy.model import PricedStep, price_step
 from adaprec.energy.profiles import Profile, list_profiles, load_profile
-from adaprec.energy.traffic import StepTraffic, TrafficBook, TrafficCounter, input_signature
+from adaprec.energy.traffic import StepTraffic, TrafficCounter
+from adaprec.energy.traffic_book import TrafficBook, input_signature
 
 __all__ = [
     "MacCounter",
