@@ -201,6 +201,31 @@ def test_start_and_stop_span_a_step_made_of_separate_calls_and_a_failed_step_lea
     assert _get_current_dispatch_mode() is None  # no counter left active
 
 
+def test_counting_can_start_in_the_models_own_forward_pre_hook_and_an_atypical_step_is_not_kept() -> None:
+    """The controller sees a step's inputs first in the root module's forward pre-hook: it starts there."""
+    model, opt, batch, loss_fn = _digits_cnn()
+    _step(model, opt, loss_fn, *batch())
+    x, y = batch()
+    ref_counter = TrafficCounter(model)
+    with ref_counter:
+        _step(model, opt, loss_fn, x, y)
+    ref = ref_counter.pop()
+    book, open_ = TrafficBook(model), {}
+
+    def pre_hook(module, args, kwargs):
+        open_["m"] = book.start(input_signature(args, kwargs), 0, running=module)
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    _step(model, opt, loss_fn, x, y)
+    handle.remove()
+    t = book.stop(open_["m"], keep=False)  # e.g. a step whose update the guard skipped
+    assert t.to_dict() == ref.to_dict()  # the root's own ops (flatten, relu) are the root's, as from outside
+    assert "" in t.bytes_by("module")
+    assert book.keys() == [] and book.summary()["counted_steps"] == [0]
+    with pytest.raises(CountingError, match="enter it first"):
+        TrafficCounter(model).running(model)
+
+
 def test_book_state_round_trips_through_a_weights_only_checkpoint() -> None:
     model, opt, batch, loss_fn = _digits_cnn()
     book = TrafficBook(model, recount_every=5)

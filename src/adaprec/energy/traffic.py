@@ -219,6 +219,13 @@ class TrafficCounter(TorchDispatchMode):
             self._stack.append((id(module), name))
             self._mark()
 
+    def running(self, module: nn.Module) -> None:
+        """Say that ``module`` is already running (counting began inside its forward, e.g. from its own
+        forward pre-hook): its ops are attributed to it until its forward returns."""
+        if not self._active:
+            raise CountingError("running(module) is for a counter that is counting: enter it first")
+        self._enter_module(module, ())
+
     def _leave_module(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._stack and self._stack[-1][0] == id(module):
             self._stack.pop()

@@ -116,8 +116,13 @@ class TrafficBook:
             raise
         self.stop(m)
 
-    def start(self, key: str, step: int) -> Measurement:
-        """Begin a step (for loops whose step is not one block: call :meth:`stop` after the optimizer step)."""
+    def start(self, key: str, step: int, running: nn.Module | None = None) -> Measurement:
+        """Begin a step (for loops whose step is not one block: call :meth:`stop` after the optimizer step).
+
+        ``running``: a module of the model whose forward is already under way
+        (``start`` called from its forward pre-hook, where the step's inputs
+        are first seen): its ops are attributed to it.
+        """
         if not isinstance(key, str):
             raise CountingError(f"a traffic key must be a string, got {type(key).__name__}; build one with "
                                 "input_signature() and the plan's signature")
@@ -127,11 +132,17 @@ class TrafficBook:
         if m.source == "counted":
             self.counter.pop()
             self.counter.__enter__()
+            if running is not None:
+                self.counter.running(running)
         self._open = m
         return m
 
-    def stop(self, m: Measurement) -> StepTraffic:
-        """End the step begun by :meth:`start`: its traffic (also in ``m.traffic``), counted or replayed."""
+    def stop(self, m: Measurement, keep: bool = True) -> StepTraffic:
+        """End the step begun by :meth:`start`: its traffic (also in ``m.traffic``), counted or replayed.
+
+        ``keep=False``: a counted step that is not typical of its key (its
+        update was skipped, it rolled back) is returned but not stored.
+        """
         if self._open is not m:
             raise CountingError("stop() of a measurement that is not the open one; call start() first")
         self._open = None
@@ -144,7 +155,11 @@ class TrafficBook:
             return m.traffic
         self.counter.__exit__(None, None, None)
         m.traffic = self.counter.pop()
-        self._store(m.key, m.step, m.traffic)
+        if keep:
+            self._store(m.key, m.step, m.traffic)
+        else:
+            self.counted += 1
+            self._log_counted(m.step)
         return m.traffic
 
     def abort(self, m: Measurement) -> None:
@@ -171,6 +186,9 @@ class TrafficBook:
         while len(self._entries) > self.max_keys:
             self._entries.popitem(last=False)
         self.counted += 1
+        self._log_counted(step)
+
+    def _log_counted(self, step: int) -> None:
         self.counted_steps.append(step)
         del self.counted_steps[:-1000]
 
