@@ -25,7 +25,7 @@ _CACHE_SIZE = 128
 _STATE_KEYS = ("version", "profile", "grid_intensity_g_per_kwh", "rows", "modules", "macs_by_format", "assumptions")
 _TOTALS = (
     "macs", "covered_macs", "narrow_macs", "emulated_macs", "bitops", "bytes_moved", "compute_j", "memory_j",
-    "modeled_j", "fp32_modeled_j", "bf16_modeled_j",
+    "modeled_j", "fp32_modeled_j", "bf16_modeled_j", "op_bytes",
 )
 # Under torch.distributed each step's figures travel between ranks as one fixed-length vector: the totals,
 # then the MACs per executed-format label of the built-in formats (fixed at import, the same on every rank),
@@ -74,6 +74,10 @@ class EnergyLedger:
         self._index: dict[int, int] = {}
         self._modules: dict[str, dict[str, float]] = {}
         self._macs_by_format: dict[str, int] = {}
+        self._bytes_by_format: dict[str, float] = {}
+        self._bytes_by_class: dict[str, float] = {}
+        self._bytes_sources: dict[str, int] = {}
+        self._unclassified_ops: dict[str, int] = {}
         self._uncovered: dict[str, str] = {}
         self._assumptions: set[str] = set()
         # per rank, totals over the steps recorded under torch.distributed (what each rank ran)
@@ -128,6 +132,10 @@ class EnergyLedger:
             "emulated_macs": int(emulated),
             "bitops": int(actual.total("bitops")),
             "bytes_moved": float(actual.total("bytes_moved")),
+            "op_bytes": float(actual.total("op_bytes")),
+            "bytes_source": cost.bytes_source or "modeled",
+            "bytes_by_format": actual.bytes_by_format(),
+            "bytes_by_class": actual.bytes_by_class(),
             "compute_j": actual.total("compute_j"),
             "memory_j": actual.total("memory_j"),
             "modeled_j": actual.modeled_j,
@@ -149,6 +157,10 @@ class EnergyLedger:
         self._rows.append(row)
         for f, n in by_fmt.items():
             self._macs_by_format[f] = self._macs_by_format.get(f, 0) + n
+        _add(self._bytes_by_format, row["bytes_by_format"])
+        _add(self._bytes_by_class, row["bytes_by_class"])
+        _add(self._bytes_sources, {row["bytes_source"]: 1})
+        _add(self._unclassified_ops, cost.unclassified_ops)
         for name, mc in cost.modules.items():
             if not mc.covered:
                 self._uncovered[name] = mc.reason
@@ -169,7 +181,7 @@ class EnergyLedger:
         by_fmt = row["macs_by_format"]
         known = set(WORLD_LABELS)
         return (
-            [float(row[k]) for k in _TOTALS]
+            [float(row.get(k, 0.0)) for k in _TOTALS]
             + [float(by_fmt.get(lab, 0)) for lab in WORLD_LABELS]
             + [float(sum(n for f, n in by_fmt.items() if f not in known))]
         )
@@ -246,7 +258,7 @@ class EnergyLedger:
             row = _copy_row(r)
             world = row.pop("world", None)
             if world is not None:
-                row["rank_local"] = {k: r[k] for k in (*_TOTALS, "wall_s")} | {"macs_by_format": dict(r["macs_by_format"])}
+                row["rank_local"] = {k: r.get(k, 0.0) for k in (*_TOTALS, "wall_s")} | {"macs_by_format": dict(r["macs_by_format"])}
                 row.update({k: world[k] for k in _TOTALS}, macs_by_format=dict(world["macs_by_format"]))
                 row["world_size"] = world["world_size"]
                 if world.get("wall_s") is not None:
@@ -259,7 +271,7 @@ class EnergyLedger:
         rows = self._rows
         distributed = any("world" in r for r in rows)
         # run totals: summed over ranks where the step ran under torch.distributed
-        tot = {k: sum((r["world"] if "world" in r else r)[k] for r in rows) for k in _TOTALS}
+        tot = {k: sum((r["world"] if "world" in r else r).get(k, 0.0) for r in rows) for k in _TOTALS}
         measured = [r for r in rows if r["measured_j"] is not None]
         timed, wall_pending = [], 0
         for r in rows:
@@ -296,6 +308,12 @@ class EnergyLedger:
             "macs_by_format": by_format,
             "bitops": int(tot["bitops"]),
             "bytes_moved": tot["bytes_moved"],
+            "bytes": tot["bytes_moved"],
+            "bytes_by_format": dict(self._bytes_by_format),
+            "bytes_by_class": dict(self._bytes_by_class),
+            "byte_coverage": tot["op_bytes"] / tot["bytes_moved"] if tot["bytes_moved"] else 0.0,
+            "bytes_steps": {k: self._bytes_sources.get(k, 0) for k in ("counted", "replayed", "modeled")},
+            "unclassified_ops": dict(self._unclassified_ops),
             "compute_j": tot["compute_j"],
             "memory_j": tot["memory_j"],
             "modeled_j": tot["modeled_j"],
@@ -316,6 +334,7 @@ class EnergyLedger:
                 "bf16_modeled_j": f"modeled counterfactual: every GEMM static bf16 (profile {p.name})",
                 "measured_j": "measured" if measured else "not measured",
                 "wall_s": "measured wall time (perf_counter) of the steps",
+                "bytes": _bytes_kind(self._bytes_sources),
             },
             "assumptions": sorted(self._assumptions),
             "world_size": self.world_size,
@@ -330,6 +349,7 @@ class EnergyLedger:
                 + (f"; {wall_pending} last step(s) count this rank's time only (the others' arrive with the "
                    "next step)" if wall_pending else ""),
                 "modules": f"rank {self.rank}'s share (ranks run the same modules on their own batches)",
+                "bytes_by_format": f"rank {self.rank}'s bytes", "bytes_by_class": f"rank {self.rank}'s bytes",
                 "measured_j": ("measured on rank " + str(self.rank) + " only") if measured else "not measured",
             })
         if self.target is not None:
@@ -360,6 +380,10 @@ class EnergyLedger:
             "rows": [_copy_row(r) for r in self._rows],
             "modules": {n: dict(v) for n, v in self._modules.items()},
             "macs_by_format": dict(self._macs_by_format),
+            "bytes_by_format": dict(self._bytes_by_format),
+            "bytes_by_class": dict(self._bytes_by_class),
+            "bytes_sources": dict(self._bytes_sources),
+            "unclassified_ops": dict(self._unclassified_ops),
             "uncovered": dict(self._uncovered),
             "assumptions": sorted(self._assumptions),
             "per_rank": [dict(acc) for acc in self._per_rank],
@@ -385,13 +409,36 @@ class EnergyLedger:
         self._index = {r["step"]: i for i, r in enumerate(self._rows)}
         self._modules = {n: dict(v) for n, v in d["modules"].items()}
         self._macs_by_format = dict(d["macs_by_format"])
+        self._bytes_by_format = dict(d.get("bytes_by_format", {}))
+        self._bytes_by_class = dict(d.get("bytes_by_class", {}))
+        self._bytes_sources = dict(d.get("bytes_sources", {}))
+        self._unclassified_ops = dict(d.get("unclassified_ops", {}))
         self._uncovered = dict(d.get("uncovered", {}))
         self._assumptions = set(d["assumptions"])
         self._per_rank = [dict(acc) for acc in d.get("per_rank", [])]
 
 
+def _add(acc: dict, more: Mapping) -> None:
+    for k, v in more.items():
+        acc[k] = acc.get(k, 0) + v
+
+
+def _bytes_kind(sources: Mapping[str, int]) -> str:
+    """What the ledger's byte figures are, from how many steps were counted, replayed or modeled."""
+    counted, replayed, modeled = (sources.get(k, 0) for k in ("counted", "replayed", "modeled"))
+    if not counted + replayed:
+        return "modeled: GEMM operands only (no op-level count was given); byte_coverage 0"
+    out = f"op-level count (dispatch mode) on {counted} step(s), replayed on {replayed}"
+    if modeled:
+        out += f"; {modeled} step(s) priced by the GEMM-operand model only (a lower bound)"
+    return out
+
+
 def _copy_row(r: Mapping[str, Any]) -> dict[str, Any]:
     row = dict(r, macs_by_format=dict(r["macs_by_format"]))
+    for k in ("bytes_by_format", "bytes_by_class"):
+        if k in r:
+            row[k] = dict(r[k])
     if "world" in r:
         row["world"] = dict(r["world"], macs_by_format=dict(r["world"]["macs_by_format"]))
     return row

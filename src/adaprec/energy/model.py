@@ -3,7 +3,12 @@
 Energy-table profiles::
 
     E = sum over GEMMs   MACs x (mult + add energy of the wider operand format)
-      + sum over roles   elements x storage bytes of the role's format x pJ/byte
+      + bytes moved x pJ/byte
+
+The bytes moved are an op-level count when the step carries one (every op's
+tensors read and written, each at the bytes of the dtype it had; see
+:mod:`adaprec.energy.traffic`), else the engine's model of the GEMM operands
+(elements per role x storage bytes of the role's format).
 
 Roofline profiles, per module::
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adaprec.energy.counting import StepCost
+from adaprec.energy.counting import ModuleCost, StepCost, is_float_label
 from adaprec.energy.profiles import Profile
 from adaprec.energy.rules import storage_bits
 from adaprec.formats import get
@@ -46,6 +51,9 @@ class PricedModule:
     memory_j: float
     modeled_j: float
     macs_by_format: dict[str, int]
+    bytes_by_format: dict[str, float] = field(default_factory=dict)
+    bytes_by_class: dict[str, float] = field(default_factory=dict)
+    op_bytes: float = 0.0  # of bytes_moved, those an op-level count saw
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,18 @@ class PricedStep:
         return self.total("modeled_j")
 
     def macs_by_format(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        return self._sum("macs_by_format")
+
+    def bytes_by_format(self) -> dict[str, float]:
+        return self._sum("bytes_by_format")
+
+    def bytes_by_class(self) -> dict[str, float]:
+        return self._sum("bytes_by_class")
+
+    def _sum(self, attr: str) -> dict:
+        out: dict = {}
         for m in self.modules.values():
-            for f, n in m.macs_by_format.items():
+            for f, n in getattr(m, attr).items():
                 out[f] = out.get(f, 0) + n
         return out
 
@@ -92,6 +109,81 @@ def _traffic_bits(key: tuple, mode: str) -> float:
     return 32.0
 
 
+# Op classes whose data are GEMM operands and results: narrowed in the bf16 counterfactual and by the plan.
+_GEMM_CLASSES = ("gemm", "attention")
+OP_BYTES_RULE = (
+    "bytes from an op-level count: each op reads its tensor inputs and writes its outputs once, at the bytes "
+    "of their dtype (views free; gathers read the rows gathered); cache reuse and allocator traffic left out"
+)
+COUNTERFACTUAL_OP_RULE = (
+    "op-level bytes re-priced: every floating-point element (and every GEMM/attention operand) at 4 bytes (fp32) "
+    "or, in the bf16 counterfactual, GEMM and attention operands at 2 bytes and the rest at 4; casts between "
+    "formats are dropped (a plain fp32 run has none; the casts autocast would add are not priced)"
+)
+PLANNED_OP_RULE = (
+    "simulated bytes: GEMM and attention operands of a module at its planned GEMM format, every other op's "
+    "bytes in the dtype they had here"
+)
+
+
+def _op_bits(key: tuple, mode: str, planned_bits: float | None) -> float:
+    """Bits per element of one op-level count entry under a pricing mode."""
+    _phase, cls, dtype, bits, _direction = key
+    if mode == "executed":
+        return bits
+    gemm = cls in _GEMM_CLASSES
+    if mode == "planned":
+        return planned_bits if gemm and planned_bits is not None else bits
+    if cls == "cast":
+        return 0.0
+    if gemm:
+        return 16.0 if mode == "bf16" else 32.0
+    return 32.0 if is_float_label(dtype) else bits
+
+
+def _planned_bits(mc: ModuleCost) -> float | None:
+    """Storage bits of the widest format the plan gave the module's GEMMs (None: it ran none)."""
+    fmts = [get(g.fmt) for g in mc.gemms]
+    if not fmts:
+        return None
+    w = fmts[0]
+    for f in fmts[1:]:
+        w = wider(w, f)
+    return storage_bits(w)
+
+
+def _price_ops(mc: ModuleCost, mode: str) -> tuple[float, dict[str, float], dict[str, float]]:
+    planned = _planned_bits(mc) if mode == "planned" else None
+    total = 0.0
+    by_fmt: dict[str, float] = {}
+    by_cls: dict[str, float] = {}
+    for k, n in mc.ops.items():
+        b = n * _op_bits(k, mode, planned) / 8
+        if b:
+            total += b
+            label = k[2] if mode == "executed" else f"{k[2]} as {_op_bits(k, mode, planned):g}-bit"
+            by_fmt[label] = by_fmt.get(label, 0.0) + b
+            by_cls[k[1]] = by_cls.get(k[1], 0.0) + b
+    return total, by_fmt, by_cls
+
+
+def _price_roles(mc: ModuleCost, mode: str) -> tuple[float, dict[str, float], dict[str, float]]:
+    total = 0.0
+    by_fmt: dict[str, float] = {}
+    by_cls: dict[str, float] = {}
+    for k, n in mc.traffic.items():
+        if not n:
+            continue
+        bits = _traffic_bits(k, mode)
+        b = role_bytes(k[0], n, bits)
+        total += b
+        label = k[1] if mode == "executed" else k[2] if mode == "planned" else f"{bits:g}-bit"
+        by_fmt[label] = by_fmt.get(label, 0.0) + b
+        cls = "optimizer" if k[0] == "optimizer_state" else "gemm"
+        by_cls[cls] = by_cls.get(cls, 0.0) + b
+    return total, by_fmt, by_cls
+
+
 def role_bytes(role: str, elements: int, bits: float) -> float:
     """Bytes of ``elements`` values of ``role`` at ``bits`` each (optimizer state: several accesses)."""
     n = elements * (OPTIMIZER_STATE_ACCESSES if role == "optimizer_state" else 1)
@@ -105,7 +197,9 @@ def price_step(cost: StepCost, profile: Profile, mode: str = "executed") -> Pric
     emulated ones at fp32; tensors at the format they were stored in),
     ``planned`` (each at the plan's format, as if this device ran all of them
     natively: the *simulated* figure for a target profile), or a
-    counterfactual: ``fp32`` or ``bf16`` for everything.
+    counterfactual: ``fp32`` or ``bf16`` for everything. A step with an
+    op-level count (``cost.op_counted``) is priced from it in every mode
+    (the rules: ``OP_BYTES_RULE``, ``COUNTERFACTUAL_OP_RULE``, ``PLANNED_OP_RULE``).
     """
     if mode not in PRICING_MODES:
         raise ValueError(f"pricing mode {mode!r}; use one of {PRICING_MODES}")
@@ -133,7 +227,7 @@ def price_step(cost: StepCost, profile: Profile, mode: str = "executed") -> Pric
                 compute += 2 * g.macs / peak
                 if assumed:
                     assumptions.add(f"{f.name} runs at {peak / 1e12:g} TFLOP/s on {profile.name} (no peak of its own)")
-        nbytes = sum(role_bytes(k[0], n, _traffic_bits(k, mode)) for k, n in mc.traffic.items() if n)
+        nbytes, bytes_fmt, bytes_cls = (_price_ops if cost.op_counted else _price_roles)(mc, mode)
         if table:
             memory = nbytes * profile.pj_per_byte * 1e-12
             total = compute + memory
@@ -141,7 +235,8 @@ def price_step(cost: StepCost, profile: Profile, mode: str = "executed") -> Pric
             p = profile.board_power_w
             memory_t = nbytes / profile.bandwidth_bytes_s
             compute, memory, total = compute * p, memory_t * p, max(compute, memory_t) * p
-        modules[name] = PricedModule(mc.macs, bops, nbytes, compute, memory, total, by_fmt)
+        modules[name] = PricedModule(mc.macs, bops, nbytes, compute, memory, total, by_fmt, bytes_fmt, bytes_cls,
+                                     nbytes if cost.op_counted else 0.0)
     if table:
         assumptions.add(
             f"memory traffic priced at {profile.traffic_level} ({profile.pj_per_byte:.4g} pJ/byte): "
@@ -151,7 +246,13 @@ def price_step(cost: StepCost, profile: Profile, mode: str = "executed") -> Pric
         assumptions.add(
             f"roofline time x {profile.board_power_w:g} W board power: an upper-bound style estimate"
         )
-    if cost.elements().get("optimizer_state"):
+    if cost.op_counted:
+        assumptions.add(OP_BYTES_RULE)
+        if mode in ("fp32", "bf16"):
+            assumptions.add(COUNTERFACTUAL_OP_RULE)
+        elif mode == "planned":
+            assumptions.add(PLANNED_OP_RULE)
+    elif cost.elements().get("optimizer_state"):
         assumptions.add(
             f"optimizer state: {OPTIMIZER_STATE_ACCESSES} accesses per trainable parameter per step (Adam-like)"
         )
