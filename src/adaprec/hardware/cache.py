@@ -1,4 +1,4 @@
-"""On-disk cache of device reports, so that a machine is measured once, not every run.
+"""On-disk cache of device reports (and GEMM shape tables), so that a machine is measured once, not every run.
 
 One JSON file per key (machine, torch version, thread count, sweep kind),
 named by a hash of the key and holding the key itself, so that a file

@@ -309,8 +309,9 @@ class ShapeTable:
     def table(self) -> str:
         """A markdown table: shape | gemm | calls | fp32 ms | speedup per format (casts included)."""
         h = self._how
+        threads = h.get("threads", "?")
         head = (f"{h.get('device', '?')}: {h.get('name', '?')} (torch {h.get('torch_version', '?')}, "
-                f"{h.get('threads', '?')} threads); int8 scaled per {h.get('int8_scaling', '?')}, "
+                f"{threads} thread{'' if threads == 1 else 's'}); int8 scaled per {h.get('int8_scaling', '?')}, "
                 f"gradients rounded {'stochastically' if h.get('stochastic_grads') else 'to nearest'}; "
                 f"{h.get('timed_seconds', 0.0):.1f} s timed, {h.get('seconds', 0.0):.1f} s in all")  # fmt: skip
         load = h.get("load")
@@ -541,7 +542,7 @@ def _measure_shape(
         if f in ratios:
             out[f] = FormatTiming(statistics.median(ratios[f]), statistics.median(samples[f]))
         elif f in far:
-            out[f] = FormatTiming(t32 / warm[f], warm[f], f"far slower than fp32 in warm-up (over {far_slower:g}x): "
+            out[f] = FormatTiming(t32 / warm[f], warm[f], f"over {far_slower:g}x slower than fp32 in warm-up: "
                                                           "not timed further")  # fmt: skip
         else:
             out[f] = FormatTiming(None, None, notes.get(f, "not timed"))
@@ -681,19 +682,19 @@ def _measure(
     with torch.no_grad():
         for i, shape in enumerate(order):
             calls = counts[shape]
-            why = ""
-            if not timed:
-                why = "no format to time"
-            elif i >= max_shapes:
-                why = f"not timed: beyond the {max_shapes} largest shapes"
-            elif spent.seconds >= budget_s:
-                why = f"not timed: the {budget_s:g} s budget was spent"
             # a format far slower than fp32 at a GEMM at least this large is not timed here: casts weigh more
             # in smaller GEMMs, so it would not pay here either
             far = {f: at for f, at in far_at.items() if at.macs >= shape.macs}
             active = [f for f in timed if f not in far]
-            if not why and not active:
+            why = ""
+            if not timed:
+                why = "no format to time"
+            elif not active:
                 why = "not timed: every format was far slower than fp32 at a larger shape"
+            elif i >= max_shapes:
+                why = f"not timed: beyond the {max_shapes} largest shapes"
+            elif spent.seconds >= budget_s:
+                why = f"not timed: the {budget_s:g} s budget was spent"
             if why:
                 rows.append(ShapeTiming(shape, calls, None, formats={f: FormatTiming(None, None, why) for f in fmts},
                                         note=why))  # fmt: skip
@@ -703,7 +704,7 @@ def _measure(
             for f in timed:
                 if f in far:
                     fm[f] = FormatTiming(None, None, f"not timed: far slower than fp32 at {far[f]}")
-                elif f in fm and fm[f].note.startswith("far slower") and f not in far_at:
+                elif f in fm and "slower than fp32 in warm-up" in fm[f].note and f not in far_at:
                     far_at[f] = shape
             for f in skipped:
                 fm[f] = FormatTiming(None, None, "not timed: " + skipped[f])
