@@ -164,6 +164,8 @@ def test_fake_timer_drives_the_decisions(tmp_path):
     assert formats_that_pay(table, BIG, ("int8", "bf16")) == {"int8", "fp32"}
     assert formats_that_pay(table, SMALL, ("int8", "bf16")) == {"fp32"}
     assert formats_by_module(table, MODULES, ("int8", "bf16")) == {"big": {"int8", "fp32"}, "small": {"fp32"}}
+    # the hardware filter's allowed formats may differ per module (one not named is allowed fp32 only)
+    assert formats_by_module(table, MODULES, {"big": ["bf16"]}) == {"big": {"fp32"}, "small": {"fp32"}}
     # fp32 and the three GEMMs of each layer were all timed, each with fp32 beside it
     timed = {(s, f) for s, f, _ in timer.calls}
     assert timed == {(s, f) for s in ALL for f in ("fp32", "int8", "bf16")}
@@ -243,15 +245,17 @@ def test_replay_gives_the_same_decisions_without_timing(tmp_path, monkeypatch):
 
 def test_cache_and_memo_hit_without_timing(tmp_path):
     first = _measure(tmp_path, FakeTimer(_rule))
-    files = list(tmp_path.glob("gemm-shapes-*.json"))
-    assert len(files) == 1
-    assert _measure(tmp_path, _raise) is first  # memoised
+    (path,) = tmp_path.glob("gemm-shapes-*.json")
+    memoised = _measure(tmp_path, _raise)
+    assert memoised == first and memoised is not first  # each caller its own table: load_state_dict is private
     shapes.clear_memo()
     from_disk = _measure(tmp_path, _raise)  # read back from the cache file
-    assert from_disk == first and from_disk is not first
+    assert from_disk == first
     assert formats_by_module(from_disk, MODULES, ["int8"]) == formats_by_module(first, MODULES, ["int8"])
+    path.unlink()
+    assert _measure(tmp_path, _raise) == first  # from memory: the file is gone
     refreshed = _measure(tmp_path, FakeTimer(lambda s, f: 3.0), refresh=True)
-    assert refreshed.speedup(SMALL[0], "int8") == pytest.approx(3.0)
+    assert refreshed.speedup(SMALL[0], "int8") == pytest.approx(3.0) and path.exists()
 
 
 def test_cache_key_covers_shapes_formats_and_casts(tmp_path):

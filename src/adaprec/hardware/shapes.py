@@ -402,10 +402,11 @@ def formats_by_module(
     margin: float = PAY_MARGIN,
 ) -> dict[str, frozenset[str]]:
     """:func:`formats_that_pay` for every module: ``formats`` is one set for all, or one per module."""
-    per = formats if isinstance(formats, Mapping) else None
-    common = None if per is not None else tuple(formats)
-    return {name: formats_that_pay(table, shapes, per.get(name, ("fp32",)) if per is not None else common, margin)
-            for name, shapes in module_shapes.items()}  # fmt: skip
+    if isinstance(formats, Mapping):
+        return {name: formats_that_pay(table, shapes, formats.get(name, ("fp32",)), margin)
+                for name, shapes in module_shapes.items()}  # fmt: skip
+    common = tuple(formats)
+    return {name: formats_that_pay(table, shapes, common, margin) for name, shapes in module_shapes.items()}
 
 
 # ---------------------------------------------------------------- measuring
@@ -572,7 +573,7 @@ def _skipped_by_probe(report: DeviceReport | None, formats: Sequence[str], skip_
     return out
 
 
-_MEMO: dict[str, ShapeTable] = {}
+_MEMO: dict[str, dict[str, Any]] = {}  # cache file -> table data: each caller gets its own ShapeTable
 _LOCK = threading.Lock()
 
 
@@ -647,15 +648,13 @@ def measure_gemms(
     memo_key = str(path.absolute())
     with _LOCK:
         if not refresh:
-            hit = _MEMO.get(memo_key)
-            if hit is None:
-                data = _cache.load_json(path, key, SCHEMA, "table")
-                try:
-                    hit = ShapeTable.from_dict(data) if data is not None else None
-                except HardwareError:
-                    hit = None  # a damaged file: measure again
+            data = _MEMO.get(memo_key) or _cache.load_json(path, key, SCHEMA, "table")
+            try:
+                hit = ShapeTable.from_dict(data) if data is not None else None
+            except HardwareError:
+                hit = None  # a damaged file: measure again
             if hit is not None:
-                _MEMO[memo_key] = hit
+                _MEMO[memo_key] = data
                 return hit
         table = _measure(order, counts, fmts, timed, skipped, dev, int8_scaling, bool(stochastic_grads),
                          budget_s, max_shapes, far_slower, timer or _wall_timer(dev))  # fmt: skip
@@ -664,7 +663,7 @@ def measure_gemms(
         except OSError as e:
             warnings.warn(f"adaprec could not cache the GEMM shape table at {path} ({e}); it will be measured again",
                           RuntimeWarning, stacklevel=2)  # fmt: skip
-        _MEMO[memo_key] = table
+        _MEMO[memo_key] = table.to_dict()
         return table
 
 
