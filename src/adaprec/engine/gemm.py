@@ -37,7 +37,7 @@ from adaprec.engine.quant import Int8Operand, NoiseTable, Scratch, quantize_int8
 from adaprec.formats import FLOAT16_DTYPES, Rounding, wider
 from adaprec.plan import TensorRecipe
 
-__all__ = ["RoleCast", "LinearExec", "GemmContext", "planned_linear", "gemm_format"]
+__all__ = ["RoleCast", "LinearExec", "GemmContext", "planned_linear", "planned_gemm", "gemm_format"]
 
 
 
@@ -216,6 +216,25 @@ def _int_mm_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         b = torch.nn.functional.pad(b, (0, pn, 0, pk))
     c = torch._int_mm(a.contiguous(), b.t().contiguous().t())
     return c[:m, :n] if (pm or pn) else c
+
+
+def planned_gemm(
+    a: torch.Tensor, at: bool, a_cast: RoleCast, a_role: str,
+    b: torch.Tensor, bt: bool, b_cast: RoleCast, b_role: str,
+    gc: GemmContext, int8_native: bool = True,
+) -> torch.Tensor:
+    """One GEMM ``op(a) @ op(b)`` (``at``/``bt``: read the transpose) as :func:`planned_linear` runs it, casts included.
+
+    Each operand is cast by its role's :class:`RoleCast` along the GEMM's
+    contraction (the same ``_cast`` the linear's GEMMs call), then the kernel
+    and its dequantize epilogue run (``_mm``); the result is fp32. Nothing is
+    cached or shared between calls, so one call costs what one GEMM costs when
+    it casts both its operands: the seam :mod:`adaprec.hardware.shapes` times.
+    """
+    oa = _cast(a, a_cast, 0 if at else 1, gc, a_role)
+    ob = _cast(b, b_cast, 1 if bt else 0, gc, b_role)
+    fmt, native = gemm_format(a_cast, b_cast, int8_native)
+    return _mm(oa, at, ob, bt, fmt, native, gc.scratch)
 
 
 class _PlannedLinear(torch.autograd.Function):

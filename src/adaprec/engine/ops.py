@@ -33,7 +33,10 @@ class OpGemm:
     ``a_role`` x ``b_role`` are the plan roles of its operands (``activation``
     x ``weight``, or ``activation`` x ``activation`` for attention-like
     products). ``grad_a``/``grad_b``: the gradient of that operand is
-    computed (a GEMM of the same size each).
+    computed (a GEMM of the same size each). ``mkn``: for a linear-like
+    call (``Y = X W^T``), its forward GEMM's (rows of X, in-features,
+    out-features), from which :func:`adaprec.hardware.shapes.linear_gemms`
+    derives the backward GEMMs' shapes; None for other ops.
     """
 
     label: str
@@ -42,6 +45,7 @@ class OpGemm:
     b_role: str
     grad_a: bool
     grad_b: bool
+    mkn: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -123,7 +127,8 @@ def _linear(func_name: str, x: torch.Tensor, w: torch.Tensor, out_features: int,
     rows = x.numel() // max(in_features, 1)
     macs = rows * in_features * out_features
     call = OpCall("linear", func_name, weight=param_of(w) if is_param_like(w) else w)
-    call.gemms.append(OpGemm(func_name, macs, "activation", "weight", _rg(x), _rg(w)))
+    call.gemms.append(OpGemm(func_name, macs, "activation", "weight", _rg(x), _rg(w),
+                             (rows, in_features, out_features)))  # fmt: skip
     _traffic(call, x, w, rows * out_features, "activation", "weight")
     return call
 
@@ -163,7 +168,8 @@ def _matmul_call(name: str, a: torch.Tensor, b: torch.Tensor) -> OpCall:
     pa, pb = is_param_like(a), is_param_like(b)
     if pb and not pa:
         call = OpCall("linear", name, weight=param_of(b))
-        call.gemms.append(OpGemm(name, macs, "activation", "weight", _rg(a), _rg(b)))
+        mkn = (out_numel // b.shape[-1], k, b.shape[-1]) if b.dim() == 2 and a.dim() >= 1 else None
+        call.gemms.append(OpGemm(name, macs, "activation", "weight", _rg(a), _rg(b), mkn))
         _traffic(call, a, b, out_numel, "activation", "weight")
     elif pa and not pb:
         call = OpCall("linear", name, weight=param_of(a))

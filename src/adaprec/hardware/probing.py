@@ -39,7 +39,7 @@ from adaprec.hardware.report import (
     format_speedup,
 )
 
-__all__ = ["clear_memo", "probe", "resolve_device"]
+__all__ = ["clear_memo", "device_key", "probe", "resolve_device"]
 
 _MEMO: dict[str, DeviceReport] = {}
 _LOCK = threading.Lock()
@@ -121,6 +121,16 @@ def _identify(dev: torch.device, sweep: str) -> tuple[dict[str, Any], dict[str, 
     facts = {"name": dev.type, "capability": "unknown", "flags": (), "decisions": decisions,
              "conditional": frozenset(), "notes": [why], "measure": False}  # fmt: skip
     return key, facts
+
+
+def device_key(device: str | torch.device | None) -> dict[str, Any]:
+    """What identifies this device for a cache of measurements: machine, flags, torch version, threads.
+
+    The device report's own key without its sweep kind and schema, for other
+    measurements (e.g. :mod:`adaprec.hardware.shapes`) that must miss on another
+    machine, torch version or thread count just as the report does."""
+    key, _ = _identify(resolve_device(device), "none")
+    return {k: v for k, v in key.items() if k not in ("schema", "ops", "sweep")}
 
 
 def _how_measured(m: _sweep.Measurement) -> str:

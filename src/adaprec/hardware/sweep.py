@@ -43,6 +43,7 @@ __all__ = [
     "conv_shape",
     "gemm_kernel_name",
     "gemm_shapes",
+    "make_timer",
     "run",
     "run_attention",
     "run_conv",
@@ -357,7 +358,8 @@ def _check_attention(fmt: str, device: torch.device) -> tuple[str, str]:
 # ---------------------------------------------------------------- timing
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Seconds one call of ``fn`` takes on ``device`` (CUDA is synchronised before and after)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def once(fn: Callable[[], object]) -> float:
@@ -368,6 +370,9 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
         return time.perf_counter() - t0
 
     return once
+
+
+_timer = make_timer
 
 
 def _failure(kernel: str, e: Exception) -> str:
