@@ -25,6 +25,7 @@ from adaprec.errors import AdaprecError, FormatSpecError, UnknownFormatError
 from adaprec.formats.storage import (
     PackedTensor,
     pack,
+    packed_zeros,
     storage_bases,
     storage_format,
     storage_nbytes,
@@ -419,14 +420,29 @@ def test_pack_refuses_integer_tensors():
 # ---------------------------------------------------------------- state views
 
 @pytest.mark.parametrize("spec", ALL)
-def test_state_views_are_integers_and_give_back_the_same_packed_tensor(spec):
-    x = torch.randn(3, 300).abs()
-    p = pack(x, spec)
-    st_ = p.to_state()
-    assert all(not t.is_floating_point() for t in st_.values())
-    # what Optimizer.load_state_dict does to floating state: cast to the param dtype (here bf16)
-    cast = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in st_.items()}
-    q = PackedTensor.from_state(spec, pickle.loads(pickle.dumps(cast)), x.shape, x.dtype)
-    assert same_bits(unpack(q).numpy(), unpack(p).numpy())
-    assert q.nbytes == p.nbytes
+@pytest.mark.parametrize("cast", [None, torch.bfloat16, torch.float16, torch.float32])
+def test_state_bytes_survive_optimizer_load_state_dicts_cast(spec, cast):
+    """Optimizer.load_state_dict casts every state tensor to the parameter's dtype; bytes come back exact."""
+    for shape in [(3, 300), (), (7,)]:
+        x = torch.randn(shape).abs()
+        p = pack(x, spec)
+        st_ = p.to_state()
+        assert all(t.dtype == torch.uint8 and t.dim() == 1 for t in st_.values())
+        moved = {k: (v if cast is None else v.to(cast)) for k, v in pickle.loads(pickle.dumps(st_)).items()}
+        q = PackedTensor.from_state(spec, moved, x.shape, x.dtype)
+        assert same_bits(unpack(q).numpy(), unpack(p).numpy())
+        assert q.nbytes == p.nbytes
+        if cast is None:  # no copy
+            assert q.codes.data_ptr() == moved["codes"].data_ptr()
 
+
+@pytest.mark.parametrize("spec", ALL)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (7,), (300,), (5, 300), (2, 3, 129)])
+def test_packed_zeros_equals_packing_zeros(spec, shape):
+    a, b = packed_zeros(spec, shape), pack(torch.zeros(shape), spec)
+    assert a.codes.shape == b.codes.shape and a.codes.dtype == b.codes.dtype
+    assert torch.equal(a.codes.reshape(-1).view(torch.uint8), b.codes.reshape(-1).view(torch.uint8))
+    assert (a.scales is None) == (b.scales is None)
+    if a.scales is not None:
+        assert torch.equal(a.scales, b.scales)
+    assert a.nbytes == b.nbytes and torch.equal(unpack(a), torch.zeros(shape))

@@ -41,6 +41,8 @@ __all__ = [
     "pack",
     "unpack",
     "storage_nbytes",
+    "packed_zeros",
+    "as_bytes",
     "STORAGE_ROLES",
 ]
 
@@ -262,38 +264,47 @@ class PackedTensor:
         return unpack(self)
 
     def to_state(self) -> dict[str, torch.Tensor]:
-        """Codes and scales as integer views of the same bytes.
+        """Codes and scales as flat ``uint8`` views of the same bytes (no copy).
 
-        ``torch.optim.Optimizer.load_state_dict`` casts every floating-point
-        state tensor to its parameter's dtype; integer tensors pass unchanged,
-        so a state saved this way resumes bit for bit.
+        ``torch.optim.Optimizer.load_state_dict`` casts every state tensor but
+        ``step`` to its parameter's dtype. Bytes survive that cast exactly:
+        every floating dtype holds the integers 0..255, and :meth:`from_state`
+        turns them back into bytes, so a state saved this way resumes bit for bit.
         """
-        out = {"codes": _raw(self.codes)}
+        out = {"codes": _bytes(self.codes)}
         if self.scales is not None:
-            out["scales"] = _raw(self.scales)
+            out["scales"] = _bytes(self.scales)
         return out
 
     @classmethod
     def from_state(
         cls, fmt: StorageFormat | str, state: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype
     ) -> PackedTensor:
-        """The inverse of :meth:`to_state` (no copy)."""
+        """The inverse of :meth:`to_state`: no copy for ``uint8`` input, an exact conversion for cast bytes."""
         fmt = storage_format(fmt)
-        codes = state["codes"]
-        if fmt.kind == "float":
+        shape = torch.Size(shape)
+        codes = as_bytes(state["codes"])
+        if fmt.bits >= 8 and fmt.code_dtype != torch.uint8:
             codes = codes.view(fmt.code_dtype)
-        scales = state["scales"].view(torch.float32) if "scales" in state else None
-        return cls(fmt, codes, scales, torch.Size(shape), dtype)
+        if fmt.granularity == "none":
+            codes = codes.view(shape)
+        elif fmt.granularity == "row":
+            codes = codes.view(_rows(shape))
+        scales = as_bytes(state["scales"]).view(torch.float32) if "scales" in state else None
+        return cls(fmt, codes, scales, shape, dtype)
 
     def __repr__(self) -> str:
         return f"PackedTensor({self.fmt.spec}, shape={tuple(self.shape)}, dtype={self.dtype}, nbytes={self.nbytes})"
 
 
-_RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1)
+    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
 
 
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    return t if not t.is_floating_point() else t.view(_RAW[t.element_size()])
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A byte tensor from :meth:`PackedTensor.to_state`, undoing a cast to another dtype (exact: 0..255)."""
+    return t if t.dtype == torch.uint8 else t.to(torch.uint8)
 
 
 def _as_format(fmt: StorageFormat | str) -> StorageFormat:
@@ -429,6 +440,32 @@ def unpack(p: PackedTensor) -> torch.Tensor:
     if fmt.mapping == "sqrt":
         y = _expand(y)
     return y.reshape(-1)[:n].view(p.shape).to(p.dtype)
+
+
+def packed_zeros(
+    fmt: StorageFormat | str,
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> PackedTensor:
+    """A tensor of zeros kept in ``fmt``, built without a full-size fp32 temporary (as ``pack(zeros)`` gives)."""
+    fmt = _as_format(fmt)
+    shape = torch.Size(shape)
+    n = math.prod(shape)
+    if not fmt.scaled:
+        return PackedTensor(fmt, torch.zeros(shape, dtype=fmt.code_dtype, device=device), None, shape, dtype)
+    if fmt.granularity == "row":
+        rows, cols = _rows(shape)
+        codes = torch.zeros((rows, cols), dtype=fmt.code_dtype, device=device)
+        return PackedTensor(fmt, codes, torch.ones(rows, device=device), shape, dtype)
+    if fmt.granularity == "tensor":
+        codes = torch.zeros(n, dtype=fmt.code_dtype, device=device)
+        return PackedTensor(fmt, codes, torch.ones(1, device=device), shape, dtype)
+    b = fmt.block_size
+    assert b is not None
+    blocks = -(-n // b)
+    codes = torch.zeros(blocks * b if fmt.bits >= 8 else blocks * b // 2, dtype=fmt.code_dtype, device=device)
+    return PackedTensor(fmt, codes, torch.ones(blocks, device=device), shape, dtype)
 
 
 def storage_nbytes(fmt: StorageFormat | str, numel: int, *, last_dim: int | None = None) -> int:
