@@ -53,8 +53,8 @@ from torch import nn
 from adaprec.errors import CheckpointError, OptimizerStateError
 from adaprec.formats.storage import (
     PackedTensor,
-    as_bytes,
     StorageFormat,
+    as_bytes,
     pack,
     packed_zeros,
     storage_format,
