@@ -42,7 +42,7 @@ QUALITY_FORMATS: dict[str, object] = {
     "int8, second moment linear (uint8 of sqrt v)": ("int8/sqrt", "uint8/sqrt"),
     "torchao Adam8bit / AdamW8bit": "torchao",
 }
-MEMORY_VARIANTS = ("fp32", "bf16", "int8", "fp8_e4m3", "int4", "torchao AdamW8bit")
+MEMORY_VARIANTS = ("no optimizer", "fp32", "bf16", "int8", "fp8_e4m3", "int4", "torchao AdamW8bit")
 
 
 class _Peer:
@@ -120,11 +120,15 @@ def char_run(spec: object, steps: int, seed: int = 0) -> dict[str, float]:
     return {"val_loss": float(ev["val_loss"]), "state_bytes": sum(ns.nbytes().values())}
 
 
-def quality(steps_digits: int, steps_char: int, seeds: int) -> list[dict]:
+def quality(steps_digits: int, steps_char: int, seeds: int, labels: list[str], tasks: list[str]) -> list[dict]:
     rows = []
     for label, spec in QUALITY_FORMATS.items():
+        if labels and label not in labels:
+            continue
         for task, fn, steps, key in (("digits MLP", digits_run, steps_digits, "val_loss"),
                                      ("char-transformer", char_run, steps_char, "val_loss")):
+            if task.split()[0].split("-")[0] not in tasks:
+                continue
             vals = [fn(spec, steps, seed)[key] for seed in range(seeds)]
             rows.append({"task": task, "state": label, "steps": steps, "val_loss": vals})
             print(json.dumps(rows[-1]), flush=True)
@@ -139,7 +143,10 @@ def memory_child(variant: str, width: int, layers: int) -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(width, width, bias=True) for _ in range(layers)])
     params = sum(p.numel() for p in model.parameters())
-    if variant == "torchao AdamW8bit":
+    if variant == "no optimizer":  # the floor: the process, the parameters and their gradients
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        step = lambda: None  # noqa: E731
+    elif variant == "torchao AdamW8bit":
         from torchao.optim import AdamW8bit
 
         opt: torch.optim.Optimizer = AdamW8bit(model.parameters(), lr=1e-3)
@@ -205,13 +212,16 @@ def main() -> None:
     ap.add_argument("--steps-char", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--formats", default="", help="comma-separated labels of QUALITY_FORMATS (default: all)")
+    ap.add_argument("--tasks", default="digits,char", help="digits and/or char")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.child:
         print(json.dumps(memory_child(a.child, a.width, a.layers)))
         return
     if a.mode == "quality":
-        quality(a.steps_digits, a.steps_char, a.seeds)
+        labels = [x.strip() for x in a.formats.split(";" if ";" in a.formats else ",") if x.strip()]
+        quality(a.steps_digits, a.steps_char, a.seeds, labels, a.tasks.split(","))
     elif a.mode == "memory":
         memory(a.width, a.layers)
     else:

@@ -314,6 +314,9 @@ def test_nbytes_are_the_bytes_the_state_holds():
         + tag_int8 + step_bytes
     assert ns.nbytes()["bf16"] == 2 * storage_nbytes("bf16", 512 * 300) + len(b"bf16|bf16|bf16") + step_bytes
     assert ns.nbytes()["fp32"] == 2 * 4 * (512 + 300) + 2 * step_bytes
+    assert moment_formats("int8").nbytes(n0) + tag_int8 + step_bytes == ns.nbytes()["int8/block256"]
+    assert moment_formats("int4").nbytes(1024) == 512 + 8 * 4 + 1024 + 8 * 4
+    assert moment_formats("bf16").nbytes(10, amsgrad=True) == 60
     fp32_equivalent = 2 * 4 * n0
     assert ns.nbytes()["int8/block256"] < 0.26 * fp32_equivalent
 

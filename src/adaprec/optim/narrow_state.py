@@ -17,16 +17,21 @@ skip a parameter whose ``.grad`` is None) and put back afterwards.
 >>> ...; loss.backward(); narrow.step(); opt.zero_grad()
 >>> narrow.nbytes()                                    # {'fp32': 8228, 'int8/block256': 2113536}
 
-What is kept where (per parameter, as the caller's spec says):
+What is kept where (per parameter, as the caller's spec says;
+:func:`moment_formats` is the one copy of the rule):
 
 - ``"fp32"``: nothing changes; the optimizer's own step, bit for bit.
-- a narrow spec ``s``: the first moment (and SGD's momentum buffer) in
-  ``s``; the second moment (and AMSGrad's running max) in
-  :func:`moment_formats`'s companion of ``s``: integer codes become
-  unsigned with the sqrt map, fp8 and fp16 codes take the sqrt map, bf16
-  stays bf16. (Linear int8 flushes a block's small second moments to zero
-  and ``m / (sqrt(v) + eps)`` then jumps by orders of magnitude; measured
-  in ``docs/memory.md``.) A pair ``(first, second)`` sets both.
+- ``"bf16"``: both moments bf16 (fp32's exponent range: nothing flushes).
+- ``"fp16"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``: the first moment (and SGD's
+  momentum) in that format, the second moment (and AMSGrad's max) in the
+  same format with the sqrt map, which doubles its range in log terms.
+- ``"int8"``, ``"int4"``: the first moment as those integer codes with the
+  sqrt map; the second moment as fp8 E4M3 codes with the sqrt map (one
+  byte, log-spaced). A linear 8-bit code of ``v`` (even of ``sqrt(v)``)
+  rounds a block's small second moments to zero and ``m / (sqrt(v) + eps)``
+  then takes steps of ``lr * m / eps``; a linear first moment loses the
+  small ones. Both measured in ``docs/memory.md``.
+- a pair ``(first, second)`` of storage specs sets both moments exactly.
 - tensors under ``min_numel`` (4096) elements and embedding weights stay
   fp32 unless the caller lowers ``min_numel`` / sets
   ``keep_embeddings_fp32=False``, as torchao's and bitsandbytes' 8-bit
@@ -58,6 +63,7 @@ from adaprec.formats.storage import (
     pack,
     packed_zeros,
     storage_format,
+    storage_nbytes,
     unpack,
 )
 
@@ -93,6 +99,11 @@ class MomentFormats:
     def tag(self) -> str:
         """``name|first|second``: what ``optimizer.state[p]`` records (as bytes) beside the codes."""
         return f"{self.name}|{self.first.spec}|{self.second.spec}"
+
+    def nbytes(self, numel: int, *, last_dim: int | None = None, amsgrad: bool = False) -> int:
+        """Bytes both moments of a ``numel``-element parameter occupy (AMSGrad adds a second-moment copy)."""
+        second = storage_nbytes(self.second, numel, last_dim=last_dim)
+        return storage_nbytes(self.first, numel, last_dim=last_dim) + second * (2 if amsgrad else 1)
 
     @classmethod
     def from_tag(cls, tag: str) -> MomentFormats:
