@@ -297,6 +297,14 @@ def _rule_for(optimizer: torch.optim.Optimizer) -> _Rule:
     )
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
 def _encode(tag: str) -> torch.Tensor:
     return torch.tensor(list(tag.encode()), dtype=torch.uint8)
 
@@ -415,9 +423,10 @@ class NarrowOptimizerState:
         are converted now (unpacked from the old storage, packed in the new).
         All specs are checked before anything changes.
         """
+        groups = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
         plan: list[tuple[torch.Tensor, MomentFormats | None]] = []
         for p, spec in formats.items():
-            group = self._group(p)
+            group = groups.get(id(p)) or self._group(p)  # _group raises the clear error
             mf = moment_formats(spec)
             if not mf.identity and self._kept_fp32(p):
                 mf = moment_formats(_FP32)
@@ -425,6 +434,10 @@ class NarrowOptimizerState:
                 self._rule.check(group)
                 if p.is_complex():
                     raise OptimizerStateError("complex parameters cannot keep narrow state; keep them fp32")
+                if _is_dtensor(p):
+                    raise OptimizerStateError(
+                        "sharded (DTensor, FSDP2) parameters cannot keep narrow state yet; keep them fp32"
+                    )
             plan.append((p, None if mf.identity else mf))
         out: dict[torch.Tensor, str] = {}
         for p, mf in plan:
@@ -432,7 +445,7 @@ class NarrowOptimizerState:
                 self._want.pop(p, None)
             else:
                 self._want[p] = mf
-            self._convert(p, self._group(p))
+            self._convert(p, groups[id(p)])
             out[p] = _FP32 if mf is None else mf.name
         return out
 
