@@ -76,3 +76,7 @@ class StoreError(AdaprecError, RuntimeError):
 
 class StoreLockedError(StoreError):
     """A run directory whose result store another live process is writing; names that process."""
+
+
+class OptimizerStateError(AdaprecError, ValueError):
+    """An optimizer, option or parameter whose state adaprec cannot keep narrow; names what is supported."""

@@ -1,0 +1,232 @@
+"""Optimizer state kept narrow (adaprec.optim.NarrowOptimizerState): quality and memory.
+
+* ``quality``: trains the same model from the same seed with the moments kept
+  in fp32 (torch's own step), bf16, fp16, int8, fp8 E4M3/E5M2 and int4, plus
+  the linear-second-moment variants that show why the second moment takes
+  the sqrt map; prints the final losses and their ratio to fp32. Two tasks:
+  an MLP on scikit-learn's digits and the ``char-transformer`` task
+  (nanoGPT's CPU configuration on the Shakespeare plays, AdamW).
+* ``memory``: peak resident memory of an Adam step on a ~67 M-parameter
+  model, each variant in its own fresh process: fp32 state, adaprec's bf16 /
+  int8 / fp8 / int4 state, and torchao's ``AdamW8bit``. The peak is the
+  process high-water mark (VmHWM) after a reset through ``/proc/self/clear_refs``
+  once a first step has created the state (:class:`adaprec.memory.PeakMemory`),
+  so it is the steady state: parameters + gradients + state + the step's
+  temporaries. Memory only: no timing here.
+
+Run: ``python bench/bench_optimizer_state.py quality|memory [--steps N] [--write]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+QUALITY_FORMATS: dict[str, object] = {
+    "fp32": "fp32",
+    "bf16": "bf16",
+    "fp16": "fp16",
+    "int8": "int8",
+    "fp8_e4m3": "fp8_e4m3",
+    "fp8_e5m2": "fp8_e5m2",
+    "int4": "int4",
+    "int8, first moment linear": ("int8", "fp8_e4m3/sqrt"),
+    "int8, second moment linear (uint8 of sqrt v)": ("int8/sqrt", "uint8/sqrt"),
+    "torchao Adam8bit / AdamW8bit": "torchao",
+}
+MEMORY_VARIANTS = ("no optimizer", "fp32", "bf16", "int8", "fp8_e4m3", "int4", "torchao AdamW8bit")
+
+
+class _Peer:
+    """torchao's 8-bit optimizer behind the same two calls the bench makes."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+
+    def step(self) -> None:
+        self.opt.step()
+
+    def nbytes(self) -> dict[str, int]:
+        return {"torchao": sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in _tensors(s))}
+
+
+def _narrow(opt: torch.optim.Optimizer, model: nn.Module, spec: object):
+    if spec == "torchao":  # the same hyper-parameters, torchao's 8-bit class
+        from torchao.optim import Adam8bit, AdamW8bit
+
+        g = opt.param_groups[0]
+        cls = AdamW8bit if isinstance(opt, torch.optim.AdamW) else Adam8bit
+        peer = cls(model.parameters(), lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"])
+        return _Peer(peer)
+    from adaprec.optim import NarrowOptimizerState
+
+    ns = NarrowOptimizerState(opt, model=model)
+    ns.set_formats({p: spec for p in model.parameters()})
+    return ns
+
+
+def digits_run(spec: object, steps: int, seed: int = 0) -> dict[str, float]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target)
+    g = torch.Generator().manual_seed(123)
+    perm = torch.randperm(len(x), generator=g)
+    tr, te = perm[:1500], perm[1500:]
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ns = _narrow(opt, model, spec)
+    bg = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        idx = tr[torch.randint(0, len(tr), (64,), generator=bg)]
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        ns.step()
+    with torch.no_grad():
+        train = float(nn.functional.cross_entropy(model(x[tr]), y[tr]))
+        val = float(nn.functional.cross_entropy(model(x[te]), y[te]))
+    return {"train_loss": train, "val_loss": val, "state_bytes": sum(ns.nbytes().values())}
+
+
+def char_run(spec: object, steps: int, seed: int = 0) -> dict[str, float]:
+    from adaprec.experiments.tasks.char_transformer import make_task
+
+    task = make_task("char-transformer")
+    model = task.make_model(seed)
+    opt = task.make_optimizer(model)
+    ns = _narrow(opt, model, spec)
+    done = 0
+    epoch = 0
+    while done < steps:
+        for xb, yb in task.train_loader(seed * 1000 + epoch):
+            model.zero_grad(set_to_none=True)
+            task.loss_fn(model(xb), yb).backward()
+            ns.step()
+            done += 1
+            if done == steps:
+                break
+        epoch += 1
+    ev = task.evaluate(model)
+    return {"val_loss": float(ev["val_loss"]), "state_bytes": sum(ns.nbytes().values())}
+
+
+def quality(steps_digits: int, steps_char: int, seeds: int, labels: list[str], tasks: list[str]) -> list[dict]:
+    rows = []
+    for label, spec in QUALITY_FORMATS.items():
+        if labels and label not in labels:
+            continue
+        for task, fn, steps, key in (("digits MLP", digits_run, steps_digits, "val_loss"),
+                                     ("char-transformer", char_run, steps_char, "val_loss")):
+            if task.split()[0].split("-")[0] not in tasks:
+                continue
+            vals = [fn(spec, steps, seed)[key] for seed in range(seeds)]
+            rows.append({"task": task, "state": label, "steps": steps, "val_loss": vals})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- memory, one fresh process per variant
+
+def memory_child(variant: str, width: int, layers: int) -> dict:
+    from adaprec.memory import PeakMemory
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width, bias=True) for _ in range(layers)])
+    params = sum(p.numel() for p in model.parameters())
+    if variant == "no optimizer":  # the floor: the process, the parameters and their gradients
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        step = lambda: None  # noqa: E731
+    elif variant == "torchao AdamW8bit":
+        from torchao.optim import AdamW8bit
+
+        opt: torch.optim.Optimizer = AdamW8bit(model.parameters(), lr=1e-3)
+        step = opt.step
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        step = opt.step
+        if variant != "fp32":
+            step = _narrow(opt, model, variant).step
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():  # gradients as backward leaves them: one fp32 tensor per parameter
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    step()  # creates the state
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in _tensors(s))
+    peak = PeakMemory()
+    peak.reset()
+    base = _rss()
+    step()
+    reading = peak.read()
+    return {"variant": variant, "params": params, "state_bytes": state_bytes, "rss_before_step": base,
+            "peak": reading.peak_bytes, "method": reading.method}
+
+
+def _tensors(state: dict) -> list[torch.Tensor]:
+    out = []
+    for v in state.values():
+        if torch.is_tensor(v):
+            inner = [getattr(v, a) for a in ("codes", "scale", "qmap") if hasattr(v, a) and torch.is_tensor(getattr(v, a))]
+            out.extend(inner or [v])
+    return out
+
+
+def _rss() -> int:
+    import re
+
+    text = Path("/proc/self/status").read_text()
+    m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(m.group(1)) * 1024 if m else -1
+
+
+def memory(width: int, layers: int) -> list[dict]:
+    rows = []
+    for variant in MEMORY_VARIANTS:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", variant, "--width", str(width), "--layers", str(layers)],
+            capture_output=True, text=True, check=False,
+        )
+        if out.returncode != 0:
+            rows.append({"variant": variant, "error": out.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", nargs="?", choices=["quality", "memory"])
+    ap.add_argument("--child")
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps-digits", type=int, default=400)
+    ap.add_argument("--steps-char", type=int, default=300)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--formats", default="", help="comma-separated labels of QUALITY_FORMATS (default: all)")
+    ap.add_argument("--tasks", default="digits,char", help="digits and/or char")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.child:
+        print(json.dumps(memory_child(a.child, a.width, a.layers)))
+        return
+    if a.mode == "quality":
+        labels = [x.strip() for x in a.formats.split(";" if ";" in a.formats else ",") if x.strip()]
+        quality(a.steps_digits, a.steps_char, a.seeds, labels, a.tasks.split(","))
+    elif a.mode == "memory":
+        memory(a.width, a.layers)
+    else:
+        ap.error("say quality or memory")
+
+
+if __name__ == "__main__":
+    main()
