@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from adaprec.energy.counting import ModuleCost, StepCost, is_float_label
 from adaprec.energy.profiles import Profile
 from adaprec.energy.rules import storage_bits
-from adaprec.formats import get
+from adaprec.formats import get, width_key
 
 __all__ = ["PricedModule", "PricedStep", "price_step", "OPTIMIZER_STATE_ACCESSES", "role_bytes", "PRICING_MODES"]
 
@@ -143,13 +143,9 @@ def _op_bits(key: tuple, mode: str, planned_bits: float | None) -> float:
 
 def _planned_bits(mc: ModuleCost) -> float | None:
     """Storage bits of the widest format the plan gave the module's GEMMs (None: it ran none)."""
-    fmts = [get(g.fmt) for g in mc.gemms]
-    if not fmts:
+    if not mc.gemms:
         return None
-    w = fmts[0]
-    for f in fmts[1:]:
-        w = wider(w, f)
-    return storage_bits(w)
+    return storage_bits(get(max((g.fmt for g in mc.gemms), key=width_key)))
 
 
 def _price_ops(mc: ModuleCost, mode: str) -> tuple[float, dict[str, float], dict[str, float]]:

@@ -129,8 +129,7 @@ def device_key(device: str | torch.device | None) -> dict[str, Any]:
     The device report's own key without its sweep kind and schema, for other
     measurements (e.g. :mod:`adaprec.hardware.shapes`) that must miss on another
     machine, torch version or thread count just as the report does."""
-    key, _ = _identify(resolve_device(device), "none")
-    return {k: v for k, v in key.items() if k not in ("schema", "ops", "sweep")}
+    return {k: v for k, v in cache_key(device, "none").items() if k not in ("schema", "ops", "sweep")}
 
 
 def _how_measured(m: _sweep.Measurement) -> str:
