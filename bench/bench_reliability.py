@@ -175,10 +175,16 @@ def _task():
     return _TASK
 
 
-def _policy_kwargs(policy: str) -> dict:
+# The guard's loss-spike rollback needs a pre-step copy of weights and optimizer state, off by default (its memory);
+# the matrix measures the guard with it (ROLLBACK) and, in its own column set, without (the default).
+ROLLBACK = True
+
+
+def _policy_kwargs(policy: str, rollback: bool | None = None) -> dict:
+    kw = {"rollback": ROLLBACK if rollback is None else rollback}
     if policy == "fp8-hybrid":
-        return {"backend": "emulate"}  # no fp8 units on this CPU: research mode, named as such
-    return {"hardware": fake_report()}  # int8 and bf16 native (fixed, so results do not depend on the CPU)
+        return {**kw, "backend": "emulate"}  # no fp8 units on this CPU: research mode, named as such
+    return {**kw, "hardware": fake_report()}  # int8 and bf16 native (fixed, so results do not depend on the CPU)
 
 
 def _batches(task, seed: int, steps: int) -> Iterable[tuple[int, bool, torch.Tensor, torch.Tensor]]:

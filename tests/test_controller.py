@@ -11,6 +11,7 @@ from torch import nn
 
 import adaprec
 from adaprec.errors import CheckpointError, UsageError
+from adaprec.optim import moment_formats
 from adaprec.policies import StaticPolicy
 
 
@@ -175,18 +176,29 @@ def test_bad_state_dict_names_missing_keys():
         ap.load_state_dict({"step": 3})
 
 
-def test_optimizer_state_can_be_kept_narrow():
+def test_optimizer_state_is_kept_narrow_for_real():
+    """A bf16 optimizer-state plan keeps the moments in 2 bytes each (no fp32 storage rounded in place), small
+    tensors in fp32, and the update stays within bf16's error of fp32 Adam's."""
     x, y = _digits()
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mp = adaprec.plan.ModulePrecision(optimizer_state="bf16")
-    plan = adaprec.PrecisionPlan.uniform(["0", "2"], mp)
-    ap = adaprec.AdaptivePrecision(model, opt, plan, guard=False)
-    _train(model, opt, ap, x, y, 5)
-    for p in model.parameters():
-        for v in opt.state[p].values():
-            if v.dim() > 0:
-                assert torch.equal(v, v.bfloat16().float())
+    models, held = [], {}
+    for spec in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))  # 8192 weights: narrow
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        plan = adaprec.PrecisionPlan.uniform(["0", "2"], adaprec.plan.ModulePrecision(optimizer_state=spec))
+        ap = adaprec.AdaptivePrecision(model, opt, plan, guard=False)
+        _train(model, opt, ap, x, y, 5)
+        models.append(model)
+        held = ap.states.nbytes()
+    # 2 moments x 8192 elements x 2 bytes; the rest (biases, the 1280-weight head) stays fp32 (under 4096 elements)
+    moments = moment_formats("bf16").nbytes(64 * 128)
+    assert moments == 2 * 2 * 64 * 128
+    assert moments <= held["bf16"] <= moments + 64  # and the step count and format tag
+    small = 128 + 1280 + 10
+    assert 2 * 4 * small <= held["fp32"] <= 2 * 4 * small + 3 * 8  # two fp32 moments (and a step) per small tensor
+    w_fp32, w_bf16 = models[0][0].weight, models[1][0].weight
+    assert not torch.equal(w_fp32, w_bf16)  # the narrow state really changed the update
+    assert (w_fp32 - w_bf16).abs().max() < 5e-3 * 5  # within bf16 rounding of five updates of lr 1e-2
 
 
 class _RollbackAt(StaticPolicy):
@@ -209,7 +221,7 @@ def test_rollback_restores_weights_and_optimizer_state_of_before_the_bad_update(
     x, y = _digits()
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ap = adaprec.AdaptivePrecision(model, opt, _RollbackAt(6), guard=False)
+    ap = adaprec.AdaptivePrecision(model, opt, _RollbackAt(6), guard=False, rollback=True)
     snapshots = []
     for i, (xb, yb) in enumerate(_batches(x, y, 8)):
         snapshots.append(([p.detach().clone() for p in model.parameters()],
@@ -243,7 +255,7 @@ def test_resume_keeps_the_rollback_copy():
         torch.manual_seed(0)
         model = _mlp()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        return model, opt, adaprec.AdaptivePrecision(model, opt, _RollbackAt(6), guard=False)
+        return model, opt, adaprec.AdaptivePrecision(model, opt, _RollbackAt(6), guard=False, rollback=True)
 
     whole = fresh()
     run(0, 10, *whole)

@@ -22,12 +22,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from adaprec.errors import PlanError, UnknownFormatError
+from adaprec.errors import FormatSpecError, PlanError, UnknownFormatError
 from adaprec.formats import ROUNDING_MODES, SCALINGS, Rounding, Scaling, get
+from adaprec.formats.storage import storage_format
 
 __all__ = [
     "pin_matches",
     "ROLES",
+    "STORAGE_ROLES",
     "SCALINGS",
     "TensorRecipe",
     "ModulePrecision",
@@ -99,15 +101,27 @@ class TensorRecipe:
 FP32 = TensorRecipe()
 
 
+# Roles that say how a module's data is *kept*, not computed: a storage spec each (adaprec.formats.storage).
+# ``saved``: what autograd keeps for backward of the module's ops; ``optimizer_state``: its parameters' moments.
+STORAGE_ROLES = ("saved", "optimizer_state")
+_STORAGE_KIND = {"saved": "activation", "optimizer_state": "optimizer_state"}
+
+
 @dataclass(frozen=True)
 class ModulePrecision:
-    """The recipes of the four tensor roles of one module, plus optimizer state."""
+    """The recipes of the four tensor roles of one module, plus how its data is kept (storage roles).
+
+    ``optimizer_state`` and ``saved`` are storage specs (``"fp32"``, ``"bf16"``, ``"int8"``,
+    ``"fp8_e4m3"``, ``"int8/block128"``...; see :mod:`adaprec.formats.storage`): the bytes the module's
+    optimizer moments and the tensors autograd keeps for its backward really occupy.
+    """
 
     weight: TensorRecipe = FP32
     activation: TensorRecipe = FP32
     grad_output: TensorRecipe = FP32
     grad_weight: TensorRecipe = FP32
     optimizer_state: str = "fp32"
+    saved: str = "fp32"
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -118,10 +132,12 @@ class ModulePrecision:
                 object.__setattr__(self, role, TensorRecipe(**r))
             elif not isinstance(r, TensorRecipe):
                 raise PlanError(f"role {role!r} needs a TensorRecipe, a format name or a dict, got {r!r}")
-        try:
-            object.__setattr__(self, "optimizer_state", get(self.optimizer_state).name)
-        except UnknownFormatError as e:
-            raise PlanError(str(e)) from None
+        for role in STORAGE_ROLES:
+            try:
+                spec = storage_format(getattr(self, role), role=_STORAGE_KIND[role]).spec
+            except (FormatSpecError, UnknownFormatError) as e:
+                raise PlanError(f"{role}: {e}") from None
+            object.__setattr__(self, role, spec)
 
     def recipe(self, role: str) -> TensorRecipe:
         if role not in ROLES:
@@ -142,13 +158,19 @@ class ModulePrecision:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModulePrecision:
-        unknown = set(d) - set(ROLES) - {"optimizer_state"}
+        unknown = set(d) - set(ROLES) - set(STORAGE_ROLES)
         if unknown:
-            raise PlanError(f"unknown keys {sorted(unknown)} in module precision; allowed: {list(ROLES) + ['optimizer_state']}")
+            raise PlanError(f"unknown keys {sorted(unknown)} in module precision; allowed: {list(ROLES + STORAGE_ROLES)}")
         return cls(**{k: (TensorRecipe(**v) if isinstance(v, Mapping) else v) for k, v in d.items()})
 
     def short(self) -> str:
         return "w={} a={} go={} gw={}".format(*(getattr(self, r).short() for r in ROLES))
+
+    def with_storage(self, role: str, spec: str) -> ModulePrecision:
+        """This precision with storage role ``role`` (``saved`` or ``optimizer_state``) kept as ``spec``."""
+        if role not in STORAGE_ROLES:
+            raise PlanError(f"unknown storage role {role!r}; storage roles are {', '.join(STORAGE_ROLES)}")
+        return replace(self, **{role: spec})
 
 
 @dataclass(frozen=True)
@@ -301,8 +323,9 @@ class PrecisionPlan:
                 ra, rb = a.recipe(role), b.recipe(role)
                 if ra != rb:
                     changes.append(PlanChange(name, role, ra.short(), rb.short()))
-            if a.optimizer_state != b.optimizer_state:
-                changes.append(PlanChange(name, "optimizer_state", a.optimizer_state, b.optimizer_state))
+            for role in STORAGE_ROLES:
+                if getattr(a, role) != getattr(b, role):
+                    changes.append(PlanChange(name, role, getattr(a, role), getattr(b, role)))
         return changes
 
     @functools.cached_property

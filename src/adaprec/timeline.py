@@ -12,13 +12,13 @@ import io
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adaprec.errors import CheckpointError, PlanError
 from adaprec.files import write_text_atomic
-from adaprec.plan import PrecisionPlan, TensorRecipe
+from adaprec.plan import STORAGE_ROLES, PrecisionPlan, TensorRecipe
 
 __all__ = ["TimelineEvent", "Timeline"]
 
@@ -81,8 +81,8 @@ class Timeline:
         new_events = []
         for c in old_plan.diff(new_plan):
             mp = new_plan.get(c.module)
-            if c.role == "optimizer_state":
-                recipe: dict[str, Any] = {"format": mp.optimizer_state}
+            if c.role in STORAGE_ROLES:
+                recipe: dict[str, Any] = {"format": getattr(mp, c.role)}
             else:
                 recipe = asdict(mp.recipe(c.role))
             ev = TimelineEvent(int(step), c.module, c.role, c.old, c.new, policy_name,
@@ -96,8 +96,8 @@ class Timeline:
     def apply(plan: PrecisionPlan, events: Iterable[TimelineEvent]) -> PrecisionPlan:
         """``plan`` with ``events`` applied in order."""
         for ev in events:
-            if ev.role == "optimizer_state":
-                plan = plan.with_module(ev.module, replace(plan.get(ev.module), optimizer_state=ev.recipe["format"]))
+            if ev.role in STORAGE_ROLES:
+                plan = plan.with_module(ev.module, plan.get(ev.module).with_storage(ev.role, ev.recipe["format"]))
             else:
                 plan = plan.with_role(ev.module, ev.role, TensorRecipe(**ev.recipe))
         return plan

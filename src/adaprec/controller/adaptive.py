@@ -34,12 +34,13 @@ from adaprec.controller import state as saved_state
 from adaprec.controller.books import Books
 from adaprec.controller.config import ControllerConfig, Phase
 from adaprec.controller.gradients import GradientCheck, LocalView, StepHealth, param_owners
-from adaprec.controller.optimizer_state import round_optimizer_state
+from adaprec.controller.optimizer_state import OptimizerStates
 from adaprec.controller.reducer import make_reducer
 from adaprec.controller.report import report_lines
 from adaprec.controller.rollback import Rollback
 from adaprec.controller.setup import PlanSetup, build_engine, loss_scaling_needed
 from adaprec.controller.shadow import ShadowAudit
+from adaprec.controller.step_bytes import StepBytes
 from adaprec.distributed import is_sharded
 from adaprec.energy import EnergyLedger
 from adaprec.engine.sites import unwrap
@@ -108,7 +109,7 @@ class AdaptivePrecision:
             :class:`Policy`. Default ``"error-budget"``.
         backend, loss_scaling, monitor_every, energy_profile, guard, shadow_every, seed, module_filter,
             pins, quantize_embeddings, total_steps, steps_per_epoch, compile, hardware, target,
-            tune_allocator, distributed: keyword-only options, each documented with its default in
+            tune_allocator, distributed, rollback, count_bytes: keyword-only options, each documented with its default in
             :class:`ControllerConfig` (one frozen, validated value: ``ap.config``).
     """
 
@@ -121,7 +122,7 @@ class AdaptivePrecision:
         pins: Mapping[str, str | ModulePrecision] | None = None, quantize_embeddings: bool = False,
         total_steps: int | None = None, steps_per_epoch: int | None = None, compile: bool = False,
         hardware: Any = "auto", target: str | None = None, tune_allocator: bool = True,
-        distributed: bool | None = None,
+        distributed: bool | None = None, rollback: bool = False, count_bytes: bool = True,
     ) -> None:
         inner = _attachable(model, optimizer)
         self.config = ControllerConfig(
@@ -129,6 +130,7 @@ class AdaptivePrecision:
             guard=guard, shadow_every=shadow_every, seed=seed, module_filter=module_filter, pins=pins or {},
             quantize_embeddings=quantize_embeddings, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
             compile=compile, hardware=hardware, target=target, tune_allocator=tune_allocator, distributed=distributed,
+            rollback=rollback, count_bytes=count_bytes,
         )
         self.model, self.optimizer, self.target = model, optimizer, self.config.target
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -166,13 +168,16 @@ class AdaptivePrecision:
         self.meter, self.meter_reason = self.books.meter, self.books.meter_reason
         self.inference_macs = self.books.inference_macs  # MACs of ap.inference() passes, by executed format
         self.shadow = self.shadow_audit.results  # step -> module -> (cosine, relative error) against fp32
-        # a pre-step copy only where something may ask to roll a step back
+        self.states = OptimizerStates(self.optimizer, unwrap(model))
+        self.bytes = StepBytes(unwrap(model), enabled=cfg.count_bytes)
+        # a pre-step copy only where something may ask to roll a step back, and only when asked for (memory)
         self.rollback = Rollback(self._params, self.optimizer, self.reducer.world_size, sharded) \
-            if self.policy.may_roll_back else None
+            if self.policy.may_roll_back and cfg.rollback else None
 
     def _finalize(self) -> None:
         if self.setup.finalize(type(self.model).__name__):
             self.check.owners = param_owners(self.engine.map.model, list(self.engine.kinds))  # the plan's names
+            self.states.apply(self.plan, self.check.owners)
 
     def prepare(self, *example_args: Any, **example_kwargs: Any) -> dict[str, str]:
         """Optional: find every module that runs GEMMs with one forward pass (no grad, not counted); module -> kind."""
@@ -213,6 +218,7 @@ class AdaptivePrecision:
             return
         saved_state.check_forward(self._phase, self.engine.active)
         self.engine.begin_step(self._step, enabled and self.sampling_next)
+        self.bytes.arm(self._step, self.plan, self.engine.sampling)
         started = self.books.start()
         with self.engine.activate(enabled):
             yield
@@ -220,6 +226,7 @@ class AdaptivePrecision:
             # `with ap.autocast(), torch.no_grad():` an evaluation pass, not a step's forward: training is left alone
             self.books.count_inference(self.engine.tally.pop())  # kept apart from the ledger of steps
             self.engine.pop_faults()
+            self.bytes.abandon()
             if started:
                 self.books.cancel()
             return
@@ -274,6 +281,7 @@ class AdaptivePrecision:
         self._phase, self._loss, self._unscaled = Phase.READY, None, None
         self.check.new_step()
         self.books.cancel()
+        self.bytes.abandon()
         self.engine.pop_step_cost()
         self.engine.pop_faults()
 
@@ -326,12 +334,18 @@ class AdaptivePrecision:
         # a cast that met inf/NaN would hide it (int8 and saturating formats clip): the engine reports it
         view = LocalView(nonfinite, loss, tuple(self.engine.pop_faults()), unscaled[1] if unscaled else None,
                          self.engine.sampling)
-        row = self.books.price(step, plan, self.engine.pop_step_cost())
+        cost = self.engine.pop_step_cost()
+        traffic, source = self.bytes.close()
+        if traffic is not None:
+            traffic.apply_to(cost, source)  # every op's bytes, not only the GEMMs' operands
+        row = self.books.price(step, plan, cost)
         shadow, self._shadow_sums = self._shadow_sums, {}
         return self.reducer.reduce(step, plan, view, row, self.engine.sites, self.energy, shadow)
 
     def _apply(self, health: StepHealth, plan: PrecisionPlan) -> tuple[bool, bool, str]:
         """Skip, roll back or step the optimizer: (stepped, rolled back, reason)."""
+        if health.nonfinite or self.policy.rollback_requested:
+            self.bytes.skipped()
         if health.nonfinite:
             return False, False, health.skip_reason()
         if self.policy.rollback_requested:
@@ -339,10 +353,10 @@ class AdaptivePrecision:
             rolled = self.rollback is not None and self.rollback.restore()
             what = self.policy.incident or "an incident"
             return False, rolled, (f"rolled back: guard saw {what}" if rolled else f"skipped: guard saw {what}")
-        if self.rollback is not None:
-            self.rollback.save()
-        self.optimizer.step()
-        round_optimizer_state(self.optimizer, plan, self.check.owners)
+        with self.bytes.update(f"{self.rollback is not None}|{self.states.key}", self._step):
+            if self.rollback is not None:
+                self.rollback.save()
+            self.states.step()
         return True, False, "ok"
 
     def _change_plan(self, step: int, old: PrecisionPlan, new: PrecisionPlan) -> tuple[PlanChange, ...]:
@@ -351,6 +365,7 @@ class AdaptivePrecision:
         who = "guard" if self.policy.incident else self.policy.name
         self.timeline.record_plan_change(step, old, new, who, dict(self.policy.last_reasons or {}))
         self.engine.set_plan(new)
+        self.states.apply(new, self.check.owners)
         return tuple(old.diff(new))
 
     def end_epoch(self) -> None:
@@ -378,6 +393,7 @@ class AdaptivePrecision:
     def close(self) -> None:
         """Remove every hook adaprec put on the model (another AdaptivePrecision may then take it)."""
         self.engine.remove()
+        self.bytes.remove()
         self._closed = True
         inner = unwrap(self.model)
         ref = _ATTACHED.get(inner)

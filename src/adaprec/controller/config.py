@@ -79,6 +79,14 @@ class ControllerConfig:
             collective; plans may then diverge: for experiments only). The model may be
             wrapped in DistributedDataParallel (names stay the user's: ``fc1``, not
             ``module.fc1``) or sharded with ``fully_shard`` (FSDP2). See docs/distributed.md.
+        rollback: keep a copy of the weights and optimizer state from before each update, so the
+            guard can undo a step it sees a loss spike after (off by default: the copy costs as much
+            memory as the weights and optimizer state; ``ap.report()`` prints its size). Without it a
+            spike is skipped and the offending modules widened; inf/NaN steps need no copy (they are
+            skipped before the optimizer applies them).
+        count_bytes: count the bytes every op of a step moves (a dispatch-level count on some steps,
+            replayed on the rest; :mod:`adaprec.energy.traffic_book`), so the ledger prices every byte;
+            off, it prices the GEMMs' operands only (a lower bound, labelled so).
     """
 
     backend: str = "auto"
@@ -98,6 +106,8 @@ class ControllerConfig:
     target: str | None = None
     tune_allocator: bool = True
     distributed: bool | None = None
+    rollback: bool = False
+    count_bytes: bool = True
 
     def __post_init__(self) -> None:
         _int_at_least("monitor_every", self.monitor_every, 1)
@@ -108,6 +118,9 @@ class ControllerConfig:
             raise UsageError(f"backend must be 'auto', 'native' or 'emulate', got {self.backend!r}")
         if self.distributed not in (None, True, False):
             raise UsageError(f"distributed must be None (auto), True or False, got {self.distributed!r}")
+        for name in ("rollback", "count_bytes", "guard", "quantize_embeddings", "compile", "tune_allocator"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.loss_scaling not in (None, True, False):
             raise UsageError(f"loss_scaling must be None (auto), True or False, got {self.loss_scaling!r}")
         if self.module_filter is not None and not callable(self.module_filter):

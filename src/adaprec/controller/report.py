@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from adaprec.controller.adaptive import AdaptivePrecision
@@ -36,8 +37,29 @@ def report_lines(ap: AdaptivePrecision) -> list[str]:
         "measured: "
         + (f"{s['measured_j']:.4g} J" if s.get("measured_j") is not None else f"n/a ({s.get('measured_reason')})"),
     ]
+    lines += memory_lines(ap, s)
     sim = s.get("simulated")
     if sim:
         lines.append(f"{sim['label']}: {sim['modeled_j']:.4g} J vs fp32 {sim['fp32_modeled_j']:.4g} J "
                      f"(saving {100 * sim['saving_vs_fp32']:.1f} %)")
+    return lines
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def memory_lines(ap: AdaptivePrecision, s: Mapping[str, Any]) -> list[str]:
+    """What adaprec keeps and what the steps moved: optimizer state, the rollback copy, bytes per step."""
+    held = ap.states.nbytes()
+    lines = ["optimizer state held: " + (", ".join(f"{k} {_mib(v)}" for k, v in sorted(held.items())) or "none yet")]
+    lines.append("rollback copy: " + (f"{_mib(ap.rollback.nbytes())} (weights and optimizer state before the update)"
+                                      if ap.rollback is not None else "off (a loss spike is skipped, not undone)"))
+    steps = s.get("steps") or 0
+    if steps:
+        book = ap.bytes.summary() if ap.bytes.enabled else {}
+        how = (f"op-level count: {book.get('counted', 0)} steps counted, {book.get('replayed', 0)} replayed"
+               if ap.bytes.enabled else "GEMM operands only (count_bytes=False): a lower bound")
+        lines.append(f"bytes moved: {s['bytes'] / steps / 1e6:.1f} MB per step ({how}; byte coverage "
+                     f"{100 * s.get('byte_coverage', 0.0):.1f} %)")
     return lines

@@ -57,6 +57,12 @@ class Rollback:
             if state:
                 torch._foreach_copy_(self._copy[1], state)
 
+    def nbytes(self) -> int:
+        """Bytes the copy holds (0 before the first :meth:`save`)."""
+        if self._copy is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (*self._copy[0], *self._copy[1]))
+
     def restore(self) -> bool:
         """Put back the weights and optimizer state of the last :meth:`save`; False when there is none."""
         if self._copy is None:

@@ -80,6 +80,9 @@ def state_of(ap: AdaptivePrecision) -> dict[str, Any]:
         # the copy of the last step's starting point a guard rollback would restore: without it, a
         # spike seen on the first step after a resume could only be skipped, not rolled back
         "rollback": ap.rollback.state_dict() if ap.rollback is not None else None,
+        # the formats the optimizer's moments are kept in (the moments themselves: optimizer.state_dict())
+        "optimizer_state": ap.states.state_dict(),
+        "bytes": ap.bytes.state_dict(),
     }
 
 
@@ -135,6 +138,8 @@ def _load(ap: AdaptivePrecision, state: Mapping[str, Any]) -> None:
     ap.energy.load_state_dict(state["energy"])
     if ap.rollback is not None:
         ap.rollback.load_state_dict(state.get("rollback"))
+    ap.states.load_state_dict(state.get("optimizer_state"))
+    ap.bytes.load_state_dict(state.get("bytes"))
     ap.reducer.step_timed(step - 1, None)
     ap._shadow_sums = {}
     ap._step, ap._epoch = step, epoch

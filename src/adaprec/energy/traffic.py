@@ -106,6 +106,21 @@ class StepTraffic:
         return StepTraffic({k: n for k, n in self.counts.items() if k[1] not in phases}, dict(self.kinds),
                            dict(self.calls), dict(self.unclassified))
 
+    def plus(self, other: StepTraffic | None) -> StepTraffic:
+        """This count and ``other``'s together (e.g. a step's forward and backward, and an optimizer update)."""
+        if other is None:
+            return self
+        counts = dict(self.counts)
+        for k, n in other.counts.items():
+            counts[k] = counts.get(k, 0) + n
+        calls = dict(self.calls)
+        for k, n in other.calls.items():
+            calls[k] = calls.get(k, 0) + n
+        unclassified = dict(self.unclassified)
+        for k, n in other.unclassified.items():
+            unclassified[k] = unclassified.get(k, 0) + n
+        return StepTraffic(counts, {**other.kinds, **self.kinds}, calls, unclassified)
+
     def apply_to(self, cost: StepCost, source: str = "counted") -> StepCost:
         """Add this traffic to ``cost`` (the engine's GEMMs of the same step), labelled ``source``.
 

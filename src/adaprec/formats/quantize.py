@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -161,7 +162,9 @@ def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 @functools.lru_cache(maxsize=256)
 def _float_params(mbits: int, emin: int, max_finite: float, overflow: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
     e = mbits - emin
-    min_sub_bits = int(torch.tensor(_pow2(emin - mbits), dtype=torch.float32).view(torch.int32).item())
+    # the float32 bit pattern of the smallest subnormal, in plain Python (no tensor op: a cached call must not
+    # make a process's first step run one op more than its later ones, which the ledger's byte count would see)
+    min_sub_bits = struct.unpack("<i", struct.pack("<f", _pow2(emin - mbits)))[0]
     repl = {"saturate": max_finite, "inf": float("inf"), "nan": float("nan")}[overflow]
     return (23 - mbits, emin + 127, min_sub_bits), (_pow2(e // 2), _pow2(e - e // 2), max_finite, repl)
 

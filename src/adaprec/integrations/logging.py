@@ -39,7 +39,8 @@ from adaprec.energy.ledger import saving_fraction
 from adaprec.errors import MissingExtraError
 from adaprec.extras import require
 from adaprec.formats import get
-from adaprec.plan import ROLES, PrecisionPlan
+from adaprec.formats.storage import storage_format
+from adaprec.plan import ROLES, STORAGE_ROLES, PrecisionPlan
 from adaprec.timeline import Timeline, TimelineEvent
 
 if TYPE_CHECKING:
@@ -113,13 +114,14 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 def _bits(plan: PrecisionPlan, module: str, role: str) -> float:
     mp = plan.get(module)
-    fmt = mp.optimizer_state if role == "optimizer_state" else mp.recipe(role).format
-    return float(get(fmt).bits)
+    if role in STORAGE_ROLES:  # a storage spec: the bits it really keeps per element, scales included
+        return float(storage_format(getattr(mp, role)).bits_per_element)
+    return float(get(mp.recipe(role).format).bits)
 
 
 def plan_bits(plan: PrecisionPlan) -> dict[str, float]:
-    """Bits of every ``module.role`` of ``plan`` (the four tensor roles and ``optimizer_state``)."""
-    return {f"{m}.{r}": _bits(plan, m, r) for m in plan.modules for r in (*ROLES, "optimizer_state")}
+    """Bits of every ``module.role`` of ``plan`` (the four tensor roles and the storage roles)."""
+    return {f"{m}.{r}": _bits(plan, m, r) for m in plan.modules for r in (*ROLES, *STORAGE_ROLES)}
 
 
 
