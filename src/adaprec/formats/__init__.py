@@ -12,6 +12,14 @@ from adaprec.formats.scaling import (
     pow2_scale,
     quantize_mx,
 )
+from adaprec.formats.storage import (
+    PackedTensor,
+    StorageFormat,
+    pack,
+    storage_format,
+    storage_nbytes,
+    unpack,
+)
 from adaprec.formats.table import format_table
 
 __all__ = [
@@ -33,4 +41,10 @@ __all__ = [
     "MX_FORMATS",
     "DynamicLossScaler",
     "format_table",
+    "StorageFormat",
+    "PackedTensor",
+    "storage_format",
+    "storage_nbytes",
+    "pack",
+    "unpack",
 ]

@@ -1,0 +1,455 @@
+"""How a tensor is *kept* in memory: storage formats, and pack / unpack.
+
+A number format (:mod:`adaprec.formats.registry`) says which values a
+computation may produce; a storage format says which bytes hold a tensor
+while it waits: a saved activation until backward, an optimizer moment
+between steps. Rounding a value inside fp32 storage saves no byte, so here
+a narrow format really is narrow: :func:`pack` returns the codes in their
+own dtype plus fp32 scales, and :attr:`PackedTensor.nbytes` is what they
+occupy. One spec string names a storage format everywhere::
+
+    fp32 | bf16 | fp16                  plain casts (no scale)
+    int8 | uint8 | int4 | uint4         integer codes times an fp32 absmax scale
+    fp8_e4m3 | fp8_e5m2                 fp8 codes (1 byte, valid on any CPU) times a scale
+    .../block<N> | /row | /tensor       scale granularity (int8, fp8: block256; 4-bit: block128)
+    .../sqrt                            keep sign(x)*sqrt(|x|): twice the dynamic range in
+                                        log terms, for values such as Adam's second moment
+
+Values a code cannot hold never come back as a plausible number: NaN stays
+NaN; +-inf stays +-inf where the code has infinities (fp32, bf16, fp16,
+fp8_e5m2) and comes back NaN where it has none (fp8_e4m3, integer codes,
+which reserve their most negative / largest code for NaN); a negative value
+in an unsigned code comes back NaN. Scales come from the finite values
+only, so one inf does not wipe out its block.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from adaprec.errors import FormatSpecError, UnknownFormatError
+
+__all__ = [
+    "StorageFormat",
+    "PackedTensor",
+    "storage_format",
+    "storage_bases",
+    "pack",
+    "unpack",
+    "storage_nbytes",
+    "STORAGE_ROLES",
+]
+
+STORAGE_ROLES = ("activation", "optimizer_state")
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class _Base:
+    kind: str  # "float" (cast) or "int" (scaled integer codes)
+    dtype: torch.dtype  # dtype the codes are read in (4-bit: the unpacked nibble's meaning)
+    bits: int
+    signed: bool
+    max_code: float  # largest code magnitude a scale maps the block absmax onto
+    nan_code: int | None = None  # integer codes: the code reserved for NaN / inf
+    default_granularity: str = "none"
+    default_block: int | None = None
+
+
+_BASES: dict[str, _Base] = {
+    "fp32": _Base("float", torch.float32, 32, True, torch.finfo(torch.float32).max),
+    "bf16": _Base("float", torch.bfloat16, 16, True, torch.finfo(torch.bfloat16).max),
+    "fp16": _Base("float", torch.float16, 16, True, torch.finfo(torch.float16).max),
+    "fp8_e4m3": _Base("float", torch.float8_e4m3fn, 8, True, 448.0, None, "block", 256),
+    "fp8_e5m2": _Base("float", torch.float8_e5m2, 8, True, 57344.0, None, "block", 256),
+    "int8": _Base("int", torch.int8, 8, True, 127, -128, "block", 256),
+    "uint8": _Base("int", torch.uint8, 8, False, 254, 255, "block", 256),
+    "int4": _Base("int", torch.uint8, 4, True, 7, -8, "block", 128),
+    "uint4": _Base("int", torch.uint8, 4, False, 14, 15, "block", 128),
+}
+_UNSCALED_ONLY = ("fp32", "bf16")  # fp32's exponent range already: a scale adds bytes, no range
+_GRANULARITIES = ("none", "tensor", "row", "block")
+
+
+def storage_bases() -> tuple[str, ...]:
+    """The base names a storage spec may start with."""
+    return tuple(_BASES)
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """How one tensor is kept: the codes' dtype, the scale granularity, the map.
+
+    ``granularity``: ``"none"`` (a plain cast), ``"tensor"`` (one scale),
+    ``"row"`` (one scale per row of the last dimension) or ``"block"`` (one
+    per ``block_size`` consecutive elements of the flattened tensor).
+    ``mapping``: ``"linear"`` or ``"sqrt"`` (codes hold sign(x)*sqrt(|x|)).
+    """
+
+    spec: str
+    base: str
+    kind: str
+    code_dtype: torch.dtype
+    bits: int
+    signed: bool
+    granularity: str
+    block_size: int | None
+    mapping: str
+
+    @property
+    def scaled(self) -> bool:
+        return self.granularity != "none"
+
+    @property
+    def identity(self) -> bool:
+        """Packing an fp32 tensor returns it unchanged (and unpack too)."""
+        return self.base == "fp32"
+
+    @property
+    def max_code(self) -> float:
+        return _BASES[self.base].max_code
+
+    @property
+    def nan_code(self) -> int | None:
+        return _BASES[self.base].nan_code
+
+    @property
+    def bits_per_element(self) -> float:
+        """Code bits plus the scale's share (32 bits per block or per row of unknown length: 0)."""
+        if self.granularity == "block":
+            return self.bits + 32 / self.block_size  # type: ignore[operator]
+        return float(self.bits)
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def _bad(msg: str) -> FormatSpecError:
+    return FormatSpecError(msg)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(spec: str) -> StorageFormat:
+    parts = [s.strip() for s in spec.strip().lower().split("/")]
+    name = parts[0]
+    if name not in _BASES:
+        raise UnknownFormatError(
+            f"unknown storage format {spec!r}: the base must be one of {list(_BASES)}, "
+            "optionally followed by /block<N>, /row, /tensor and /sqrt (e.g. 'int8/block256')"
+        )
+    base = _BASES[name]
+    granularity: str | None = None
+    block: int | None = None
+    mapping: str | None = None
+    for mod in parts[1:]:
+        if mod in ("none", "tensor", "row") or mod.startswith("block"):
+            if granularity is not None:
+                raise _bad(f"storage format {spec!r} names two scale granularities; keep one")
+            if mod.startswith("block"):
+                digits = mod[len("block"):]
+                if not digits.isdigit() or int(digits) < 1:
+                    raise _bad(
+                        f"storage format {spec!r}: a block size must be a whole number >= 1, "
+                        f"e.g. '{name}/block256'"
+                    )
+                granularity, block = "block", int(digits)
+            else:
+                granularity = mod
+        elif mod in ("linear", "sqrt"):
+            if mapping is not None:
+                raise _bad(f"storage format {spec!r} names two maps; keep one of linear, sqrt")
+            mapping = mod
+        else:
+            raise _bad(
+                f"storage format {spec!r}: unknown modifier {mod!r}; "
+                "the modifiers are /block<N>, /row, /tensor, /none, /linear, /sqrt"
+            )
+    if granularity is None:
+        granularity, block = base.default_granularity, base.default_block
+    mapping = mapping or "linear"
+    if name in _UNSCALED_ONLY and granularity != "none":
+        raise _bad(
+            f"storage format {spec!r}: {name} already spans fp32's exponent range, so a scale "
+            f"adds bytes and no range; use plain '{name}'"
+        )
+    if name == "fp32" and mapping != "linear":
+        raise _bad(f"storage format {spec!r}: fp32 keeps values exactly; a map would only add rounding")
+    if base.kind == "int" and base.bits < 8 and granularity != "block":
+        raise _bad(
+            f"storage format {spec!r}: {base.bits}-bit storage needs block scales "
+            f"(one scale per {'row' if granularity == 'row' else 'tensor'} leaves most values at "
+            f"zero); use '{name}/block{base.default_block}'"
+        )
+    if granularity == "none" and (base.kind == "int" or base.bits == 8):
+        raise _bad(
+            f"storage format {spec!r}: {name} codes need a scale; use '{name}/block{base.default_block}', "
+            f"'{name}/row' or '{name}/tensor'"
+        )
+    if base.bits < 8 and block is not None and block % 2:
+        raise _bad(
+            f"storage format {spec!r}: {base.bits}-bit codes are kept two to a byte, so the block "
+            f"size must be even; use '{name}/block{block + 1}'"
+        )
+    parts_out = [name]
+    if granularity != "none":
+        parts_out.append(f"block{block}" if granularity == "block" else granularity)
+    if mapping != "linear":
+        parts_out.append(mapping)
+    return StorageFormat(
+        spec="/".join(parts_out),
+        base=name,
+        kind=base.kind,
+        code_dtype=base.dtype,
+        bits=base.bits,
+        signed=base.signed,
+        granularity=granularity,
+        block_size=block,
+        mapping=mapping,
+    )
+
+
+def storage_format(spec: str | StorageFormat, role: str | None = None) -> StorageFormat:
+    """Parse a storage spec (``"int8"``, ``"fp8_e4m3/block128"``, ``"uint8/sqrt"``...).
+
+    ``role`` (``"activation"`` or ``"optimizer_state"``) adds the rules of that
+    role: optimizer moments refuse one scale per tensor (a single large value
+    would zero the rest, step after step).
+    """
+    fmt = spec if isinstance(spec, StorageFormat) else _parse(str(spec))
+    if role is None:
+        return fmt
+    if role not in STORAGE_ROLES:
+        raise _bad(f"unknown storage role {role!r}; the roles are {list(STORAGE_ROLES)}")
+    if role == "optimizer_state" and fmt.granularity == "tensor":
+        raise _bad(
+            f"storage format {fmt.spec!r} cannot hold optimizer state: one scale per tensor lets a "
+            f"single large moment flush the others to zero; use '{fmt.base}/block256' or '{fmt.base}/row'"
+        )
+    return fmt
+
+
+@dataclass(frozen=True, eq=False)
+class PackedTensor:
+    """A tensor kept in a storage format: ``codes`` (and fp32 ``scales``), the original shape and dtype.
+
+    ``codes`` holds the format's codes (4-bit: two per byte), flattened and
+    padded to whole blocks for block scales; ``scales`` has one entry per
+    block, row or tensor (``None`` for plain casts).
+    """
+
+    fmt: StorageFormat
+    codes: torch.Tensor
+    scales: torch.Tensor | None
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes this tensor really occupies: codes plus scales."""
+        n = self.codes.numel() * self.codes.element_size()
+        if self.scales is not None:
+            n += self.scales.numel() * self.scales.element_size()
+        return n
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def unpack(self) -> torch.Tensor:
+        return unpack(self)
+
+    def to_state(self) -> dict[str, torch.Tensor]:
+        """Codes and scales as integer views of the same bytes.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating-point
+        state tensor to its parameter's dtype; integer tensors pass unchanged,
+        so a state saved this way resumes bit for bit.
+        """
+        out = {"codes": _raw(self.codes)}
+        if self.scales is not None:
+            out["scales"] = _raw(self.scales)
+        return out
+
+    @classmethod
+    def from_state(
+        cls, fmt: StorageFormat | str, state: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype
+    ) -> PackedTensor:
+        """The inverse of :meth:`to_state` (no copy)."""
+        fmt = storage_format(fmt)
+        codes = state["codes"]
+        if fmt.kind == "float":
+            codes = codes.view(fmt.code_dtype)
+        scales = state["scales"].view(torch.float32) if "scales" in state else None
+        return cls(fmt, codes, scales, torch.Size(shape), dtype)
+
+    def __repr__(self) -> str:
+        return f"PackedTensor({self.fmt.spec}, shape={tuple(self.shape)}, dtype={self.dtype}, nbytes={self.nbytes})"
+
+
+_RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t if not t.is_floating_point() else t.view(_RAW[t.element_size()])
+
+
+def _as_format(fmt: StorageFormat | str) -> StorageFormat:
+    return fmt if isinstance(fmt, StorageFormat) else storage_format(fmt)
+
+
+def _compand(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) * sqrt(|x|), in fp32."""
+    return x.abs().sqrt().copysign(x)
+
+
+def _expand(y: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_compand`: sign(y) * y^2."""
+    return y * y.abs()
+
+
+def _rows(shape: torch.Size) -> tuple[int, int]:
+    cols = shape[-1] if len(shape) else 1
+    return (math.prod(shape) // cols if cols else 0), cols
+
+
+def _grouped(x: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
+    """``x`` (fp32) as a 2-d (groups, group size) tensor, padded with zeros to whole blocks."""
+    n = x.numel()
+    if fmt.granularity == "row":
+        return x.reshape(_rows(x.shape))
+    flat = x.reshape(-1)
+    if fmt.granularity == "tensor":
+        return flat.view(1, n)
+    b = fmt.block_size
+    assert b is not None
+    pad = -n % b
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, b)
+
+
+def pack(x: torch.Tensor, fmt: StorageFormat | str) -> PackedTensor:
+    """Keep ``x`` in ``fmt``; :func:`unpack` gives it back in its own dtype and shape.
+
+    fp32 storage of an fp32 tensor is the tensor itself (no copy, bit-exact).
+    Any shape, stride or size works (empty included); the last block is
+    padded with zeros. Vectorised: a handful of passes over ``x``, no loop.
+    """
+    fmt = _as_format(fmt)
+    if not x.is_floating_point():
+        raise FormatSpecError(f"pack() keeps floating-point tensors; got {x.dtype}")
+    x = x.detach()
+    shape, dtype = x.shape, x.dtype
+    if not fmt.scaled:
+        if fmt.mapping == "sqrt":
+            return PackedTensor(fmt, _compand(x.float()).to(fmt.code_dtype), None, shape, dtype)
+        return PackedTensor(fmt, x.to(fmt.code_dtype), None, shape, dtype)
+    g = _grouped(x.float(), fmt)
+    if fmt.mapping == "sqrt":
+        g = _compand(g)
+    if g.numel() == 0:
+        n_scales = 1 if fmt.granularity == "tensor" else g.shape[0]
+        scales = torch.ones(n_scales, dtype=torch.float32, device=x.device)
+        codes = torch.empty(0 if fmt.granularity != "row" else g.shape, dtype=fmt.code_dtype, device=x.device)
+        if fmt.bits < 8:
+            codes = torch.empty(0, dtype=torch.uint8, device=x.device)
+        return PackedTensor(fmt, codes, scales, shape, dtype)
+    amax = g.abs().nan_to_num_(nan=0.0, posinf=0.0).amax(dim=1, keepdim=True)
+    # scale 1 for an all-zero group keeps 0/scale and code*scale finite
+    # scale 1 for an all-zero group keeps 0/scale and code*scale finite; at least float32's smallest
+    # normal (a subnormal divisor loses bits); at most the cap that keeps every code*scale finite
+    scale = torch.where(amax > 0, (amax / fmt.max_code).clamp_(_TINY, _scale_cap(fmt)), 1.0)
+    y = g / scale
+    if fmt.kind == "float":
+        if not _has_inf(fmt.code_dtype):  # torch's cast would saturate inf to the max finite value
+            y = torch.where(torch.isinf(y), torch.nan, y)
+        codes = y.to(fmt.code_dtype)
+    else:
+        bad = ~torch.isfinite(y)
+        if not fmt.signed:
+            bad |= y < 0
+        lo = -fmt.max_code if fmt.signed else 0
+        q = torch.where(bad, float(fmt.nan_code), y.round().clamp_(lo, fmt.max_code))
+        codes = _to_nibbles(q) if fmt.bits < 8 else q.to(fmt.code_dtype)
+    if fmt.granularity != "row":
+        codes = codes.reshape(-1)
+    return PackedTensor(fmt, codes, scale.reshape(-1), shape, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _scale_cap(fmt: StorageFormat) -> float:
+    """The largest float32 scale whose ``max_code * scale`` (squared, for the sqrt map) stays finite."""
+    big = torch.tensor(torch.finfo(torch.float32).max)
+    zero = torch.tensor(0.0)
+    limit = big.sqrt() if fmt.mapping == "sqrt" else big
+    while torch.isinf(limit * limit if fmt.mapping == "sqrt" else limit):
+        limit = torch.nextafter(limit, zero)
+    cap = limit / fmt.max_code
+    while cap * fmt.max_code > limit:
+        cap = torch.nextafter(cap, zero)
+    return float(cap)
+
+
+def _has_inf(dtype: torch.dtype) -> bool:
+    return dtype not in (torch.float8_e4m3fn,)
+
+
+def _to_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Integer-valued fp32 codes in [-8, 15] -> two 4-bit codes per byte (the first in the low nibble)."""
+    nib = q.to(torch.int16).bitwise_and_(0xF).view(-1, 2)
+    return (nib[:, 0] | (nib[:, 1] << 4)).to(torch.uint8)
+
+
+def _from_nibbles(b: torch.Tensor, signed: bool) -> torch.Tensor:
+    b = b.to(torch.int16)
+    n = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(-1)
+    return (n ^ 8) - 8 if signed else n
+
+
+def unpack(p: PackedTensor) -> torch.Tensor:
+    """The tensor ``p`` keeps, in its original dtype and shape (a new tensor, except fp32 in fp32)."""
+    fmt = p.fmt
+    if not fmt.scaled:
+        if fmt.mapping == "sqrt":
+            return _expand(p.codes.float()).to(p.dtype)
+        return p.codes.to(p.dtype)
+    n = p.numel()
+    if n == 0:
+        return torch.empty(p.shape, dtype=p.dtype, device=p.codes.device)
+    assert p.scales is not None
+    if fmt.kind == "float":
+        y = p.codes.float()
+    else:
+        c = _from_nibbles(p.codes, fmt.signed) if fmt.bits < 8 else p.codes
+        y = torch.where(c == fmt.nan_code, torch.nan, c.float())
+    y = y.view(p.scales.numel(), -1) * p.scales.view(-1, 1)
+    if fmt.mapping == "sqrt":
+        y = _expand(y)
+    return y.reshape(-1)[:n].view(p.shape).to(p.dtype)
+
+
+def storage_nbytes(fmt: StorageFormat | str, numel: int, *, last_dim: int | None = None) -> int:
+    """Bytes a tensor of ``numel`` elements occupies in ``fmt`` (what :attr:`PackedTensor.nbytes` reports).
+
+    ``last_dim``: the length of the last dimension, for row scales (a tensor
+    without it counts as one row, as a 0-d or 1-d tensor packs).
+    """
+    fmt = _as_format(fmt)
+    if numel < 0:
+        raise FormatSpecError(f"storage_nbytes: numel must be >= 0, got {numel}")
+    item = torch.empty(0, dtype=fmt.code_dtype).element_size()
+    if fmt.granularity == "none":
+        return numel * item
+    if fmt.granularity == "tensor":
+        return numel * fmt.bits // 8 + 4
+    if fmt.granularity == "row":
+        cols = last_dim if last_dim is not None else numel
+        rows = numel // cols if cols else 0
+        return numel * item + 4 * rows
+    b = fmt.block_size
+    assert b is not None
+    blocks = -(-numel // b)
+    return blocks * b * fmt.bits // 8 + 4 * blocks
