@@ -10,7 +10,6 @@ own behaviour without hooks.
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import hypothesis.strategies as st
 import pytest
@@ -27,9 +26,8 @@ from adaprec.experiments.tasks.char_transformer import CharGPT, lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HAVE_STORAGE = importlib.util.find_spec("adaprec.formats.storage") is not None
 # a narrow format's relative rounding step (2^-mantissa bits; int8: one step of 127): gradients stay within 2 of them
-NARROW = [("bf16", 2.0**-8)] + ([("int8/row", 1 / 127), ("fp8_e4m3", 2.0**-3)] if HAVE_STORAGE else [])
+NARROW = [("bf16", 2.0**-8), ("int8/row", 1 / 127), ("int8", 1 / 127), ("fp8_e4m3", 2.0**-3)]
 
 
 def _grads(model: nn.Module, step, storage: SavedTensorStorage | None = None) -> tuple[torch.Tensor, torch.Tensor]:

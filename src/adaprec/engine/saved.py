@@ -65,11 +65,8 @@ from torch.overrides import TorchFunctionMode
 
 from adaprec.engine.saved_bytes import PACKED, SavedBytes, SavedRow
 from adaprec.errors import CheckpointError, SavedTensorModifiedError, UsageError
+from adaprec.formats.storage import pack, storage_format, unpack
 
-try:  # the storage codecs (adaprec.formats.storage); a bf16-only stand-in until that module lands
-    from adaprec.formats.storage import pack, storage_format, unpack
-except ImportError:  # pragma: no cover - removed once the storage module is merged
-    from adaprec.engine._storage_standin import pack, storage_format, unpack
 
 __all__ = ["SavedTensorStorage", "FormatFor", "DEFAULT_MIN_NUMEL"]
 
