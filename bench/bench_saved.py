@@ -46,7 +46,7 @@ VARIANTS: dict[str, tuple[str | None, bool, bool, bool]] = {
     "autocast bf16 + saved fp8_e4m3": ("fp8_e4m3", True, False, True),
     "hidden states held: plain fp32": (None, False, True, True),
     "hidden states held: saved bf16": ("bf16", False, True, True),
-    "hidden states held: saved bf16, no sweep": ("bf16", False, True, False),
+    "hidden states held: saved bf16 without sweep": ("bf16", False, True, False),
 }
 # glibc's default serves blocks under a moving threshold (up to 32 MiB) from its heap and keeps them when freed;
 # a fixed 1 MiB threshold maps every large tensor on its own and returns it to the OS when freed

@@ -430,3 +430,34 @@ def test_round_trip_of_any_layout_matches_torchs_cast(rows, cols, layout, scale,
             assert torch.equal(x, t) and x.data_ptr() == t.data_ptr()
         else:
             assert torch.equal(x, t.detach().to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("plan", ["fp32", "bf16"])
+def test_inside_the_engine(gpt, plan):
+    """Nested in ``ap.autocast()`` (the engine's own torch function mode): fp32 storage changes no bit."""
+    import warnings
+
+    import adaprec
+
+    model0, _ = gpt
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 65, (8, 64), generator=g), torch.randint(0, 65, (8, 64), generator=g)
+
+    def grads(fmt):
+        model = copy.deepcopy(model0)
+        ap = adaprec.AdaptivePrecision(model, torch.optim.SGD(model.parameters(), lr=0.1), plan, guard=False)
+        storage = SavedTensorStorage(None if fmt == "off" else fmt, model=model, min_numel=0, enabled=fmt != "off")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bf16 emulated on a CPU without bf16 units: said once, not tested here
+            with ap.autocast(), storage:
+                loss = lm_loss(model(x), y)
+            ap.backward(loss)
+        out = torch.cat([p.grad.flatten() for p in model.parameters()])
+        ap.close()
+        return out, storage.stats()
+
+    ref, _ = grads("off")
+    same, _ = grads(None)
+    assert torch.equal(same, ref)
+    narrow, stats = grads("bf16")
+    assert 0 < _rel(narrow, ref) < 2**-7 and stats.by("reason")["packed"][1] > 0
