@@ -65,8 +65,7 @@ from torch.overrides import TorchFunctionMode
 
 from adaprec.engine.saved_bytes import PACKED, SavedBytes, SavedRow
 from adaprec.errors import CheckpointError, SavedTensorModifiedError, UsageError
-from adaprec.formats.storage import pack, storage_format, unpack
-
+from adaprec.formats.storage import PackedTensor, pack, storage_format, unpack
 
 __all__ = ["SavedTensorStorage", "FormatFor", "DEFAULT_MIN_NUMEL"]
 
@@ -119,7 +118,7 @@ class _Packed:
                  "__weakref__")
 
     def __init__(self, t: torch.Tensor, spec: Any, key: tuple) -> None:
-        self.packed = pack(t, spec)
+        self.packed: PackedTensor | None = pack(t, spec)
         self.original: torch.Tensor | None = None
         self.shape, self.dtype, self.version = t.shape, t.dtype, t._version
         self.ref = weakref.ref(t)  # to see, at the end of forward, whether the original outlived it
@@ -131,6 +130,7 @@ class _Packed:
     def tensor(self) -> torch.Tensor:
         if self.original is not None:
             return self.original
+        assert self.packed is not None  # one of the two is always set
         t = unpack(self.packed)
         if t.dtype != self.dtype:
             t = t.to(self.dtype)
@@ -298,7 +298,7 @@ class SavedTensorStorage:
             return "not floating"
         if t.numel() < self.min_numel:
             return "small"
-        base = t._base if t._is_view() else t
+        base = t._base if t._base is not None else t
         if base.requires_grad and base.grad_fn is None:  # a parameter (a leaf that trains), or a view of one
             return "parameter"
         node = t.grad_fn  # not the base's: a custom Function may return a view of a tensor it made without grad
