@@ -461,3 +461,25 @@ def test_inside_the_engine(gpt, plan):
     assert torch.equal(same, ref)
     narrow, stats = grads("bf16")
     assert 0 < _rel(narrow, ref) < 2**-7 and stats.by("reason")["packed"][1] > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 60), cols=st.integers(1, 70), fmt=st.sampled_from(["int8/row", "int8", "fp8_e4m3/block64",
+                                                                             "int4", "int8/tensor", "bf16"]),
+       piece=st.integers(1, 600), transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_packing_a_piece_at_a_time_equals_packing_whole(rows, cols, fmt, piece, transposed, seed):
+    """Oracle: adaprec.formats.storage packing the whole tensor; pieces give the same values and bytes."""
+    from adaprec.engine import saved
+    from adaprec.formats.storage import pack, storage_format, unpack
+
+    t = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 10
+    t = t.t() if transposed else t
+    spec = storage_format(fmt)
+    whole = pack(t, spec)
+    was, saved._PIECE = saved._PIECE, piece
+    try:
+        pieces = saved._pack_pieces(t, spec)
+    finally:
+        saved._PIECE = was
+    assert sum(p.nbytes for p in pieces) == whole.nbytes
+    assert torch.equal(saved._unpack_pieces(pieces, t.shape, t.dtype), unpack(whole))

@@ -65,7 +65,7 @@ from torch.overrides import TorchFunctionMode
 
 from adaprec.engine.saved_bytes import PACKED, SavedBytes, SavedRow
 from adaprec.errors import CheckpointError, SavedTensorModifiedError, UsageError
-from adaprec.formats.storage import PackedTensor, pack, storage_format, unpack
+from adaprec.formats.storage import PackedTensor, StorageFormat, pack, storage_format, unpack
 
 __all__ = ["SavedTensorStorage", "FormatFor", "DEFAULT_MIN_NUMEL"]
 
@@ -111,6 +111,47 @@ class _Kept:
         self.t, self.version = t.detach(), t._version
 
 
+_PIECE = 1 << 20  # elements packed at a time by scaled formats (4 MiB of fp32)
+
+
+def _pack_pieces(t: torch.Tensor, spec: StorageFormat) -> list[PackedTensor]:
+    """``pack(t, spec)`` a piece at a time, so its fp32 temporaries stay piece-sized.
+
+    Why: a scaled format's pack makes several full-size fp32 temporaries
+    (absolute value, quotient, rounding); on a 32 MiB activation that raised
+    the forward peak and fragmented the heap more than the int8 codes saved
+    (``bench/bench_saved.py``). Pieces end on whole rows (``/row``) or whole
+    blocks (``/block<N>``), so the codes and scales are the ones packing the
+    whole tensor gives; one scale per tensor (``/tensor``) and plain casts are
+    packed whole. Not a codec: :mod:`adaprec.formats.storage` does the packing.
+    """
+    n = t.numel()
+    if spec.granularity not in ("row", "block") or n <= _PIECE or t.dim() == 0:
+        return [pack(t, spec)]
+    if spec.granularity == "row":
+        cols = t.shape[-1]
+        rows = t.reshape(-1, cols)
+        step = max(1, _PIECE // max(cols, 1))
+        return [pack(rows[i:i + step], spec) for i in range(0, rows.shape[0], step)]
+    flat, block = t.reshape(-1), int(spec.block_size or 1)
+    step = max(1, _PIECE // block) * block
+    return [pack(flat[i:i + step], spec) for i in range(0, n, step)]
+
+
+def _unpack_pieces(pieces: list[PackedTensor], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    if len(pieces) == 1:
+        t = unpack(pieces[0])
+        t = t if t.dtype == dtype else t.to(dtype)
+        return t if t.shape == shape else t.reshape(shape)
+    out = torch.empty(shape, dtype=dtype, device=pieces[0].codes.device)
+    flat, i = out.view(-1), 0
+    for p in pieces:
+        k = p.numel()
+        flat[i:i + k].view(p.shape).copy_(unpack(p))
+        i += k
+    return out
+
+
 class _Packed:
     """A saved tensor packed in a storage format (or, once found alive anyway, its original)."""
 
@@ -118,23 +159,20 @@ class _Packed:
                  "__weakref__")
 
     def __init__(self, t: torch.Tensor, spec: Any, key: tuple) -> None:
-        self.packed: PackedTensor | None = pack(t, spec)
+        self.packed: list[PackedTensor] | None = _pack_pieces(t, spec)
         self.original: torch.Tensor | None = None
         self.shape, self.dtype, self.version = t.shape, t.dtype, t._version
         self.ref = weakref.ref(t)  # to see, at the end of forward, whether the original outlived it
         self.sref = StorageWeakRef(t.untyped_storage())  # to share the copy only while the same memory lives
         self.key = key
         self.before = t.numel() * t.element_size()
-        self.after = int(self.packed.nbytes)
+        self.after = sum(int(p.nbytes) for p in self.packed)
 
     def tensor(self) -> torch.Tensor:
         if self.original is not None:
             return self.original
         assert self.packed is not None  # one of the two is always set
-        t = unpack(self.packed)
-        if t.dtype != self.dtype:
-            t = t.to(self.dtype)
-        return t if t.shape == self.shape else t.reshape(self.shape)
+        return _unpack_pieces(self.packed, self.shape, self.dtype)
 
 
 class _Modules:
