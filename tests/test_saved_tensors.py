@@ -354,6 +354,16 @@ def test_the_context_cleans_up_after_itself():
     with storage:  # re-enterable after an error
         with pytest.raises(UsageError, match="already active"), storage:
             pass
+    with torch.autograd.graph.save_on_cpu(), pytest.raises(UsageError, match="inside other saved-tensor hooks"):
+        with storage:
+            pass
+
+    def region(x):  # entered inside a checkpointed function, it would save what the region means to recompute
+        with storage:
+            return x.sin()
+
+    with pytest.raises(UsageError, match="inside other saved-tensor hooks"):
+        checkpoint(region, torch.randn(4, requires_grad=True), use_reentrant=False)
 
 
 def test_bad_input_raises_clear_errors():

@@ -272,6 +272,10 @@ class SavedTensorStorage:
             return self
         if self._exits is not None:
             raise UsageError("SavedTensorStorage is already active: enter it once per forward pass, not nested")
+        if torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
+            raise UsageError("SavedTensorStorage entered inside other saved-tensor hooks (a torch.utils.checkpoint "
+                             "region, save_on_cpu): it would take over their saves; enter it around the whole "
+                             "forward pass instead")
         self._tally.clear()
         self._cache.clear()
         self._live.clear()
