@@ -36,17 +36,19 @@ is then freed; a copy of a tensor that stays alive anyway ADDS memory):
   e.g. hidden states kept for a probe, or the model's output) trades its
   packed copy for the original: exact, and the copy's bytes are freed.
   (Not when the context exits: a tensor the caller drops between the
-  forward and ``backward()`` would be kept wide for nothing.) Measured in ``bench/bench_saved.py``. Where only another
-  tensor on the same memory is alive (a view the user holds), the version
-  of the original cannot be checked: the copy stays, and the tally says so
-  (``packed, memory alive``: those bytes count twice, as they cost).
+  forward and ``backward()`` would be kept wide for nothing.) Where only
+  another tensor on the same memory is alive (a view the user holds), the
+  version of the original cannot be checked: the copy stays, and the tally
+  says so (``packed, memory alive``: those bytes count twice, as they cost).
+  Measured in ``bench/bench_saved.py``; ``docs/memory.md`` has the figures.
 
 A tensor modified in place after it was saved raises, as PyTorch does
 without hooks (:class:`SavedTensorModifiedError`). ``torch.func`` transforms
 refuse to run while any saved-tensor hooks are installed (PyTorch's rule):
 run them under :meth:`SavedTensorStorage.paused`. ``torch.utils.checkpoint``
 regions inside the context keep their own hooks (only the innermost pair
-applies): they save nothing, and their recompute is unchanged.
+applies): they save nothing, and their recompute is unchanged; entered
+inside such a region the context would take over its saves, so it refuses.
 """
 
 from __future__ import annotations
@@ -224,15 +226,16 @@ class SavedTensorStorage:
     ``"int8/row"``, ``"fp8_e4m3"``...), None to keep all as they are, or a
     callable ``(module, role, tensor) -> format or None``. ``module`` is the
     fully qualified name of the innermost module of ``model`` running the op
-    (or what ``module_name()`` returns), ``role`` the innermost torch function
-    running (``"linear"``, ``"layer_norm"``, ``"gelu"``,
+    (or what ``module_name()`` returns), ``role`` the torch function the
+    model called (``"linear"``, ``"layer_norm"``, ``"gelu"``,
     ``"scaled_dot_product_attention"``...; None when ``roles=False``).
     ``min_numel``: smaller tensors are kept. ``sweep``: when backward starts,
     packed tensors whose original is still alive go back to the original
     (module docstring). ``enabled=False`` makes the context a no-op.
 
-    Enter it once per forward pass (it is not re-entrant); the tally of the
-    latest forward is :meth:`stats`.
+    Enter it around the whole forward pass, once per pass (not nested, not
+    inside a checkpointed function); the tally of the latest pass is
+    :meth:`stats`.
     """
 
     def __init__(
@@ -278,7 +281,7 @@ class SavedTensorStorage:
                              "forward pass instead")
         self._tally.clear()
         self._cache.clear()
-        self._live.clear()
+        self._live = [r for r in self._live if r() is not None]  # an earlier pass's backward may still come
         exits = contextlib.ExitStack()
         try:
             if self.model is not None:
