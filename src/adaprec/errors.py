@@ -42,6 +42,10 @@ class TrainingUnstableError(AdaprecError, RuntimeError):
     """Training produced inf/NaN even with every module in fp32; nothing more to raise."""
 
 
+class SavedTensorModifiedError(AdaprecError, RuntimeError):
+    """A tensor saved for backward was modified in place before backward read it (PyTorch raises the same)."""
+
+
 class UsageError(AdaprecError, RuntimeError):
     """Methods called in the wrong order (e.g. ``step()`` before ``backward()``)."""
 

@@ -3,5 +3,7 @@
 from adaprec.engine.counter import MacCounter
 from adaprec.engine.engine import BACKENDS, PrecisionEngine
 from adaprec.engine.execution import Capabilities
+from adaprec.engine.saved import SavedTensorStorage
+from adaprec.engine.saved_bytes import SavedBytes
 
-__all__ = ["PrecisionEngine", "BACKENDS", "Capabilities", "MacCounter"]
+__all__ = ["PrecisionEngine", "BACKENDS", "Capabilities", "MacCounter", "SavedTensorStorage", "SavedBytes"]
