@@ -189,7 +189,7 @@ def test_optimizer_state_is_kept_narrow_for_real():
         ap = adaprec.AdaptivePrecision(model, opt, plan, guard=False)
         _train(model, opt, ap, x, y, 5)
         models.append(model)
-        held = ap.states.nbytes()
+        held = ap.update.states.nbytes()
     # 2 moments x 8192 elements x 2 bytes; the rest (biases, the 1280-weight head) stays fp32 (under 4096 elements)
     moments = moment_formats("bf16").nbytes(64 * 128)
     assert moments == 2 * 2 * 64 * 128

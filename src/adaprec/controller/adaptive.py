@@ -38,13 +38,16 @@ from adaprec.controller.optimizer_state import OptimizerStates
 from adaprec.controller.reducer import make_reducer
 from adaprec.controller.report import report_lines
 from adaprec.controller.rollback import Rollback
+from adaprec.controller.saved import SavedByPlan
 from adaprec.controller.setup import PlanSetup, build_engine, loss_scaling_needed
 from adaprec.controller.shadow import ShadowAudit
 from adaprec.controller.step_bytes import StepBytes
+from adaprec.controller.update import Update
 from adaprec.distributed import is_sharded
 from adaprec.energy import EnergyLedger
 from adaprec.engine.sites import unwrap
 from adaprec.errors import UsageError
+from adaprec.formats import compiled
 from adaprec.formats.loss_scaling import DynamicLossScaler
 from adaprec.monitor import HealthMonitor
 from adaprec.plan import ModulePrecision, PlanChange, PrecisionPlan
@@ -168,16 +171,17 @@ class AdaptivePrecision:
         self.meter, self.meter_reason = self.books.meter, self.books.meter_reason
         self.inference_macs = self.books.inference_macs  # MACs of ap.inference() passes, by executed format
         self.shadow = self.shadow_audit.results  # step -> module -> (cosine, relative error) against fp32
-        self.states = OptimizerStates(self.optimizer, unwrap(model))
         self.bytes = StepBytes(unwrap(model), enabled=cfg.count_bytes)
+        self.saved = SavedByPlan(unwrap(model))
         # a pre-step copy only where something may ask to roll a step back, and only when asked for (memory)
-        self.rollback = Rollback(self._params, self.optimizer, self.reducer.world_size, sharded) \
+        rollback = Rollback(self._params, self.optimizer, self.reducer.world_size, sharded) \
             if self.policy.may_roll_back and cfg.rollback else None
+        self.update = Update(OptimizerStates(self.optimizer, unwrap(model)), rollback, self.bytes, cfg.compile)
 
     def _finalize(self) -> None:
         if self.setup.finalize(type(self.model).__name__):
             self.check.owners = param_owners(self.engine.map.model, list(self.engine.kinds))  # the plan's names
-            self.states.apply(self.plan, self.check.owners)
+            self.update.plan_changed(self.plan, self.check.owners)
 
     def prepare(self, *example_args: Any, **example_kwargs: Any) -> dict[str, str]:
         """Optional: find every module that runs GEMMs with one forward pass (no grad, not counted); module -> kind."""
@@ -219,8 +223,9 @@ class AdaptivePrecision:
         saved_state.check_forward(self._phase, self.engine.active)
         self.engine.begin_step(self._step, enabled and self.sampling_next)
         self.bytes.arm(self._step, self.plan, self.engine.sampling)
+        self.saved.use(self.plan)
         started = self.books.start()
-        with self.engine.activate(enabled):
+        with self.engine.activate(enabled), compiled(self.config.compile), self.saved.forward(enabled):
             yield
         if enabled and self.engine.grad_ops == 0 and self.engine.nograd_ops > 0:
             # `with ap.autocast(), torch.no_grad():` an evaluation pass, not a step's forward: training is left alone
@@ -263,7 +268,8 @@ class AdaptivePrecision:
         self._scale = self.loss_scaler.scale() if self._scaling_needed() else 1.0
         self._loss = loss.detach()
         try:
-            with self.engine.backward_scope():  # checkpointed blocks recomputed here run under the plan
+            # checkpointed blocks recomputed here run under the plan; kept tensors are unpacked (fused if compile=)
+            with self.engine.backward_scope(), compiled(self.config.compile):
                 (loss * self._scale if self._scale != 1.0 else loss).backward()
         except BaseException:
             self._abandon_step()  # not half-done: the next `with ap.autocast():` starts the step again
@@ -318,7 +324,7 @@ class AdaptivePrecision:
         snap = self.monitor.snapshot(step, self._epoch, plan, nonfinite=health.nonfinite,
                                      overflowed=health.overflowed, nonfinite_cause=health.cause)
         new_plan = self.policy.decide(snap, step)
-        stepped, rolled_back, reason = self._apply(health, plan)
+        stepped, rolled_back, reason = self.update.apply(step, health, self.policy, self.monitor)
         changes = self._change_plan(step, plan, new_plan)
         self.reducer.step_timed(step, self.books.close(step))
         self._step += 1
@@ -342,30 +348,13 @@ class AdaptivePrecision:
         shadow, self._shadow_sums = self._shadow_sums, {}
         return self.reducer.reduce(step, plan, view, row, self.engine.sites, self.energy, shadow)
 
-    def _apply(self, health: StepHealth, plan: PrecisionPlan) -> tuple[bool, bool, str]:
-        """Skip, roll back or step the optimizer: (stepped, rolled back, reason)."""
-        if health.nonfinite or self.policy.rollback_requested:
-            self.bytes.skipped()
-        if health.nonfinite:
-            return False, False, health.skip_reason()
-        if self.policy.rollback_requested:
-            self.monitor.discard_last_loss()  # an undone step's loss must not shift the trend later steps face
-            rolled = self.rollback is not None and self.rollback.restore()
-            what = self.policy.incident or "an incident"
-            return False, rolled, (f"rolled back: guard saw {what}" if rolled else f"skipped: guard saw {what}")
-        with self.bytes.update(f"{self.rollback is not None}|{self.states.key}", self._step):
-            if self.rollback is not None:
-                self.rollback.save()
-            self.states.step()
-        return True, False, "ok"
-
     def _change_plan(self, step: int, old: PrecisionPlan, new: PrecisionPlan) -> tuple[PlanChange, ...]:
         if new == old:
             return ()
         who = "guard" if self.policy.incident else self.policy.name
         self.timeline.record_plan_change(step, old, new, who, dict(self.policy.last_reasons or {}))
         self.engine.set_plan(new)
-        self.states.apply(new, self.check.owners)
+        self.update.plan_changed(new, self.check.owners)
         return tuple(old.diff(new))
 
     def end_epoch(self) -> None:

@@ -57,8 +57,9 @@ class ControllerConfig:
             that precision whatever the policy decides.
         quantize_embeddings: embeddings are pinned to fp32 unless True.
         total_steps, steps_per_epoch: tell schedule-based policies the run length.
-        compile: fuse the emulation casts with ``torch.compile`` (same
-            bits, seconds of one-off compile, far faster stochastic rounding).
+        compile: fuse with ``torch.compile`` the emulation casts, and the packing and unpacking of
+            narrow storage (saved tensors, optimizer moments): the same bits, seconds of one-off compile
+            (cached on disk by inductor), several times faster per pass.
         hardware: ``"auto"`` probes the model's device (:func:`adaprec.hardware.probe`,
             cached) so policies choose only formats it runs natively and faster
             than fp32; a :class:`~adaprec.hardware.DeviceReport`; or None (no

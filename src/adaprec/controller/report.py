@@ -51,10 +51,14 @@ def _mib(n: float) -> str:
 
 def memory_lines(ap: AdaptivePrecision, s: Mapping[str, Any]) -> list[str]:
     """What adaprec keeps and what the steps moved: optimizer state, the rollback copy, bytes per step."""
-    held = ap.states.nbytes()
+    held = ap.update.states.nbytes()
     lines = ["optimizer state held: " + (", ".join(f"{k} {_mib(v)}" for k, v in sorted(held.items())) or "none yet")]
-    lines.append("rollback copy: " + (f"{_mib(ap.rollback.nbytes())} (weights and optimizer state before the update)"
-                                      if ap.rollback is not None else "off (a loss spike is skipped, not undone)"))
+    lines.append("rollback copy: " + (f"{_mib(ap.update.rollback.nbytes())} (weights and optimizer state before the update)"
+                                      if ap.update.rollback is not None else "off (a loss spike is skipped, not undone)"))
+    kept = ap.saved.stats()
+    if kept.bytes_before:
+        lines.append(f"kept for backward (last step): {_mib(kept.bytes_after)} of {_mib(kept.bytes_before)} "
+                     f"({', '.join(sorted({r.format for r in kept.rows}))})")
     steps = s.get("steps") or 0
     if steps:
         book = ap.bytes.summary() if ap.bytes.enabled else {}

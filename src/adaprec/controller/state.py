@@ -79,10 +79,11 @@ def state_of(ap: AdaptivePrecision) -> dict[str, Any]:
         "params": [[n, list(p.shape)] for n, p in ap.engine.map.model.named_parameters()],  # global (FSDP) shapes
         # the copy of the last step's starting point a guard rollback would restore: without it, a
         # spike seen on the first step after a resume could only be skipped, not rolled back
-        "rollback": ap.rollback.state_dict() if ap.rollback is not None else None,
+        "rollback": ap.update.rollback.state_dict() if ap.update.rollback is not None else None,
         # the formats the optimizer's moments are kept in (the moments themselves: optimizer.state_dict())
-        "optimizer_state": ap.states.state_dict(),
+        "optimizer_state": ap.update.states.state_dict(),
         "bytes": ap.bytes.state_dict(),
+        "saved": ap.saved.state_dict(),
     }
 
 
@@ -136,10 +137,11 @@ def _load(ap: AdaptivePrecision, state: Mapping[str, Any]) -> None:
     ap.loss_scaler.load_state_dict(state["loss_scaler"])
     ap.timeline.load_state_dict(state["timeline"])
     ap.energy.load_state_dict(state["energy"])
-    if ap.rollback is not None:
-        ap.rollback.load_state_dict(state.get("rollback"))
-    ap.states.load_state_dict(state.get("optimizer_state"))
+    if ap.update.rollback is not None:
+        ap.update.rollback.load_state_dict(state.get("rollback"))
+    ap.update.states.load_state_dict(state.get("optimizer_state"))
     ap.bytes.load_state_dict(state.get("bytes"))
+    ap.saved.load_state_dict(state.get("saved"))
     ap.reducer.step_timed(step - 1, None)
     ap._shadow_sums = {}
     ap._step, ap._epoch = step, epoch

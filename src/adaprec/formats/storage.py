@@ -28,10 +28,12 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from adaprec.errors import FormatSpecError, UnknownFormatError
+from adaprec.formats.quantize import _use_compiled
 
 __all__ = [
     "StorageFormat",
@@ -368,26 +370,55 @@ def pack(x: torch.Tensor, fmt: StorageFormat | str) -> PackedTensor:
         if fmt.bits < 8:
             codes = torch.empty(0, dtype=torch.uint8, device=x.device)
         return PackedTensor(fmt, codes, scales, shape, dtype)
-    amax = g.abs().nan_to_num_(nan=0.0, posinf=0.0).amax(dim=1, keepdim=True)
-    # scale 1 for an all-zero group keeps 0/scale and code*scale finite
-    # scale 1 for an all-zero group keeps 0/scale and code*scale finite; at least float32's smallest
-    # normal (a subnormal divisor loses bits); at most the cap that keeps every code*scale finite
-    scale = torch.where(amax > 0, (amax / fmt.max_code).clamp_(_TINY, _scale_cap(fmt)), 1.0)
-    y = g / scale
-    if fmt.kind == "float":
-        if not _has_inf(fmt.code_dtype):  # torch's cast would saturate inf to the max finite value
-            y = torch.where(torch.isinf(y), torch.nan, y)
-        codes = y.to(fmt.code_dtype)
-    else:
-        bad = ~torch.isfinite(y)
-        if not fmt.signed:
-            bad |= y < 0
-        lo = -fmt.max_code if fmt.signed else 0
-        q = torch.where(bad, float(fmt.nan_code), y.round().clamp_(lo, fmt.max_code))
-        codes = _to_nibbles(q) if fmt.bits < 8 else q.to(fmt.code_dtype)
+    wide = fmt.bits >= 8  # 4-bit codes are paired into bytes after
+    encode = _compiled_encode() if (_use_compiled.get() and wide) else _encode
+    codes, scale = encode(g, float(fmt.max_code), _scale_cap(fmt), fmt.kind == "float",
+                          fmt.code_dtype if wide else torch.float32, _has_inf(fmt.code_dtype), fmt.signed,
+                          float(fmt.nan_code if fmt.nan_code is not None else 0))
+    if not wide:
+        codes = _to_nibbles(codes)
     if fmt.granularity != "row":
         codes = codes.reshape(-1)
     return PackedTensor(fmt, codes, scale.reshape(-1), shape, dtype)
+
+
+def _encode(g: torch.Tensor, max_code: float, cap: float, is_float: bool, code_dtype: torch.dtype,
+            keeps_inf: bool, signed: bool, nan_code: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and per-group scales of ``g`` (groups in rows, fp32): the scaled formats' one rule.
+
+    A scale 1 for an all-zero group keeps 0/scale and code*scale finite; at least float32's smallest normal
+    (a subnormal divisor loses bits); at most ``cap``, which keeps every code*scale finite. Scales come from
+    the finite values only. Pure tensor code with its constants as arguments, so ``torch.compile`` fuses it
+    into one pass (:func:`adaprec.formats.compiled`), bit for bit the same.
+    """
+    amax = g.abs().nan_to_num(nan=0.0, posinf=0.0).amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, (amax / max_code).clamp(_TINY, cap), 1.0)
+    y = g / scale
+    if is_float:
+        if not keeps_inf:  # torch's cast would saturate inf to the max finite value
+            y = torch.where(torch.isinf(y), torch.nan, y)
+        return y.to(code_dtype), scale
+    bad = ~torch.isfinite(y)
+    if not signed:
+        bad = bad | (y < 0)
+    q = torch.where(bad, nan_code, y.round().clamp(-max_code if signed else 0.0, max_code))
+    return q.to(code_dtype), scale
+
+
+def _decode(c: torch.Tensor, scales: torch.Tensor, is_float: bool, nan_code: float) -> torch.Tensor:
+    """Values of codes ``c`` grouped like ``scales`` (fp32), NaN where an integer code is the NaN code."""
+    y = c.float() if is_float else torch.where(c == nan_code, torch.nan, c.float())
+    return y.view(scales.numel(), -1) * scales.view(-1, 1)
+
+
+@functools.cache
+def _compiled_encode() -> Any:
+    return torch.compile(_encode, dynamic=True)
+
+
+@functools.cache
+def _compiled_decode() -> Any:
+    return torch.compile(_decode, dynamic=True)
 
 
 @functools.lru_cache(maxsize=64)
@@ -431,12 +462,9 @@ def unpack(p: PackedTensor) -> torch.Tensor:
     if n == 0:
         return torch.empty(p.shape, dtype=p.dtype, device=p.codes.device)
     assert p.scales is not None
-    if fmt.kind == "float":
-        y = p.codes.float()
-    else:
-        c = _from_nibbles(p.codes, fmt.signed) if fmt.bits < 8 else p.codes
-        y = torch.where(c == fmt.nan_code, torch.nan, c.float())
-    y = y.view(p.scales.numel(), -1) * p.scales.view(-1, 1)
+    c = _from_nibbles(p.codes, fmt.signed) if fmt.bits < 8 else p.codes
+    decode = _compiled_decode() if (_use_compiled.get() and fmt.bits >= 8) else _decode
+    y = decode(c, p.scales, fmt.kind == "float", float(fmt.nan_code if fmt.nan_code is not None else 0))
     if fmt.mapping == "sqrt":
         y = _expand(y)
     return y.reshape(-1)[:n].view(p.shape).to(p.dtype)

@@ -14,14 +14,20 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from adaprec.errors import PlanError, PolicyError, UnknownFormatError
+from adaprec.errors import FormatSpecError, PlanError, PolicyError, UnknownFormatError
 from adaprec.formats import get, width_key
+from adaprec.formats.storage import storage_format
 from adaprec.monitor.snapshot import Snapshot, TensorStats
 from adaprec.plan import ROLES, PrecisionPlan, preset
 from adaprec.policies.base import Policy, _check_keys
 from adaprec.policies.ladder import GRAD_ROLES, recipe_for
 
-__all__ = ["ErrorBudgetPolicy", "DEFAULT_TARGETS", "DEFAULT_LADDERS"]
+__all__ = ["ErrorBudgetPolicy", "DEFAULT_TARGETS", "DEFAULT_LADDERS", "SAVED_LADDER", "SAVED_TARGET"]
+
+
+def _number_format(storage_spec: str) -> str:
+    """The number format a storage spec keeps its values in (``int8/block256`` -> ``int8``): what the monitor measures."""
+    return storage_format(storage_spec).base if storage_format(storage_spec).base != "uint8" else "int8"
 
 # Ladders run cheapest first, as published per-operation energies order them
 # (integer arithmetic costs less than float of the same width: Horowitz 2014,
@@ -40,6 +46,11 @@ DEFAULT_LADDERS: dict[str, tuple[str, ...]] = {
 # dB. Gradients tolerate more noise: they are rounded stochastically (unbiased)
 # and averaged over many steps by the optimizer.
 DEFAULT_TARGETS: dict[str, float] = {"weight": 20.0, "activation": 20.0, "grad_output": 12.0, "grad_weight": 12.0}
+# What autograd keeps of a module's ops for backward (the ``saved`` storage role), narrowest first. Storage
+# formats need no arithmetic units: any device keeps int8 and fp8 codes. Chosen from the module's measured
+# activation SQNR in that format (per-tensor scaled: a lower bound on the block-scaled storage's).
+SAVED_LADDER = ("int8", "fp8_e4m3", "bf16", "fp32")
+SAVED_TARGET = 30.0
 
 
 class ErrorBudgetPolicy(Policy):
@@ -65,6 +76,14 @@ class ErrorBudgetPolicy(Policy):
             linearly to 0 over ``mature_steps`` (default: half of
             ``total_steps``, or 10 x warmup_steps when unknown): young weights
             get more precision, mature ones less.
+        optimizer_state: how every unpinned module's optimizer moments are
+            kept (a storage spec; ``"int8"``: 8-bit block-wise, the second
+            moment on a square-root map; tensors under 4096 elements and
+            embeddings stay fp32). ``"fp32"`` keeps the optimizer's own state.
+        saved_ladder, saved_target: storage formats for what autograd keeps of
+            a module's ops (narrowest first), and the SQNR (dB) the module's
+            activation must keep in one to be stored so (plus the sensitive and
+            early extras). ``bf16`` during warm-up.
     """
 
     name = "error-budget"
@@ -84,9 +103,12 @@ class ErrorBudgetPolicy(Policy):
     @property
     def candidate_formats_by_role(self) -> Mapping[str, tuple[str, ...]]:
         usable = self._usable()
-        if usable is None:
-            return dict(self.ladders)
-        return {r: tuple(f for f in ladder if f in usable) for r, ladder in self.ladders.items()}
+        roles = dict(self.ladders) if usable is None else \
+            {r: tuple(f for f in ladder if f in usable) for r, ladder in self.ladders.items()}
+        # storage needs no arithmetic units: the activation is measured in the saved ladder's formats anywhere
+        stored = tuple(_number_format(f) for f in self.saved_ladder)
+        roles["activation"] = tuple(dict.fromkeys(roles.get("activation", ()) + stored))
+        return roles
 
     def ladder_for(self, module: str, role: str) -> tuple[str, ...]:
         """The role's ladder, keeping only the formats this device runs natively for ``module``."""
@@ -102,8 +124,11 @@ class ErrorBudgetPolicy(Policy):
         if allowed is None or all(
             self._warm_mp.recipe(r).format in allowed for r in ("weight", "activation", "grad_output")
         ):
-            return self._warm_mp
-        return preset("fp32")
+            mp = self._warm_mp
+        else:
+            mp = preset("fp32")
+        warm_saved = "bf16" if "bf16" in self.saved_ladder else "fp32"
+        return mp.with_storage("optimizer_state", self.optimizer_state).with_storage("saved", warm_saved)
 
     def __init__(
         self,
@@ -118,8 +143,19 @@ class ErrorBudgetPolicy(Policy):
         sensitive_edges: bool = True,
         early_extra_db: float = 6.0,
         mature_steps: int | None = None,
+        optimizer_state: str = "int8",
+        saved_ladder: Sequence[str] = SAVED_LADDER,
+        saved_target: float = SAVED_TARGET,
     ) -> None:
         super().__init__()
+        try:
+            self.optimizer_state = storage_format(optimizer_state, role="optimizer_state").spec
+            self.saved_ladder = tuple(storage_format(f, role="activation").spec for f in saved_ladder)
+        except (FormatSpecError, UnknownFormatError) as e:
+            raise PolicyError(f"error-budget policy: {e}") from None
+        if "fp32" not in self.saved_ladder:
+            self.saved_ladder += ("fp32",)
+        self.saved_target = float(saved_target)
         self.targets = dict(DEFAULT_TARGETS)
         for role, v in (targets or {}).items():
             if role not in ROLES:
@@ -286,10 +322,41 @@ class ErrorBudgetPolicy(Policy):
                     reasons[key] = why
             if module in self.coupled:
                 mp = self._couple(module, mp, plan.get(module), reasons)
+            mp = self._store(module, mp, snapshot.stats(module, "activation"), step, reasons)
             if mp != plan.get(module):
                 plan = plan.with_module(module, mp)
         self.last_reasons = reasons
         return plan
+
+    def _store(self, module: str, mp: Any, stats: TensorStats | None, step: int, reasons: dict) -> Any:
+        """The storage roles: the optimizer state as configured; what autograd keeps, the narrowest saved
+        format the activation's measured SQNR allows (widened at once, narrowed after ``patience`` checks)."""
+        mp = mp.with_storage("optimizer_state", self.optimizer_state)
+        if stats is None:
+            return mp
+        target = self.saved_target + (self.target(module, "activation", step) - self.targets["activation"])
+        verdicts = [self._check(stats, _number_format(f), target, "activation") for f in self.saved_ladder]
+        best = next(i for i, (ok, _) in enumerate(verdicts) if ok)  # fp32 always passes
+        current = mp.saved
+        pos = self.saved_ladder.index(current) if current in self.saved_ladder else len(self.saved_ladder) - 1
+        key = (module, "saved")
+        new = None
+        if best > pos:  # the format in force broke the budget: widen now
+            self._streak.pop(key, None)
+            new, why = self.saved_ladder[best], f"{current}: {verdicts[pos][1]}; widened"
+        elif best < pos:
+            streak = self._streak.setdefault(key, [0, best])
+            streak[0] += 1
+            streak[1] = max(streak[1], best)
+            if streak[0] >= self.patience:
+                new, why = self.saved_ladder[streak[1]], f"{verdicts[streak[1]][1]} for {streak[0]} checks"
+                del self._streak[key]
+        else:
+            self._streak.pop(key, None)
+        if new is not None and new != current:
+            mp = mp.with_storage("saved", new)
+            reasons[key] = f"saved {new}: {why}"
+        return mp
 
     def _couple(self, module: str, mp, old, reasons: dict) -> Any:  # noqa: ANN001
         """Activation, weight and output gradient in the widest of the three (their kernel runs one dtype)."""
