@@ -160,6 +160,7 @@ class AdaptivePrecision:
         self.policy: Policy = with_guard(base) if cfg.guard else base
         self.timeline = Timeline()
         self.setup = PlanSetup(cfg, self.engine, self.policy, self.monitor, self.timeline)
+        self.setup.report = self.hardware
         self.setup.configure_monitor()
         self.engine.on_new_site = self.setup.on_new_site
         self.engine.observer = self.monitor.observe_tensor
@@ -180,6 +181,7 @@ class AdaptivePrecision:
 
     def _finalize(self) -> None:
         if self.setup.finalize(type(self.model).__name__):
+            self.setup.measure_shapes()  # narrow a module only where its GEMM shapes pay (cached; no-op here if none)
             self.check.owners = param_owners(self.engine.map.model, list(self.engine.kinds))  # the plan's names
             self.update.plan_changed(self.plan, self.check.owners)
 

@@ -37,6 +37,9 @@ def report_lines(ap: AdaptivePrecision) -> list[str]:
         "measured: "
         + (f"{s['measured_j']:.4g} J" if s.get("measured_j") is not None else f"n/a ({s.get('measured_reason')})"),
     ]
+    if ap.setup.widened:
+        lines.append("kept wider where narrow does not pay (measured at the module's GEMM shapes): "
+                     + "; ".join(f"{m}: {why}" for m, why in ap.setup.widened.items()))
     lines += memory_lines(ap, s)
     sim = s.get("simulated")
     if sim:

@@ -22,9 +22,18 @@ from adaprec.distributed import alias_fsdp_params, fsdp_modules
 from adaprec.engine import Capabilities, PrecisionEngine
 from adaprec.engine.allocator import tune_cpu_allocator
 from adaprec.engine.execution import allowed_formats
+from adaprec.engine.ops import OpCall
 from adaprec.engine.sites import unwrap
 from adaprec.errors import PlanError, UsageError
 from adaprec.hardware import DeviceReport, probe
+from adaprec.hardware.shapes import (
+    MEASURABLE,
+    GemmShape,
+    ShapeTable,
+    formats_that_pay,
+    linear_gemms,
+    measure_gemms,
+)
 from adaprec.monitor import HealthMonitor
 from adaprec.plan import ModulePrecision, PrecisionPlan, pin_matches
 from adaprec.policies import Policy
@@ -80,6 +89,11 @@ class PlanSetup:
         self.template = PrecisionPlan()
         self.decided = False  # no decision yet: discovery may still set the policy up again
         self.finalized = False
+        self.report: DeviceReport | None = None  # the device probe (set by the controller)
+        self.shapes: dict[str, list[GemmShape]] = {}  # module -> its linear GEMMs' shapes, seen in discovery
+        self.table: ShapeTable | None = None  # their measured speedups (shape-aware decisions)
+        self.widened: dict[str, str] = {}  # module -> why a narrow format the device has does not pay there
+        engine.tally.on_record.append(self._seen)
         engine.set_plan(policy.setup(self.template, *config.run_length))
 
     def discover(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
@@ -95,11 +109,49 @@ class PlanSetup:
         if args or kwargs:
             self.engine.discover(*args, **kwargs)
 
+    def _seen(self, name: str, call: OpCall, ex: Any, mp: Any) -> None:
+        """During discovery: the shapes of every linear-like GEMM of each module (what pays depends on them)."""
+        if self.finalized or call.site_kind != "linear":
+            return
+        for g in call.gemms:
+            if g.mkn is not None:
+                self.shapes.setdefault(name, []).extend(linear_gemms(*g.mkn, input_grad=g.grad_a, weight_grad=g.grad_b))
+
     def allowed(self) -> tuple[dict[str, frozenset[str]] | None, set[str]]:
-        """Per module, the formats this device runs natively and faster (None: research mode, any format)."""
+        """Per module, the formats this device runs natively and faster, and (once measured) that pay at the
+        module's own GEMM shapes, casts included (None: research mode, any format)."""
         if self.config.target is not None:
             return None, set()
-        return allowed_formats(self.engine.sites, self.engine.caps, self.engine.backend)
+        allowed, coupled = allowed_formats(self.engine.sites, self.engine.caps, self.engine.backend)
+        if self.table is not None:
+            for m, fmts in allowed.items():
+                measured = fmts & set(MEASURABLE)
+                if measured and m in self.shapes:
+                    pay = formats_that_pay(self.table, self.shapes[m], measured)
+                    allowed[m] = frozenset(fmts - (measured - pay))
+        return allowed, coupled
+
+    def measure_shapes(self) -> None:
+        """Once, after discovery: time the model's distinct linear GEMM shapes in the narrow formats this device
+        runs natively and fast (cached on disk like the probe); a format that does not pay at a module's shapes
+        is taken off that module's list, and the timeline's notes say so."""
+        if self.table is not None or self.config.target is not None or self.config.backend == "emulate":
+            return
+        allowed, _ = allowed_formats(self.engine.sites, self.engine.caps, self.engine.backend)
+        candidates = sorted({f for fmts in allowed.values() for f in fmts} & set(MEASURABLE))
+        shapes = [s for m, ss in self.shapes.items() if allowed.get(m, frozenset()) & set(candidates) for s in ss]
+        if not candidates or not shapes:
+            return
+        device = next((p.device for p in self.engine.map.model.parameters()), torch.device("cpu"))
+        self.table = measure_gemms(shapes, candidates, device, report=self.report)
+        narrowed, _ = self.allowed()
+        for m, fmts in allowed.items():
+            lost = sorted(fmts - (narrowed or {}).get(m, fmts))
+            if lost:
+                self.widened[m] = f"{', '.join(lost)} do not pay at its GEMM shapes here (measured with their casts)"
+        if self.widened and not self.decided:
+            self.policy.restrict(*self.allowed())
+            self.engine.set_plan(self.policy.setup(self.template, *self.config.run_length))
 
     def pins(self) -> dict[str, str | ModulePrecision]:
         """Embeddings pinned to fp32 (unless ``quantize_embeddings``), then the user's pins that match a module."""
@@ -156,7 +208,7 @@ class PlanSetup:
         """Set the policy up again for a saved template (the plan in force stays the engine's); the policy's
         own state is loaded after this."""
         self.template = PrecisionPlan.from_dict(template)
-        self.policy.restrict(*self.allowed())
+        self.policy.restrict(*self.allowed())  # with the saved shape table: no timing on resume
         plan = self.engine.plan
         self.policy.setup(self.template, *self.config.run_length)
         self.engine.set_plan(plan)

@@ -10,6 +10,7 @@ import torch
 
 from adaprec.controller.config import Phase
 from adaprec.errors import CheckpointError, UsageError
+from adaprec.hardware.shapes import GemmShape, ShapeTable
 
 if TYPE_CHECKING:
     from adaprec.controller.adaptive import AdaptivePrecision
@@ -84,6 +85,11 @@ def state_of(ap: AdaptivePrecision) -> dict[str, Any]:
         "optimizer_state": ap.update.states.state_dict(),
         "bytes": ap.bytes.state_dict(),
         "saved": ap.saved.state_dict(),
+        # the measured GEMM shapes decisions were made from: a resume decides the same without timing again
+        "shape_table": None if ap.setup.table is None else {
+            "table": ap.setup.table.state_dict(),
+            "shapes": {m: [list(g) for g in gs] for m, gs in ap.setup.shapes.items()},
+        },
     }
 
 
@@ -130,6 +136,10 @@ def _check_params(ap: AdaptivePrecision, saved: Any) -> None:
 def _load(ap: AdaptivePrecision, state: Mapping[str, Any]) -> None:
     step, epoch = int(state["step"]), int(state["epoch"])
     ap.engine.load_state_dict(state["engine"])
+    table = state.get("shape_table")
+    ap.setup.table = None if table is None else ShapeTable.from_dict(table["table"])
+    if table is not None:
+        ap.setup.shapes = {str(m): [GemmShape.of(g) for g in gs] for m, gs in table["shapes"].items()}
     ap.setup.restore(state["template"])
     ap.policy.load_state_dict(state["policy"])
     ap.setup.configure_monitor()

@@ -78,7 +78,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def _identify(dev: torch.device, sweep: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(cache key, facts about the device) without measuring anything."""
     # schema and ops: a file written before an op class was measured lacks its verdicts, so it must miss
-    base = {"schema": SCHEMA, "ops": list(OPS), "device": str(dev), "torch": torch.__version__,
+    base = {"schema": SCHEMA, "ops": list(OPS), "device": str(dev), "torch": str(torch.__version__),
             "threads": torch.get_num_threads(), "sweep": sweep}  # fmt: skip
     if dev.type == "cpu":
         info = _cpu_info()

@@ -716,7 +716,7 @@ def _measure(
         load = None
     rep = device_key(dev)
     how = {
-        "device": str(dev), "name": rep.get("machine", dev.type), "torch_version": torch.__version__,
+        "device": str(dev), "name": rep.get("machine", dev.type), "torch_version": str(torch.__version__),
         "threads": torch.get_num_threads(), "int8_scaling": int8_scaling, "stochastic_grads": stochastic_grads,
         "budget_s": budget_s, "max_shapes": max_shapes, "far_slower": str(float(far_slower)), "warmup_fp32": _WARMUP_FP32, "rounds": [_MIN_ROUNDS, _MAX_ROUNDS],
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
