@@ -68,9 +68,11 @@ class ControllerConfig:
             device (research mode): policies may choose any format, formats this
             device lacks are emulated, and the ledger adds a figure labelled
             *simulated for* that target, kept apart from what ran.
-        tune_allocator: on CPU, raise glibc's mmap threshold once per process
-            (:func:`adaprec.engine.allocator.tune_cpu_allocator`): fresh pages for
-            every large tensor cost more than an int8 GEMM (measured). Process-wide.
+        tune_allocator: on CPU, set glibc's mmap threshold once per process
+            (:func:`adaprec.engine.allocator.tune_cpu_allocator`): raised (speed) where int8
+            GEMMs run natively and fast (fresh pages for every large tensor cost more than
+            such a GEMM, measured), else lowered to 1 MiB (memory: freed tensors, and what
+            narrow storage saves, go back to the OS). Process-wide.
         distributed: under ``torch.distributed`` (``None``, the default: whenever a
             process group of 2+ ranks is initialised), every statistic the policy and
             the guard read is exchanged between ranks in one collective per step, so

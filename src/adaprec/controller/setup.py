@@ -61,8 +61,11 @@ def build_engine(model: nn.Module, config: ControllerConfig, reducer: Any) -> tu
     """The engine for ``model`` on this device: (engine, the device report every rank shares, the allocator's note)."""
     report = reducer.share_report(lambda: probe_for(model, config.hardware, config.backend))
     allocator = "glibc defaults (tune_allocator=False)"
-    if config.tune_allocator and config.backend != "emulate" and not any(p.is_cuda for p in model.parameters()):
-        allocator = tune_cpu_allocator()[1]
+    if config.tune_allocator and not any(p.is_cuda for p in model.parameters()):
+        # for speed where int8 GEMMs run natively and fast (their page faults dominate, measured); for memory
+        # elsewhere: what narrow storage saves goes back to the OS
+        fast_int8 = report is not None and "int8" in report.fast_formats("gemm") and config.backend != "emulate"
+        allocator = tune_cpu_allocator("speed" if fast_int8 else "memory")[1]
     caps = Capabilities.from_report(report) if report is not None else Capabilities()
     engine = PrecisionEngine(model, backend=config.backend, module_filter=config.module_filter, seed=config.seed,
                              compile=config.compile, capabilities=caps)
