@@ -15,12 +15,20 @@ parameter-heavy (8 x 1024, 101 M parameters, context 32, batch 2) and the
 quickstart's model size (2 x 256, context 128, batch 16).
 
 Each variant runs in a new Python process (``python bench_memory.py --child ...``),
-so no allocator cache or library state of one variant reaches another. The
-peak is the process high-water mark (``VmHWM``) after a reset through
+so no allocator cache or library state of one variant reaches another. Two
+peaks: the process high-water mark (``VmHWM``) after a reset through
 ``/proc/self/clear_refs`` once the warm-up steps are done
-(:class:`adaprec.memory.PeakMemory`): everything the process holds in the
-steady state, Python and libraries included. Validation loss is the mean
-next-character loss on fixed held-out windows after the same steps.
+(:class:`adaprec.memory.PeakMemory`: everything the process holds,
+Python, libraries and the allocator's cache included, under each variant's
+own allocator settings: glibc's defaults for the peers, adaprec's
+``tune_allocator`` choice for adaprec), and the peak of live tensor bytes
+during the last step (:func:`adaprec.memory.live_tensor_peak`: what the
+step needs, as CUDA's ``max_memory_allocated`` says). Validation loss is the
+mean next-character loss on fixed held-out windows after the run.
+
+``--peer-steps``: the autocast variants run fewer steps (bf16 arithmetic is
+emulated and 20-100x slower on a CPU without bf16 units; memory is steady
+after the first steps); their loss is then after fewer steps and marked so.
 
 Run: ``python bench/bench_memory.py [--steps 24] [--warmup 12] [--regimes activation,parameter,quickstart] [--write]``
 """
@@ -108,7 +116,7 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def child(variant: str, regime: Regime, steps: int, warmup: int) -> dict:
     """Train one variant in this process; return its figures."""
-    from adaprec.memory import PeakMemory
+    from adaprec.memory import PeakMemory, live_tensor_peak
 
     torch.manual_seed(0)
     train, val, vocab = _data()
@@ -144,14 +152,18 @@ def child(variant: str, regime: Regime, steps: int, warmup: int) -> dict:
             opt.step()
 
     setup = None
+    live = None
     for step in range(steps):
-        if step == steps - max(3, steps // 4):
+        if step == steps - max(2, steps // 4):
             peak.reset()  # the steady state: after warm-up, before the last steps
         x, y = _windows(train, regime.block, regime.batch, g)
         t0 = time.perf_counter()
         if setup is None:  # a variant that does not train what it claims fails the bench
             setup = check_setup(variant, model, opt, lambda x=x, y=y: train_step(x, y))
             setup.raise_if_failed()
+        elif step == steps - 1:  # the last step, under the profiler's allocator events (not timed)
+            live = live_tensor_peak(lambda x=x, y=y: train_step(x, y))
+            continue
         else:
             train_step(x, y)
         times.append(time.perf_counter() - t0)
@@ -166,11 +178,17 @@ def child(variant: str, regime: Regime, steps: int, warmup: int) -> dict:
                 losses.append(float(_loss(model(x), y)))
     out = {"variant": variant, "regime": regime.name, "params": params, "peak_bytes": reading.peak_bytes,
            "method": reading.method, "reason": reading.reason, "val_loss": sum(losses) / len(losses),
-           "step_ms": 1e3 * statistics.median(times[warmup:] or times), "macs": "", "setup": setup.summary()}
+           "live_bytes": live.peak_bytes if live is not None else None, "steps": steps,
+           "step_ms": 1e3 * statistics.median(times[warmup:] or times), "macs": "", "setup": setup.summary(),
+           "allocator": "glibc defaults", "kept": ""}
     if ap is not None:
         by_format = ap.energy.summary()["macs_by_format"]  # over all steps, warm-up included
         total = sum(by_format.values()) or 1
         out["macs"] = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(by_format.items(), key=lambda kv: -kv[1]))
+        out["allocator"] = ap.allocator
+        saved = {mp.saved for mp in ap.plan.modules.values()}
+        state = {mp.optimizer_state for mp in ap.plan.modules.values()}
+        out["kept"] = f"saved {'/'.join(sorted(saved))}; optimizer state {'/'.join(sorted(state))}"
         ap.close()
     return out
 
@@ -184,17 +202,24 @@ def _run_child(variant: str, key: str, steps: int, warmup: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _ratio(r: dict, b: dict, key: str) -> str:
+    if r.get(key) is None:
+        return "n/a"
+    mib = f"{r[key] / 2**20:,.0f}"
+    return f"{mib} ({r[key] / b[key]:.2f}x)" if b.get(key) else mib
+
+
 def _table(rows: list[dict]) -> str:
-    lines = ["| regime | variant | steady peak (MiB) | vs plain fp32 | val loss | vs fp32 | MACs by format |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| regime | variant | live tensors, step peak (MiB) | process RSS peak (MiB) | val loss (steps) | vs fp32 "
+             "| what adaprec kept narrow | allocator |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
     base = {r["regime"]: r for r in rows if r["variant"] == "plain fp32"}
     for r in rows:
         b = base.get(r["regime"], r)  # without a plain fp32 row, ratios are to the variant itself
-        mib = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.0f}"
-        ratio = "n/a" if r["peak_bytes"] is None or not b["peak_bytes"] else f"{r['peak_bytes'] / b['peak_bytes']:.2f}x"
-        dl = 100 * (r["val_loss"] - b["val_loss"]) / b["val_loss"]
-        lines.append(f"| {r['regime']} ({r['params'] / 1e6:.1f} M params) | {r['variant']} | {mib} | {ratio} | "
-                     f"{r['val_loss']:.4f} | {dl:+.2f} % | {r['macs'] or '-'} |")
+        dl = "-" if r["steps"] != b["steps"] else f"{100 * (r['val_loss'] - b['val_loss']) / b['val_loss']:+.2f} %"
+        lines.append(f"| {r['regime']} ({r['params'] / 1e6:.1f} M params) | {r['variant']} | {_ratio(r, b, 'live_bytes')} "
+                     f"| {_ratio(r, b, 'peak_bytes')} | {r['val_loss']:.4f} ({r['steps']}) | {dl} | {r['kept'] or '-'} "
+                     f"| {r['allocator']} |")
     return "\n".join(lines)
 
 
@@ -204,6 +229,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=12, help="adaprec's error-budget warm-up (default policy: 100)")
     ap.add_argument("--regimes", default="activation,parameter,quickstart")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--peer-steps", type=int, default=None, help="steps of the autocast variants (default: --steps)")
     ap.add_argument("--write", action="store_true", help="write the table to docs/BENCHMARKS.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--regime-key", help=argparse.SUPPRESS)
@@ -223,20 +249,24 @@ def main() -> None:
             raise SystemExit(f"bench_memory: unknown regime {key!r}; known: {', '.join(REGIMES)}")
         for variant in variants:
             print(f"[{REGIMES[key].name}] {variant} ...", flush=True)
-            rows.append(_run_child(variant, key, args.steps, args.warmup))
+            steps = args.peer_steps if (args.peer_steps and variant.startswith("autocast")) else args.steps
+            rows.append(_run_child(variant, key, steps, min(args.warmup, steps - 3)))
             r = rows[-1]
             print(f"    peak {r['peak_bytes'] / 2**20 if r['peak_bytes'] else math.nan:,.0f} MiB ({r['method']}), "
+                  f"live {r['live_bytes'] / 2**20 if r['live_bytes'] else math.nan:,.0f} MiB, "
                   f"val loss {r['val_loss']:.4f}, {r['step_ms']:.0f} ms/step", flush=True)
     table = _table(rows)
     print(table)
     if args.write:
         write_section(
             "Steady-state peak memory",
-            f"`python bench/bench_memory.py --steps {args.steps} --warmup {args.warmup}`: each variant in a fresh "
-            "process; peak = process VmHWM after a reset once the warm-up steps are done (measured, "
-            f"`adaprec.memory.PeakMemory`), over the last steps; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads. Step time is not reported here (bench_native measures speed side "
-            f"by side; this bench's variants run one after another).\n\n{table}",
+            f"`python bench/bench_memory.py --steps {args.steps} --warmup {args.warmup}"
+            f"{f' --peer-steps {args.peer_steps}' if args.peer_steps else ''}`: each variant in a fresh process. Live "
+            "tensors = the peak of allocated tensor bytes during the last step (`adaprec.memory.live_tensor_peak`, "
+            "allocator events); process RSS = VmHWM after a reset once the warm-up steps are done "
+            "(`adaprec.memory.PeakMemory`), under each variant's allocator settings (last column); both measured. "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads. Step time is not reported here "
+            f"(bench_native measures speed side by side; this bench's variants run one after another).\n\n{table}",
         )
 
 

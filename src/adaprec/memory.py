@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["MemoryReading", "PeakMemory"]
+__all__ = ["MemoryReading", "PeakMemory", "live_tensor_peak"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -118,3 +119,28 @@ class PeakMemory:
         if sys.platform == "darwin":  # bytes there, kilobytes on Linux
             return MemoryReading(peak, "process ru_maxrss since start (no VmHWM on this OS)")
         return MemoryReading(peak * 1024, "process ru_maxrss since start (VmHWM not resettable here)")
+
+
+def live_tensor_peak(step: Callable[[], object]) -> MemoryReading:
+    """Peak of live tensor bytes while ``step()`` runs, above what was live when it started (CPU or CUDA).
+
+    Counted from the allocator's events (``torch.profiler`` with ``profile_memory=True``): tensors only,
+    whatever the allocator keeps or the OS maps. What the step needs, as ``max_memory_allocated`` says on
+    CUDA; beside :class:`PeakMemory`'s process figure, which also counts the allocator's cache and
+    libraries. Slower while it runs (the profiler): measure one steady step, not all of them.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    try:
+        with profile(activities=activities, profile_memory=True) as prof:
+            step()
+        events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except (RuntimeError, AttributeError) as e:  # a torch whose profiler cannot count allocations
+        return MemoryReading(None, "live tensors (allocator events)", f"not measurable: {e}")
+    cur = peak = 0
+    for _, n in mem:
+        cur += n
+        peak = max(peak, cur)
+    return MemoryReading(peak, "live tensors during the step (allocator events, torch.profiler)")

@@ -6,7 +6,9 @@ priced, before the optimizer runs: it holds the forward, the loss, the
 backward and adaprec's gradient check. The optimizer's update (and adaprec's
 rollback copy) is measured in a window of its own and priced with the next
 step, as ranks must agree on a step's figures before its update runs; the
-last update of a run is therefore not in the ledger. See
+last update of a run is therefore not in the ledger. A forward that
+``torch.compile`` runs is not counted (a dispatch mode cannot run inside a
+compiled graph): such a step is priced by its GEMMs' operands, labelled so. See
 :class:`adaprec.energy.traffic_book.TrafficBook` for counting and replaying.
 """
 
@@ -16,6 +18,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from adaprec.distributed import stable_hash
@@ -52,6 +55,9 @@ class StepBytes:
 
     def _started(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self._prefix is None:
+            return
+        if torch.compiler.is_compiling():  # a compiled forward: a dispatch mode cannot run in it; priced by GEMMs
+            self._prefix = None
             return
         key, self._prefix = f"{self._prefix}|{input_signature(args, kwargs)}", None
         self._open = self.book.start(key, self._step, running=module)
