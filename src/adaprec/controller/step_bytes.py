@@ -24,6 +24,7 @@ from torch import nn
 from adaprec.distributed import stable_hash
 from adaprec.energy.traffic import StepTraffic
 from adaprec.energy.traffic_book import Measurement, TrafficBook, input_signature
+from adaprec.engine.hooks import WeakHook
 from adaprec.plan import PrecisionPlan
 
 __all__ = ["StepBytes"]
@@ -40,7 +41,7 @@ class StepBytes:
         self._open: Measurement | None = None
         self._update: StepTraffic | None = None  # the last optimizer update's bytes, priced with the next step
         self._plan_keys: dict[int, tuple[PrecisionPlan, str]] = {}
-        self._hook = model.register_forward_pre_hook(self._started, with_kwargs=True) if enabled else None
+        self._hook = model.register_forward_pre_hook(WeakHook(self._started), with_kwargs=True) if enabled else None
 
     def _plan_key(self, plan: PrecisionPlan) -> str:
         hit = self._plan_keys.get(id(plan))

@@ -35,13 +35,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from adaprec.energy.counting import GemmCost, StepCost
+from adaprec.energy.traffic_book import input_signature
 from adaprec.engine.autograd import cast_grad, cast_operand, on_backward
 from adaprec.engine.cast import RecipeCaster, stream_seed
 from adaprec.engine.execution import FP32_EXEC, Backend, Capabilities, Exec, ExecMode, decide
 from adaprec.engine.gemm import GemmContext, LinearExec, RoleCast, planned_linear
+from adaprec.engine.hooks import WeakHook
 from adaprec.engine.native import fp8_linear
 from adaprec.engine.ops import HANDLED, OPERANDS, OpCall, describe, is_param_like
 from adaprec.engine.quant import NoiseTable, Scratch
+from adaprec.engine.replay import StepReplay
 from adaprec.engine.sites import Site, SiteMap
 from adaprec.engine.tally import StepTally
 from adaprec.engine.traced import register_recorder, tally_in_graph
@@ -245,6 +248,15 @@ class PrecisionEngine:
         self.noise = NoiseTable(self.seed)
         self.emulated_seen: dict[str, set[str]] = {}  # format -> modules that emulated it
         self.tally_id, self.tally_tick = register_recorder(self.record_traced)
+        # steps that run nothing narrow: counted once, replayed after, the mode off (engine/replay.py)
+        self.replay = StepReplay()
+        self.fast_path = True
+        self._plan_fp32 = False
+        self._fast: str | None = None  # None | "armed" | "replaying" | "counting"
+        self._step_key: Any = None
+        self._late: _Mode | None = None
+        self._root_sigs: list[str] = []  # the model's calls in this step, by input signature
+        self._root_hook = self.map.model.register_forward_pre_hook(WeakHook(self._root_call), with_kwargs=True)
         self.step_tensor = torch.zeros((), dtype=torch.int64)  # the step as compiled graphs read it
         self.map.hook(None)  # every module until the first forward pass has shown which ones run GEMMs
 
@@ -309,6 +321,7 @@ class PrecisionEngine:
     def remove(self) -> None:
         """Detach every hook (the model is left exactly as it was)."""
         self.map.unhook()
+        self._root_hook.remove()
 
     # --- plan ---------------------------------------------------------------------------
     def set_plan(self, plan: PrecisionPlan) -> None:
@@ -328,11 +341,13 @@ class PrecisionEngine:
         self.plan = plan
         # decide every site's execution now, not inside a compiled graph (a cache filled while tracing
         # would fail the graph's guards once more after each plan change)
+        fp32 = True
         for name, site in self.sites.items():
             mp = plan.modules.get(name) if site.covered else None
             for kind in site.kinds:
                 for weight_op in (True, False):
-                    self._exec_for(name, kind, mp, weight_op)
+                    fp32 = self._exec_for(name, kind, mp, weight_op).mode == ExecMode.FP32 and fp32
+        self._plan_fp32 = fp32
 
     def begin_step(self, step: int, sampling: bool) -> None:
         self.step = step
@@ -367,13 +382,53 @@ class PrecisionEngine:
         self._active = True
         self.grad_ops = self.nograd_ops = 0
         self._swapped, self._unowned = {}, set()
+        fast = (self.fast_path and self._plan_fp32 and not self.discovering and not self.sampling
+                and self.counting and not torch.compiler.is_compiling())
         try:
-            with _Mode(self):
+            if fast:  # the mode goes on at the model's first call, unless the step replays a counted one
+                self._fast, self._step_key = "armed", None
                 yield
+            else:
+                self._fast = None
+                with _Mode(self):
+                    yield
         finally:
+            if self._late is not None:
+                self._late.__exit__(None, None, None)
+                self._late = None
+            if self._fast == "armed":
+                self._fast = None  # the model never ran: nothing to count or replay
             self._active = False
             self._swapped, self._unowned = {}, set()
             self.end_forward()
+
+    def _root_call(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """The model's forward starts: replay the counted step with these inputs, or count this one."""
+        if self._fast is None:
+            return
+        grad = torch.is_grad_enabled()
+        sig = input_signature(args, kwargs)
+        if self._fast == "counting":
+            self._root_sigs.append(sig)
+            return
+        if self._fast == "replaying":
+            if self._root_sigs and self._root_sigs[0] == sig:  # a call the counted step made too
+                self._root_sigs.pop(0)
+                return
+            self._fast = None  # a call it did not make: counted on top, and the key counted afresh next time
+            self.replay.forget(self._step_key)
+        else:  # armed: the step's first call
+            key = (self.plan, grad, sig)
+            hit = self.replay.lookup(key) if grad and not self.tally.cost.modules else None
+            if hit is not None:
+                cost, sigs = hit
+                self._fast, self._step_key, self._root_sigs = "replaying", key, list(sigs[1:])
+                self.tally.cost = cost
+                self.grad_ops += 1  # a training forward (evaluation passes are always counted)
+                return
+            self._fast, self._step_key, self._root_sigs = "counting", key if grad else None, [sig]
+        self._late = _Mode(self)
+        self._late.__enter__()
 
     @contextlib.contextmanager
     def backward_scope(self) -> Iterator[None]:
@@ -385,7 +440,7 @@ class PrecisionEngine:
         runs the block's modules again there; a global forward hook puts the
         engine's mode around each module run during backward.
         """
-        if self._active:  # a backward inside the forward context: the mode is on already
+        if self._active or self._fast == "replaying":  # the mode is on already / the step replays its count
             yield
             return
         depth = [0]
@@ -433,8 +488,12 @@ class PrecisionEngine:
         self._region_calls.clear()
 
     def pop_step_cost(self) -> StepCost:
-        """Everything counted since the last pop; the tally starts again empty."""
-        return self.tally.pop()
+        """Everything counted (or replayed) since the last pop; the tally starts again empty."""
+        cost = self.tally.pop()
+        if self._fast == "counting" and self._step_key is not None:
+            self.replay.store(self._step_key, cost, self._root_sigs)
+        self._fast, self._step_key = None, None
+        return cost
 
     def pop_faults(self) -> list[tuple[str, str]]:
         """(module, role) whose tensors held inf/NaN when cast this step (one sync, here only)."""
@@ -454,7 +513,8 @@ class PrecisionEngine:
 
         Yields the cost the passes inside add up to (complete when the block exits).
         """
-        saved = (self.sampling, self._calls, self._region_calls, self._faults, self._weight_cache, self._cast_cache)
+        saved = (self.sampling, self._calls, self._region_calls, self._faults, self._weight_cache, self._cast_cache,
+                 self._fast, self._step_key)
         self.sampling = False
         self._calls, self._region_calls, self._faults, self._weight_cache, self._cast_cache = {}, {}, [], {}, {}
         try:
@@ -462,7 +522,7 @@ class PrecisionEngine:
                 yield cost
         finally:
             (self.sampling, self._calls, self._region_calls, self._faults, self._weight_cache,
-             self._cast_cache) = saved
+             self._cast_cache, self._fast, self._step_key) = saved
 
     def record_traced(self, name: str, call: OpCall) -> None:
         """Record a call a compiled graph ran (:mod:`adaprec.engine.traced`), as the eager path would."""

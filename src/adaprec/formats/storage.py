@@ -372,7 +372,7 @@ def pack(x: torch.Tensor, fmt: StorageFormat | str) -> PackedTensor:
         return PackedTensor(fmt, codes, scales, shape, dtype)
     wide = fmt.bits >= 8  # 4-bit codes are paired into bytes after
     encode = _compiled_encode() if (_use_compiled.get() and wide) else _encode
-    codes, scale = encode(g, float(fmt.max_code), _scale_cap(fmt), fmt.kind == "float",
+    codes, scale = encode(g, float(fmt.max_code), _scale_cap(fmt.max_code, fmt.mapping == "sqrt"), fmt.kind == "float",
                           fmt.code_dtype if wide else torch.float32, _has_inf(fmt.code_dtype), fmt.signed,
                           float(fmt.nan_code if fmt.nan_code is not None else 0))
     if not wide:
@@ -422,17 +422,26 @@ def _compiled_decode() -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _scale_cap(fmt: StorageFormat) -> float:
-    """The largest float32 scale whose ``max_code * scale`` (squared, for the sqrt map) stays finite."""
+def _scale_cap(max_code: float, sqrt: bool) -> float:
+    """The largest float32 scale whose ``max_code * scale`` (squared, for the sqrt map) stays finite.
+
+    Computed for every base at import (below): a cache filled during a step would make a process's first
+    step run tensor ops its later steps do not, which the ledger's byte count would see.
+    """
     big = torch.tensor(torch.finfo(torch.float32).max)
     zero = torch.tensor(0.0)
-    limit = big.sqrt() if fmt.mapping == "sqrt" else big
-    while torch.isinf(limit * limit if fmt.mapping == "sqrt" else limit):
+    limit = big.sqrt() if sqrt else big
+    while torch.isinf(limit * limit if sqrt else limit):
         limit = torch.nextafter(limit, zero)
-    cap = limit / fmt.max_code
-    while cap * fmt.max_code > limit:
+    cap = limit / max_code
+    while cap * max_code > limit:
         cap = torch.nextafter(cap, zero)
     return float(cap)
+
+
+for _base in _BASES.values():
+    for _sqrt in (False, True):
+        _scale_cap(float(_base.max_code), _sqrt)
 
 
 def _has_inf(dtype: torch.dtype) -> bool:
