@@ -177,7 +177,8 @@ def task(name: str) -> Workload:
             epoch += 1
 
     def validate(model: nn.Module) -> float:
-        return float(t.evaluate(model).get("loss", float("nan")))
+        scores = t.evaluate(model)
+        return float(scores.get("val_loss", scores.get("loss", float("nan"))))
 
     return Workload(f"{name} (adaprec task)", lambda: t.make_model(0), batches, t.loss_fn, validate,
                     t.make_optimizer(nn.Linear(1, 1)).param_groups[0]["lr"], small=True)

@@ -227,8 +227,11 @@ class AdaptivePrecision:
         self.bytes.arm(self._step, self.plan, self.engine.sampling)
         self.saved.use(self.plan)
         started = self.books.start()
-        with self.engine.activate(enabled), compiled(self.config.compile), self.saved.forward(enabled):
-            yield
+        try:
+            with self.engine.activate(enabled), compiled(self.config.compile), self.saved.forward(enabled):
+                yield
+        finally:
+            self.bytes.pause()  # the count's mode is on only inside adaprec's calls
         if enabled and self.engine.grad_ops == 0 and self.engine.nograd_ops > 0:
             # `with ap.autocast(), torch.no_grad():` an evaluation pass, not a step's forward: training is left alone
             self.books.count_inference(self.engine.tally.pop())  # kept apart from the ledger of steps
@@ -271,7 +274,7 @@ class AdaptivePrecision:
         self._loss = loss.detach()
         try:
             # checkpointed blocks recomputed here run under the plan; kept tensors are unpacked (fused if compile=)
-            with self.engine.backward_scope(), compiled(self.config.compile):
+            with self.engine.backward_scope(), compiled(self.config.compile), self.bytes.counting():
                 (loss * self._scale if self._scale != 1.0 else loss).backward()
         except BaseException:
             self._abandon_step()  # not half-done: the next `with ap.autocast():` starts the step again

@@ -2,8 +2,11 @@
 
 A window opens when the model's forward starts inside ``ap.autocast()`` (its
 inputs are seen there: they are part of the key) and closes when the step is
-priced, before the optimizer runs: it holds the forward, the loss, the
-backward and adaprec's gradient check. The optimizer's update (and adaprec's
+priced, before the optimizer runs. The dispatch mode that counts is on only
+inside adaprec's own calls (the forward and loss inside ``ap.autocast()``,
+``ap.backward()``): never between them, so a loop that stops half-way leaves
+no mode behind, and the loop's own ops between the calls (gradient clipping,
+logging) are not in the count. The optimizer's update (and adaprec's
 rollback copy) is measured in a window of its own and priced with the next
 step, as ranks must agree on a step's figures before its update runs; the
 last update of a run is therefore not in the ledger. A forward that
@@ -51,8 +54,37 @@ class StepBytes:
 
     def arm(self, step: int, plan: PrecisionPlan, sampling: bool) -> None:
         """A training forward begins: its window opens with the model's first forward call."""
-        if self.enabled and self._open is None:
-            self._prefix, self._step = f"{self._plan_key(plan)}|{'sampled' if sampling else 'plain'}", step
+        if not self.enabled:
+            return
+        if self._open is not None:  # a step the loop left half-way (no ap.step()): dropped
+            self.abandon()
+        self._prefix, self._step = f"{self._plan_key(plan)}|{'sampled' if sampling else 'plain'}", step
+
+    @property
+    def _counting(self) -> bool:
+        return self._open is not None and self._open.source == "counted"
+
+    def _resume(self) -> bool:
+        """Put the counting mode back on for the open step; True when this call did."""
+        if self._counting and not self.book.counter.active:
+            self.book.counter.__enter__()
+            return True
+        return False
+
+    def pause(self) -> None:
+        """Take the counting mode off until adaprec's next call (the loop's own code runs uncounted)."""
+        if self._counting and self.book.counter.active:
+            self.book.counter.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        """Ops inside count toward the open step (adaprec's own calls: backward)."""
+        resumed = self._resume()
+        try:
+            yield
+        finally:
+            if resumed:
+                self.pause()
 
     def _started(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self._prefix is None:
@@ -66,6 +98,7 @@ class StepBytes:
     def close(self) -> tuple[StepTraffic | None, str]:
         """The step's forward and backward bytes, with the previous update's: (traffic or None, source)."""
         self._prefix = None
+        self._resume()  # the book ends a counted step with the mode on
         m, self._open = self._open, None
         if m is None:
             return None, ""
@@ -76,6 +109,7 @@ class StepBytes:
         """The step was abandoned (backward raised, or it was an evaluation pass): its window is dropped."""
         self._prefix = None
         if self._open is not None:
+            self._resume()
             self.book.abort(self._open)
             self._open = None
 

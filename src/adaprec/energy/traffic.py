@@ -219,6 +219,11 @@ class TrafficCounter(TorchDispatchMode):
         self._active = False
         return super().__exit__(*exc)
 
+    @property
+    def active(self) -> bool:
+        """Whether the counter is counting now (inside ``with counter:``)."""
+        return self._active
+
     def _mark(self) -> None:
         seq = torch.autograd._get_sequence_nr()
         owner = self._stack[-1][1] if self._stack else OUTSIDE
