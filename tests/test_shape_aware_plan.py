@@ -1,4 +1,7 @@
-"""The controller narrows a module only where its own GEMM shapes pay, and a resume decides the same untimed."""
+"""The controller narrows a module only where its own GEMM shapes pay, and a resume decides the same untimed.
+
+Shapes are timed only under ``hardware="auto"``: a device report the caller gives is trusted as it is.
+"""
 
 from __future__ import annotations
 
@@ -43,12 +46,14 @@ def _controller(model, tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ap = adaprec.AdaptivePrecision(model, opt, "error-budget", hardware=FAST_INT8_BF16, total_steps=30,
+        ap = adaprec.AdaptivePrecision(model, opt, "error-budget", total_steps=30,
                                        monitor_every=2, count_bytes=False)
     return ap, opt
 
 
 def test_a_module_whose_shapes_do_not_pay_stays_fp32(tmp_path, monkeypatch):
+    # hardware="auto": the probe (fixed here: int8 and bf16 fast) and then this device's shapes, timed
+    monkeypatch.setattr(setup_mod, "probe", lambda device: FAST_INT8_BF16)
     monkeypatch.setattr(setup_mod, "measure_gemms", functools.partial(shapes.measure_gemms, timer=_timer,
                                                                       cache_dir=tmp_path))
     model = _model()
@@ -77,3 +82,18 @@ def test_a_module_whose_shapes_do_not_pay_stays_fp32(tmp_path, monkeypatch):
     assert ap2.allowed_formats()[0] == allowed
     _train(ap2, model2, opt2, 4)
     assert ap2.plan.get("2").weight.format == "fp32"
+
+
+def test_a_given_device_report_is_trusted_without_timing_shapes(tmp_path, monkeypatch):
+    def no_timing(*a, **k):
+        raise AssertionError("shapes timed although the caller gave the device report")
+
+    monkeypatch.setattr(setup_mod, "measure_gemms", no_timing)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ap = adaprec.AdaptivePrecision(model, opt, "error-budget", hardware=FAST_INT8_BF16, total_steps=30,
+                                       count_bytes=False)
+    _train(ap, model, opt, 3)
+    assert ap.setup.table is None and {"int8", "bf16"} <= ap.allowed_formats()[0]["2"]

@@ -140,6 +140,8 @@ class PlanSetup:
         is taken off that module's list, and the timeline's notes say so."""
         if self.table is not None or self.config.target is not None or self.config.backend == "emulate":
             return
+        if self.config.hardware != "auto":  # a report the caller gave (another machine's, a fixed one): trusted
+            return
         allowed, _ = allowed_formats(self.engine.sites, self.engine.caps, self.engine.backend)
         candidates = sorted({f for fmts in allowed.values() for f in fmts} & set(MEASURABLE))
         shapes = [s for m, ss in self.shapes.items() if allowed.get(m, frozenset()) & set(candidates) for s in ss]

