@@ -225,7 +225,7 @@ def _digits(rank: int, kind: str) -> dict:
         metrics = task.evaluate(model)  # FSDP2: every rank runs the (collective) forward
     s = ap.energy.summary()
     return {"metrics": metrics, "events": _events(ap), "plan": ap.plan.to_dict(), "kinds": list(ap.engine.kinds),
-            "modules": sorted(s["modules"]), "stepped": sum(r.stepped for r in results),
+            "modules": sorted(n for n, m in s["modules"].items() if m.get("macs")), "stepped": sum(r.stepped for r in results),
             "grad_type": type(next(model.parameters()).grad).__name__}
 
 

@@ -108,7 +108,9 @@ def test_fp8_hybrid_trains_digits_and_ledger_shows_narrow_macs(tmp_path):
     s = trainer.ap.energy.summary()
     # this CPU has no fp8 units: the plan runs emulated, and the ledger says so instead of crediting a saving
     assert s["emulated_mac_fraction"] > 0.9 and s["emulated_formats"], s["macs_by_format"]
-    assert s["saving_vs_fp32"] == pytest.approx(0.0) and s["coverage"] == 1.0
+    # emulation rounds every operand in fp32 arithmetic: the bytes it moves are counted, so it costs more than fp32
+    assert s["saving_vs_fp32"] <= 0.0 and s["coverage"] == 1.0
+    assert s["bytes_by_class"]["gemm"] < s["bytes"]  # the count covers more than the GEMMs
     assert s["macs"] == epochs * STEPS_PER_EPOCH * MACS_PER_STEP  # evaluation is not charged
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert train_logs and all("adaprec/energy_modeled_j" in h for h in train_logs)

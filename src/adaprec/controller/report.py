@@ -64,8 +64,8 @@ def memory_lines(ap: AdaptivePrecision, s: Mapping[str, Any]) -> list[str]:
                      f"({', '.join(sorted({r.format for r in kept.rows}))})")
     steps = s.get("steps") or 0
     if steps:
-        book = ap.bytes.summary() if ap.bytes.enabled else {}
-        how = (f"op-level count: {book.get('counted', 0)} steps counted, {book.get('replayed', 0)} replayed"
+        rows = s.get("bytes_steps", {})  # per priced step (the book also counts each update's window apart)
+        how = (f"op-level count: {rows.get('counted', 0)} steps counted, {rows.get('replayed', 0)} replayed"
                if ap.bytes.enabled else "GEMM operands only (count_bytes=False): a lower bound")
         lines.append(f"bytes moved: {s['bytes'] / steps / 1e6:.1f} MB per step ({how}; byte coverage "
                      f"{100 * s.get('byte_coverage', 0.0):.1f} %)")
