@@ -27,14 +27,16 @@ def _noop_hook() -> Callable[..., None]:
 class WeakHook:
     """``method(*args)`` while its object lives; nothing in a deep copy or a pickle of the module."""
 
-    __slots__ = ("_ref", "__weakref__")
+    __slots__ = ("_owner", "_func", "__weakref__")
 
     def __init__(self, method: Callable[..., Any]) -> None:
-        self._ref = weakref.WeakMethod(method)  # type: ignore[arg-type]
+        # a weak reference to the owner and its plain function (torch.compile traces these; not WeakMethod)
+        self._owner = weakref.ref(method.__self__)  # type: ignore[attr-defined]
+        self._func = method.__func__  # type: ignore[attr-defined]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        method = self._ref()
-        return None if method is None else method(*args, **kwargs)
+        owner = self._owner()
+        return None if owner is None else self._func(owner, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
         return _noop
