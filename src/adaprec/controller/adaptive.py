@@ -39,7 +39,7 @@ from adaprec.controller.reducer import make_reducer
 from adaprec.controller.report import report_lines
 from adaprec.controller.rollback import Rollback
 from adaprec.controller.saved import SavedByPlan
-from adaprec.controller.setup import PlanSetup, build_engine, loss_scaling_needed
+from adaprec.controller.setup import PlanSetup, build_engine, loss_scaling_needed, tune_for_plan
 from adaprec.controller.shadow import ShadowAudit
 from adaprec.controller.step_bytes import StepBytes
 from adaprec.controller.update import Update
@@ -184,6 +184,7 @@ class AdaptivePrecision:
             self.setup.measure_shapes()  # narrow a module only where its GEMM shapes pay (cached; no-op here if none)
             self.check.owners = param_owners(self.engine.map.model, list(self.engine.kinds))  # the plan's names
             self.update.plan_changed(self.plan, self.check.owners)
+            self.allocator = tune_for_plan(self.allocator, self.plan)
 
     def prepare(self, *example_args: Any, **example_kwargs: Any) -> dict[str, str]:
         """Optional: find every module that runs GEMMs with one forward pass (no grad, not counted); module -> kind."""
@@ -360,6 +361,7 @@ class AdaptivePrecision:
         self.timeline.record_plan_change(step, old, new, who, dict(self.policy.last_reasons or {}))
         self.engine.set_plan(new)
         self.update.plan_changed(new, self.check.owners)
+        self.allocator = tune_for_plan(self.allocator, new)
         return tuple(old.diff(new))
 
     def end_epoch(self) -> None:

@@ -71,8 +71,10 @@ class ControllerConfig:
         tune_allocator: on CPU, set glibc's mmap threshold once per process
             (:func:`adaprec.engine.allocator.tune_cpu_allocator`): raised (speed) where int8
             GEMMs run natively and fast (fresh pages for every large tensor cost more than
-            such a GEMM, measured), else lowered to 1 MiB (memory: freed tensors, and what
-            narrow storage saves, go back to the OS). Process-wide.
+            such a GEMM, measured), else lowered to 1 MiB once the plan keeps saved tensors
+            or optimizer state narrow (memory: what narrow storage saves goes back to the
+            OS, at some step time for the page faults); an all-fp32 plan leaves glibc's
+            defaults. Process-wide.
         distributed: under ``torch.distributed`` (``None``, the default: whenever a
             process group of 2+ ranks is initialised), every statistic the policy and
             the guard read is exchanged between ranks in one collective per step, so

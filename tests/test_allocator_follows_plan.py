@@ -1,0 +1,51 @@
+"""The CPU allocator is set for memory only once the plan keeps something narrow.
+
+glibc's mallopt is process-wide and set once, so each case runs in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import adaprec
+    from adaprec.engine.allocator import allocator_tuned
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ap = adaprec.AdaptivePrecision(model, opt, policy=sys.argv[1], hardware=None)
+    before = (allocator_tuned(), ap.allocator)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    for _ in range(2):
+        opt.zero_grad()
+        with ap.autocast():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        ap.backward(loss)
+        ap.step()
+    kept = sorted({mp.optimizer_state for mp in ap.plan.modules.values()} | {mp.saved for mp in ap.plan.modules.values()})
+    print(json.dumps({"before": before, "after": [allocator_tuned(), ap.allocator], "kept": kept}))
+""")
+
+
+def _run(policy: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, policy], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_fp32_plan_leaves_the_allocator_alone_and_narrow_storage_tunes_it_for_memory():
+    plain = _run("fp32")
+    assert plain["kept"] == ["fp32"]
+    assert plain["before"][0] is False and plain["after"][0] is False  # nothing narrow kept: glibc's defaults
+    assert "nothing narrow" in plain["after"][1]
+    narrow = _run("error-budget")
+    assert any(k != "fp32" for k in narrow["kept"]), narrow  # int8 moments and bf16 saved tensors from the start
+    assert narrow["before"][0] is False  # not before the plan is known
+    assert narrow["after"][0] is True and "mmap threshold 1 MiB" in narrow["after"][1]
