@@ -115,6 +115,10 @@ def test_fp8_hybrid_trains_digits_and_ledger_shows_narrow_macs(tmp_path):
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert train_logs and all("adaprec/energy_modeled_j" in h for h in train_logs)
     assert train_logs[-1]["adaprec/narrow_mac_fraction"] == 0.0  # nothing narrow ran natively
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # fp32 Adam moments, and each parameter's fp32 step count
+    assert train_logs[-1]["adaprec/memory/optimizer_state_bytes"] == sum(2 * 4 * p.numel() + 4 for p in trained)
+    assert train_logs[-1]["adaprec/bytes_per_step"] > 0
     assert train_logs[-1]["adaprec/emulated_mac_fraction"] > 0.9
     assert train_logs[-1]["adaprec/skipped_steps"] == 0.0
 

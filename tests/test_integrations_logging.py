@@ -76,6 +76,8 @@ def _expected(run_dir: Path, run_id: str) -> tuple[Series, Series]:
             put("energy/measured_j", s, e["measured_j"])
         if e["wall_s"] is not None:
             put("time/step_s", s, e["wall_s"])
+        if e["bytes"]:
+            put("memory/bytes_moved", s, e["bytes"])
         put("coverage/covered_mac_fraction", s, e["covered_macs"] / e["macs"])
         put("coverage/narrow_mac_fraction", s, e["narrow_macs"] / e["macs"])
         counts = Counter(mp["weight"].split("/")[0] for mp in plan.values())
@@ -97,6 +99,8 @@ def _expected(run_dir: Path, run_id: str) -> tuple[Series, Series]:
     for k in ("modeled_j", "fp32_modeled_j", "bf16_modeled_j", "saving_vs_fp32", "saving_vs_bf16", "measured_j"):
         if summary.get(k) is not None:
             put(f"final/energy/{k}", run["total_steps"], summary[k])
+    if summary["peak_memory"]["peak_bytes"] is not None:
+        put("final/memory/peak_bytes", run["total_steps"], summary["peak_memory"]["peak_bytes"])
     return out, {f"bits/{k}": v for k, v in bits.items()}
 
 

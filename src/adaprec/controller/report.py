@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from adaprec.controller.adaptive import AdaptivePrecision
 
-__all__ = ["report_lines"]
+__all__ = ["report_lines", "memory_figures"]
 
 
 def report_lines(ap: AdaptivePrecision) -> list[str]:
@@ -50,6 +50,19 @@ def report_lines(ap: AdaptivePrecision) -> list[str]:
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def memory_figures(ap: AdaptivePrecision) -> dict[str, float]:
+    """What adaprec keeps, in bytes (counted from the tensors, not measured from the process): the optimizer
+    state as stored, the rollback copy (0 when off), and what the last step kept for backward, as kept and
+    as fp32 would have kept it."""
+    kept = ap.saved.stats()
+    return {
+        "optimizer_state_bytes": float(sum(ap.update.states.nbytes().values())),
+        "rollback_bytes": float(ap.update.rollback.nbytes()) if ap.update.rollback is not None else 0.0,
+        "saved_bytes": float(kept.bytes_after),
+        "saved_bytes_fp32": float(kept.bytes_before),
+    }
 
 
 def memory_lines(ap: AdaptivePrecision, s: Mapping[str, Any]) -> list[str]:

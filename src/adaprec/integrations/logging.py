@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from adaprec.controller.report import memory_figures
 from adaprec.energy.ledger import saving_fraction
 from adaprec.errors import MissingExtraError
 from adaprec.extras import require
@@ -338,6 +339,8 @@ class RunLoggers:
                     values["energy/measured_j"] = e["measured_j"]
                 if e.get("wall_s") is not None:
                     values["time/step_s"] = e["wall_s"]  # measured
+                if e.get("bytes_moved"):
+                    values["memory/bytes_moved"] = e["bytes_moved"]  # the step's counted op traffic
                 if e.get("macs"):
                     values["coverage/covered_mac_fraction"] = (e.get("covered_macs") or 0) / e["macs"]
                     values["coverage/narrow_mac_fraction"] = (e.get("narrow_macs") or 0) / e["macs"]
@@ -365,6 +368,9 @@ class RunLoggers:
         for k in ("modeled_j", "fp32_modeled_j", "bf16_modeled_j", "saving_vs_fp32", "saving_vs_bf16", "measured_j"):
             if summary.get(k) is not None:
                 values[f"final/energy/{k}"] = float(summary[k])
+        peak = (summary.get("peak_memory") or {}).get("peak_bytes")
+        if peak is not None:  # measured (the reading's method is in the store); absent where it could not be
+            values["final/memory/peak_bytes"] = float(peak)
         self._emit("log_scalars", step, values)
         if any(hasattr(lg, "log_figure") for lg in self._loggers):
             fig = precision_figure(self._initial, self._events, step, self._title)
@@ -456,4 +462,7 @@ def ledger_metrics(ap: AdaptivePrecision) -> dict[str, float]:
         out["step_time_s"] = float(s["wall_s"]) / s["timed_steps"]
     if s.get("measured_j") is not None:
         out["energy_measured_j"] = float(s["measured_j"])
+    if s.get("steps"):
+        out["bytes_per_step"] = float(s["bytes"]) / s["steps"]  # counted (or replayed) op traffic
+    out.update({f"memory/{k}": v for k, v in memory_figures(ap).items()})  # counted from the tensors kept
     return out
