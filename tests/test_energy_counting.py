@@ -313,3 +313,22 @@ def test_counting_does_not_change_the_numbers() -> None:
     assert torch.equal(y, ref)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
     assert {(g.fmt, g.native) for m in c.pop_step_cost().modules.values() for g in m.gemms} == {("fp32", True)}
+
+
+def test_step_cost_copy_equals_deepcopy_and_is_independent():
+    import copy as copy_module
+
+    from adaprec.energy.counting import GemmCost, ModuleCost, StepCost
+
+    m = ModuleCost("linear", [GemmCost("forward", 96, "activation", "weight", "linear", "int8", True)])
+    m.add_traffic("activation", 12, "int8", "int8")
+    m.add_ops("forward", "elementwise", "fp32", 32, "read", 40)
+    cost = StepCost({"fc": m}, "counted", {"aten::foo": 2})
+    dup, before = cost.copy(), cost.modules["fc"].op_bytes
+    assert dup == copy_module.deepcopy(cost)
+    dup.modules["fc"].gemms.append(GemmCost("input_grad", 7, "grad_output", "weight"))
+    dup.modules["fc"].add_ops("forward", "elementwise", "fp32", 32, "read", 1)
+    dup.unclassified_ops["aten::bar"] = 1
+    dup.modules["new"] = ModuleCost("conv")
+    assert cost.macs == 96 and cost.modules["fc"].op_bytes == before and set(cost.modules) == {"fc"}
+    assert cost.unclassified_ops == {"aten::foo": 2}

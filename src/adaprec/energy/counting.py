@@ -188,6 +188,12 @@ class StepCost:
     bytes_source: str = ""
     unclassified_ops: dict[str, int] = field(default_factory=dict)
 
+    def copy(self) -> StepCost:
+        """An independent copy (its GEMMs are frozen and its keys tuples: containers copied, not contents;
+        a fraction of ``copy.deepcopy``'s time on a replayed step)."""
+        return StepCost({n: ModuleCost(m.kind, list(m.gemms), dict(m.traffic), m.covered, m.reason, dict(m.ops))
+                         for n, m in self.modules.items()}, self.bytes_source, dict(self.unclassified_ops))
+
     @property
     def op_counted(self) -> bool:
         """Whether the step's bytes come from an op-level count (counted or replayed)."""

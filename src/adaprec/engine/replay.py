@@ -16,7 +16,6 @@ on top, and the key is counted afresh next time.
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -44,7 +43,7 @@ class StepReplay:
         hit[1] += 1
         self._costs.move_to_end(key)
         self.replayed += 1
-        return copy.deepcopy(hit[0]), list(hit[2])
+        return hit[0].copy(), list(hit[2])
 
     def store(self, key: Hashable, cost: StepCost, calls: list[str]) -> None:
         """A counted step's cost (copied: the caller goes on adding to its own) and its model calls' signatures."""
@@ -52,7 +51,7 @@ class StepReplay:
         old = self._costs.get(key)
         if old is not None and old[0].macs != cost.macs:
             self.drifts.append((old[0].macs, cost.macs))
-        self._costs[key] = [copy.deepcopy(cost), 0, list(calls)]
+        self._costs[key] = [cost.copy(), 0, list(calls)]
         self._costs.move_to_end(key)
         while len(self._costs) > self.max_keys:
             self._costs.popitem(last=False)
