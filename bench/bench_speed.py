@@ -41,6 +41,7 @@ from adaprec.hardware import probe  # noqa: E402
 
 VARIANTS = ("plain fp32", "autocast bf16", "autocast bf16 compiled", "torchao int8-mp module_swap",
             "adaprec fp32 plan", "adaprec default")
+SLOW_PEERS = ("autocast", "torchao")  # --peer-steps: bf16 and int8 without their units on a CPU run 10-100x slower
 SECTION = "Speed on models adaprec did not write (issue 20)"
 
 
@@ -108,16 +109,26 @@ class Run:
                 "val": val, "check": self.check, "note": self.note}
 
 
-def bench(key: str, variants: list[str], steps: int, warmup: int, turn: int) -> tuple[str, list[dict]]:
+def bench(key: str, variants: list[str], steps: int, warmup: int, turn: int,
+          peer_steps: int | None = None) -> tuple[str, list[dict]]:
     work = WORKLOADS[key]()
     runs = [Run(v, work) for v in variants]
     batches = list(itertools.islice(work.batches(1337), steps))
+    slow = min(peer_steps or steps, steps)
     for start in range(0, steps, turn):
         for r in runs:
-            for i in range(start, min(start + turn, steps)):
+            last = slow if r.variant.startswith(SLOW_PEERS) else steps
+            for i in range(start, min(start + turn, last)):
                 r.step(i, *batches[i])
         print(f"  {work.name}: {min(start + turn, steps)}/{steps}", flush=True)
-    return work.name, [r.finish(warmup) for r in runs]
+    out = []
+    for r in runs:
+        cut = r.variant.startswith(SLOW_PEERS) and slow < steps
+        row = r.finish(min(warmup, max(0, slow - 3)) if cut else warmup)
+        if cut:  # a peer whose narrow arithmetic this CPU lacks: fewer steps, its loss after those
+            row["note"] = f"{slow} steps (val loss after {slow}, not {steps})" + (f"; {row['note']}" if row["note"] else "")
+        out.append(row)
+    return work.name, out
 
 
 def table(results: list[tuple[str, list[dict]]]) -> str:
@@ -141,6 +152,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="steps per variant, the first (setup check) untimed")
     ap.add_argument("--warmup", type=int, default=4, help="timed steps left out of the median")
     ap.add_argument("--turn", type=int, default=2, help="steps a variant runs before the next takes its turn")
+    ap.add_argument("--peer-steps", type=int, default=None,
+                    help="steps of the autocast and torchao variants (10-100x slower than fp32 on a CPU without bf16/VNNI units)")
     ap.add_argument("--write", action="store_true", help="write the table to docs/BENCHMARKS.md")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",")]
@@ -151,18 +164,22 @@ def main() -> None:
     results = []
     for key in args.workloads.split(","):
         print(f"[{key}]", flush=True)
-        results.append(bench(key, variants, args.steps, args.warmup, args.turn))
-    text = table(results)
-    print(text)
-    if args.write:
-        report = probe()
-        write_section(SECTION, (
-            f"`python bench/bench_speed.py --steps {args.steps} --warmup {args.warmup}`: variants side by side in one "
-            f"process, taking turns of {args.turn} steps; step time = median past {args.warmup} warm-up steps "
-            f"(measured); val loss = the workload's held-out loss after {args.steps} steps. Machine: {report.name} "
-            f"({report.capability}), torch {torch.__version__}, {torch.get_num_threads()} threads; its probe: "
-            f"fast formats {', '.join(report.fast_formats('gemm'))}.\n\n{text}"))
+        results.append(bench(key, variants, args.steps, args.warmup, args.turn, args.peer_steps))
+        if args.write:  # after each workload: a long run stopped part-way keeps what it measured
+            _write(args, results)
+    print(table(results))
 
+
+def _write(args: argparse.Namespace, results: list[tuple[str, list[dict]]]) -> None:
+    report = probe()
+    fast = ", ".join(report.fast_formats("gemm")) or "none (nothing narrow runs faster than fp32 here)"
+    write_section(SECTION, (
+        f"`python bench/bench_speed.py --workloads {args.workloads} --steps {args.steps} --warmup {args.warmup}"
+        + (f" --peer-steps {args.peer_steps}" if args.peer_steps else "") + "`: variants side by side in one "
+        f"process, taking turns of {args.turn} steps; step time = median past {args.warmup} warm-up steps "
+        f"(measured); val loss = the workload's held-out loss after {args.steps} steps. Machine: {report.name} "
+        f"({report.capability}), torch {torch.__version__}, {torch.get_num_threads()} threads; its probe: "
+        f"fast formats {fast}.\n\n{table(results)}"))
 
 if __name__ == "__main__":
     main()
