@@ -7,7 +7,8 @@ seed on the same batches under
 
 * plain fp32 PyTorch, ``torch.autocast(bf16)``, and ``torch.compile`` of the autocast model,
 * torchao's int8 mixed-precision training (``module_swap=True``: its path that runs ``_int_mm``),
-* adaprec with an fp32 plan, and adaprec's default (error-budget, hardware-aware).
+* adaprec with an fp32 plan, and adaprec's default (error-budget, hardware-aware; its warm-up
+  shortened to the bench's ``--warmup`` steps, so the median past warm-up is its steady state).
 
 The variants take turns of a few steps each, in one process, so a shared
 machine's drift hits them alike. Step time is the median past the warm-up
@@ -51,6 +52,7 @@ class Run:
 
     variant: str
     work: Workload
+    warmup: int = 4
     times: list[float] = field(default_factory=list)
     check: str = "not run"
     note: str = ""
@@ -68,8 +70,10 @@ class Run:
         if self.variant.startswith("adaprec"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.ap = adaprec.AdaptivePrecision(self.model, self.opt,
-                                                    "fp32" if "fp32" in self.variant else "error-budget")
+                # the default's warm-up (100 steps) shortened to the bench's, as bench_memory does: the median
+                # past warm-up is then the policy's steady state, not its warm-up sampling
+                policy = "fp32" if "fp32" in self.variant else {"name": "error-budget", "warmup_steps": self.warmup}
+                self.ap = adaprec.AdaptivePrecision(self.model, self.opt, policy)
         self.net = torch.compile(self.model) if self.variant.endswith("compiled") else self.model
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -112,7 +116,7 @@ class Run:
 def bench(key: str, variants: list[str], steps: int, warmup: int, turn: int,
           peer_steps: int | None = None) -> tuple[str, list[dict]]:
     work = WORKLOADS[key]()
-    runs = [Run(v, work) for v in variants]
+    runs = [Run(v, work, warmup) for v in variants]
     batches = list(itertools.islice(work.batches(1337), steps))
     slow = min(peer_steps or steps, steps)
     for start in range(0, steps, turn):

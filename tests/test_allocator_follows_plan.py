@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ap = adaprec.AdaptivePrecision(model, opt, policy=sys.argv[1], hardware=None)
+    ap = adaprec.AdaptivePrecision(model, opt, policy=json.loads(sys.argv[1]), hardware=None)
     before = (allocator_tuned(), ap.allocator)
     x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
     for _ in range(2):
@@ -33,8 +33,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(policy: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, policy], capture_output=True, text=True, timeout=300)
+def _run(policy: object) -> dict:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(policy)], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -45,7 +46,10 @@ def test_fp32_plan_leaves_the_allocator_alone_and_narrow_storage_tunes_it_for_me
     assert plain["kept"] == ["fp32"]
     assert plain["before"][0] is False and plain["after"][0] is False  # nothing narrow kept: glibc's defaults
     assert "nothing narrow" in plain["after"][1]
-    narrow = _run("error-budget")
+    # no fast bf16 on this (reported) device: error-budget keeps storage fp32 by default, so nothing is tuned
+    auto = _run("error-budget")
+    assert auto["kept"] == ["fp32"] and auto["after"][0] is False
+    narrow = _run({"name": "error-budget", "storage": "narrow"})
     assert any(k != "fp32" for k in narrow["kept"]), narrow  # int8 moments and bf16 saved tensors from the start
     assert narrow["before"][0] is False  # not before the plan is known
     assert narrow["after"][0] is True and "mmap threshold 1 MiB" in narrow["after"][1]

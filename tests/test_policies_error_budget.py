@@ -179,3 +179,25 @@ def test_bad_options():
         ErrorBudgetPolicy(ladders={"weight": ["fp7", "fp32"]})
     with pytest.raises(PolicyError, match="warmup_format"):
         ErrorBudgetPolicy(warmup_format="fp9")
+
+
+def test_storage_auto_narrows_only_where_bf16_is_fast_or_in_research_mode():
+    p = ErrorBudgetPolicy()
+    p.restrict({"fc": {"int8"}})  # no fast bf16 here: packing would cost step time
+    assert p.optimizer_state == "fp32" and p.saved_ladder == ("fp32",) and "kept fp32" in p.storage_note()
+    assert "int8" in p.candidate_formats  # int8 still runs fast here: the compute roles measure it
+    p.restrict({"fc": set()})
+    assert p.candidate_formats == ()  # only fp32 left to measure: the monitor takes no statistics
+    p.restrict({"fc": {"bf16", "int8"}})
+    assert p.optimizer_state.startswith("int8")
+    assert p.saved_ladder[0].startswith("int8") and p.saved_ladder[-1] == "fp32"
+    p.restrict(None)  # research mode
+    assert p.optimizer_state.startswith("int8")
+    forced = ErrorBudgetPolicy(storage="narrow")
+    forced.restrict({"fc": set()})
+    assert forced.optimizer_state.startswith("int8") and "kept narrow" in forced.storage_note()
+    never = ErrorBudgetPolicy(storage="fp32")
+    never.restrict(None)
+    assert never.optimizer_state == "fp32" and never.saved_ladder == ("fp32",)
+    with pytest.raises(PolicyError, match="storage must be one of auto, narrow, fp32"):
+        ErrorBudgetPolicy(storage="small")

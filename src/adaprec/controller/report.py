@@ -68,7 +68,8 @@ def memory_figures(ap: AdaptivePrecision) -> dict[str, float]:
 def memory_lines(ap: AdaptivePrecision, s: Mapping[str, Any]) -> list[str]:
     """What adaprec keeps and what the steps moved: optimizer state, the rollback copy, bytes per step."""
     held = ap.update.states.nbytes()
-    lines = ["optimizer state held: " + (", ".join(f"{k} {_mib(v)}" for k, v in sorted(held.items())) or "none yet")]
+    lines = [f"storage ({ap.policy.name}): {note}" for note in [ap.policy.storage_note()] if note]
+    lines.append("optimizer state held: " + (", ".join(f"{k} {_mib(v)}" for k, v in sorted(held.items())) or "none yet"))
     lines.append("rollback copy: " + (f"{_mib(ap.update.rollback.nbytes())} (weights and optimizer state before the update)"
                                       if ap.update.rollback is not None else "off (a loss spike is skipped, not undone)"))
     kept = ap.saved.stats()

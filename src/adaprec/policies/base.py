@@ -68,6 +68,11 @@ class Policy(ABC):
         self.allowed = None if allowed is None else {m: frozenset(f) | {"fp32"} for m, f in allowed.items()}
         self.coupled = frozenset(coupled)
 
+    def storage_note(self) -> str:
+        """What the plan's storage roles do on this device and why, for the report ("" when the policy does
+        not decide them)."""
+        return ""
+
     def allowed_for(self, module: str) -> frozenset[str] | None:
         """The formats ``module`` may use, or None when unrestricted."""
         if self.allowed is None:

@@ -49,6 +49,7 @@ DEFAULT_TARGETS: dict[str, float] = {"weight": 20.0, "activation": 20.0, "grad_o
 # What autograd keeps of a module's ops for backward (the ``saved`` storage role), narrowest first. Storage
 # formats need no arithmetic units: any device keeps int8 and fp8 codes. Chosen from the module's measured
 # activation SQNR in that format (per-tensor scaled: a lower bound on the block-scaled storage's).
+STORAGE_CHOICES = ("auto", "narrow", "fp32")
 SAVED_LADDER = ("int8", "fp8_e4m3", "bf16", "fp32")
 SAVED_TARGET = 30.0
 
@@ -84,6 +85,13 @@ class ErrorBudgetPolicy(Policy):
             a module's ops (narrowest first), and the SQNR (dB) the module's
             activation must keep in one to be stored so (plus the sensitive and
             early extras). ``bf16`` during warm-up.
+        storage: whether the two storage roles above are used. ``"auto"``
+            (default): where this device runs bf16 natively and faster than
+            fp32 (its conversions are cheap), and in research mode; elsewhere
+            what is kept stays fp32, because packing it costs step time there
+            (measured on an AVX2-only CPU: 1.5-3.7x plain fp32's step) and a
+            plan is never slower than plain PyTorch unless asked. ``"narrow"``:
+            always (memory before speed). ``"fp32"``: never.
     """
 
     name = "error-budget"
@@ -108,6 +116,8 @@ class ErrorBudgetPolicy(Policy):
         # storage needs no arithmetic units: the activation is measured in the saved ladder's formats anywhere
         stored = tuple(_number_format(f) for f in self.saved_ladder)
         roles["activation"] = tuple(dict.fromkeys(roles.get("activation", ()) + stored))
+        if all(set(ladder) <= {"fp32"} for ladder in roles.values()):
+            return {}  # nothing to choose between on this device: no statistics to take
         return roles
 
     def ladder_for(self, module: str, role: str) -> tuple[str, ...]:
@@ -146,6 +156,7 @@ class ErrorBudgetPolicy(Policy):
         optimizer_state: str = "int8",
         saved_ladder: Sequence[str] = SAVED_LADDER,
         saved_target: float = SAVED_TARGET,
+        storage: str = "auto",
     ) -> None:
         super().__init__()
         try:
@@ -155,6 +166,11 @@ class ErrorBudgetPolicy(Policy):
             raise PolicyError(f"error-budget policy: {e}") from None
         if "fp32" not in self.saved_ladder:
             self.saved_ladder += ("fp32",)
+        if storage not in STORAGE_CHOICES:
+            raise PolicyError(f"error-budget policy: storage must be one of {', '.join(STORAGE_CHOICES)}, got {storage!r}")
+        self.storage = storage
+        self._narrow_storage = (self.optimizer_state, self.saved_ladder)  # what "narrow" keeps
+        self._use_storage(storage != "fp32")
         self.saved_target = float(saved_target)
         self.targets = dict(DEFAULT_TARGETS)
         for role, v in (targets or {}).items():
@@ -195,6 +211,23 @@ class ErrorBudgetPolicy(Policy):
         self.sensitive: set[str] = set()
         # (module, role) -> [consecutive passing checks, most conservative ladder index seen in the streak]
         self._streak: dict[tuple[str, str], list[int]] = {}
+
+    def _use_storage(self, narrow: bool) -> None:
+        self.optimizer_state, self.saved_ladder = self._narrow_storage if narrow else ("fp32", ("fp32",))
+
+    def restrict(self, allowed: Mapping[str, Iterable[str]] | None, coupled: Iterable[str] = ()) -> None:
+        super().restrict(allowed, coupled)
+        if self.storage == "auto":  # narrow storage where this device converts cheaply (bf16 native and fast)
+            self._use_storage(self.allowed is None or any("bf16" in f for f in self.allowed.values()))
+
+    def storage_note(self) -> str:
+        """What the storage roles do on this device, and why (for the report)."""
+        narrow = self.optimizer_state != "fp32" or self.saved_ladder != ("fp32",)
+        if self.storage != "auto":
+            return f"storage={self.storage!r}: " + ("kept narrow" if narrow else "kept fp32")
+        return ("kept narrow (bf16 is native and fast here, or research mode)" if narrow else
+                "kept fp32: this device has no fast bf16, so packing would slow the step "
+                "(storage='narrow' trades step time for memory)")
 
     # --- targets ----------------------------------------------------------------------
     def _mature(self) -> int:

@@ -109,6 +109,9 @@ class Guard(Policy):
         super().restrict(allowed, coupled)
         self.policy.restrict(allowed, coupled)
 
+    def storage_note(self) -> str:
+        return self.policy.storage_note()
+
     def setup(
         self, template: PrecisionPlan, total_steps: int | None = None, steps_per_epoch: int | None = None
     ) -> PrecisionPlan:
