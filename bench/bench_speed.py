@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--peer-steps", type=int, default=None,
                     help="steps of the autocast and torchao variants (10-100x slower than fp32 on a CPU without bf16/VNNI units)")
     ap.add_argument("--write", action="store_true", help="write the table to docs/BENCHMARKS.md")
+    ap.add_argument("--section", default=SECTION, help="the BENCHMARKS.md section to write")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS] + [w for w in args.workloads.split(",") if w not in WORKLOADS]
@@ -177,8 +178,9 @@ def main() -> None:
 def _write(args: argparse.Namespace, results: list[tuple[str, list[dict]]]) -> None:
     report = probe()
     fast = ", ".join(report.fast_formats("gemm")) or "none (nothing narrow runs faster than fp32 here)"
-    write_section(SECTION, (
-        f"`python bench/bench_speed.py --workloads {args.workloads} --steps {args.steps} --warmup {args.warmup}"
+    write_section(args.section, (
+        f"`python bench/bench_speed.py --workloads {args.workloads} --variants '{args.variants}' "
+        f"--steps {args.steps} --warmup {args.warmup}"
         + (f" --peer-steps {args.peer_steps}" if args.peer_steps else "") + "`: variants side by side in one "
         f"process, taking turns of {args.turn} steps; step time = median past {args.warmup} warm-up steps "
         f"(measured); val loss = the workload's held-out loss after {args.steps} steps. Machine: {report.name} "
