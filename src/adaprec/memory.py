@@ -18,6 +18,9 @@ never raises: no run fails because memory cannot be measured.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import re
 import sys
 from collections.abc import Callable
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MemoryReading", "PeakMemory", "live_tensor_peak"]
+__all__ = ["MemoryReading", "PeakMemory", "live_tensor_peak", "release_free_memory"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -56,6 +59,22 @@ class MemoryReading:
 
     def to_dict(self) -> dict[str, object]:
         return {"peak_bytes": self.peak_bytes, "method": self.method, "reason": self.reason}
+
+
+def release_free_memory() -> bool:
+    """Return the heap that freed objects left behind to the OS (``gc`` then glibc's ``malloc_trim``).
+
+    Why: runs that share a process (the runner's policies and seeds) would otherwise each read a peak that
+    includes the heap an earlier run freed but glibc kept. True where the trim ran (Linux with glibc).
+    """
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0) or True)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim with
+        return False
 
 
 def _vm_hwm_bytes() -> int | None:

@@ -36,7 +36,7 @@ from adaprec.experiments.ranks import NullStore, RankRun
 from adaprec.experiments.store import DB_NAME, ResultStore, remove_stale_temp_files
 from adaprec.experiments.tasks import Task, get_task
 from adaprec.integrations.logging import RunLoggers, check_available
-from adaprec.memory import PeakMemory
+from adaprec.memory import PeakMemory, release_free_memory
 
 __all__ = ["run_experiment", "run_id_for", "epoch_seed"]
 
@@ -247,6 +247,7 @@ def _run_one(
     run_id = run_id_for(spec, seed)
     spe = task.steps_per_epoch
     total = config.total_steps(spe, task.default_steps)
+    release_free_memory()  # this run's peak must not include the heap an earlier run in this process freed
     model = task.make_model(seed)
     opt = task.make_optimizer(model)
     writer = ranks is None or ranks.writer  # rank 0 evaluates and writes; every rank trains
