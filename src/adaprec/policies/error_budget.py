@@ -89,7 +89,7 @@ class ErrorBudgetPolicy(Policy):
             (default): where this device runs bf16 natively and faster than
             fp32 (its conversions are cheap), and in research mode; elsewhere
             what is kept stays fp32, because packing it costs step time there
-            (measured on an AVX2-only CPU: 1.5-3.7x plain fp32's step) and a
+            (measured on an AVX2-only CPU: 1.4-3.7x plain fp32's step) and a
             plan is never slower than plain PyTorch unless asked. ``"narrow"``:
             always (memory before speed). ``"fp32"``: never.
     """
