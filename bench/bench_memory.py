@@ -121,6 +121,19 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+def validation_loss(model: nn.Module, val: torch.Tensor, regime: Regime, autocast: bool) -> float:
+    """Mean next-character loss on four fixed held-out windows (seed 2), in eval mode."""
+    gv = torch.Generator().manual_seed(2)
+    model.eval()
+    with torch.no_grad():
+        losses = []
+        for _ in range(4):
+            x, y = _windows(val, regime.block, regime.batch, gv)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                losses.append(float(_loss(model(x), y)))
+    return sum(losses) / len(losses)
+
+
 def child(variant: str, regime: Regime, steps: int, warmup: int) -> dict:
     """Train one variant in this process; return its figures."""
     from adaprec.memory import PeakMemory, live_tensor_peak
@@ -180,16 +193,9 @@ def child(variant: str, regime: Regime, steps: int, warmup: int) -> dict:
             train_step(x, y)
         times.append(time.perf_counter() - t0)
     reading = peak.read()
-    gv = torch.Generator().manual_seed(2)
-    model.eval()
-    with torch.no_grad():
-        losses = []
-        for _ in range(4):
-            x, y = _windows(val, regime.block, regime.batch, gv)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                losses.append(float(_loss(model(x), y)))
+    val_loss = validation_loss(model, val, regime, autocast)
     out = {"variant": variant, "regime": regime.name, "params": params, "peak_bytes": reading.peak_bytes,
-           "method": reading.method, "reason": reading.reason, "val_loss": sum(losses) / len(losses),
+           "method": reading.method, "reason": reading.reason, "val_loss": val_loss,
            "live_bytes": live.peak_bytes if live is not None else None, "steps": steps,
            "step_ms": 1e3 * statistics.median(times[warmup:] or times), "macs": "", "setup": setup.summary(),
            "allocator": "glibc defaults", "kept": ""}

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _markdown import write_section  # noqa: E402
-from bench_memory import REGIMES, EncoderGPT, _data, _loss, _windows  # noqa: E402
+from bench_memory import REGIMES, EncoderGPT, _data, _loss, _windows, validation_loss  # noqa: E402
 
 # name -> (storage format or None, autocast bf16, hold every layer's output through backward, sweep)
 VARIANTS: dict[str, tuple[str | None, bool, bool, bool]] = {
@@ -122,18 +122,11 @@ def child(name: str, key: str, steps: int, warmup: int) -> dict:
     loss_fmt, g_fmt = grads(x, y, True)
     grad_err = float((g_fmt - g_ref).norm() / g_ref.norm())
     del g_ref, g_fmt
-    model.eval()
-    gv = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        losses = []
-        for _ in range(4):
-            x, y = _windows(val, regime.block, regime.batch, gv)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                losses.append(float(_loss(model(x), y)))
+    val_loss = validation_loss(model, val, regime, autocast)
     by_reason = saved.by("reason")
     return {"variant": name, "regime": regime.name, "peak_bytes": reading.peak_bytes, "method": reading.method,
             "live_peak": live, "live_where": live_where,
-            "val_loss": sum(losses) / len(losses), "grad_err": grad_err, "loss_equal": loss_ref == loss_fmt,
+            "val_loss": val_loss, "grad_err": grad_err, "loss_equal": loss_ref == loss_fmt,
             "saved_before": saved.bytes_before, "saved_after": saved.bytes_after,
             "alive_anyway": by_reason.get("alive anyway", (0, 0))[0],
             "packed": by_reason.get("packed", (0, 0))}
