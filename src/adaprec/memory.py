@@ -18,8 +18,6 @@ never raises: no run fails because memory cannot be measured.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import re
 import sys
@@ -28,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from adaprec.engine.allocator import libc
 
 __all__ = ["MemoryReading", "PeakMemory", "live_tensor_peak", "release_free_memory"]
 
@@ -71,10 +71,10 @@ def release_free_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0) or True)
+        libc().malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim with
         return False
+    return True
 
 
 def _vm_hwm_bytes() -> int | None:

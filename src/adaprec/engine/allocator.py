@@ -25,7 +25,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["tune_cpu_allocator", "allocator_tuned"]
+__all__ = ["tune_cpu_allocator", "allocator_tuned", "libc"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -39,6 +39,11 @@ _MODES = {
     # tensors of 1 MiB or more on pages of their own, returned when freed (resident set ~ live tensors)
     "memory": (1 << 20, 16 << 20, "glibc mmap threshold 1 MiB, trim threshold 16 MiB"),
 }
+
+
+def libc() -> ctypes.CDLL:
+    """The C library (glibc's mallopt and malloc_trim live there); OSError where it cannot be loaded."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def tune_cpu_allocator(mode: str = "speed") -> tuple[bool, str]:
@@ -55,9 +60,9 @@ def tune_cpu_allocator(mode: str = "speed") -> tuple[bool, str]:
         return False, str(_state["why"])
     mmap_threshold, trim_threshold, what = _MODES[mode]
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
-        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+        c = libc()
+        ok = c.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+        ok = ok and c.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
     except (OSError, AttributeError) as e:
         _state["why"] = f"not tuned: mallopt unavailable ({e})"
         return False, str(_state["why"])
