@@ -27,7 +27,8 @@ __all__ = ["ErrorBudgetPolicy", "DEFAULT_TARGETS", "DEFAULT_LADDERS", "SAVED_LAD
 
 def _number_format(storage_spec: str) -> str:
     """The number format a storage spec keeps its values in (``int8/block256`` -> ``int8``): what the monitor measures."""
-    return storage_format(storage_spec).base if storage_format(storage_spec).base != "uint8" else "int8"
+    base = storage_format(storage_spec).base
+    return "int8" if base == "uint8" else base
 
 # Ladders run cheapest first, as published per-operation energies order them
 # (integer arithmetic costs less than float of the same width: Horowitz 2014,
@@ -49,9 +50,9 @@ DEFAULT_TARGETS: dict[str, float] = {"weight": 20.0, "activation": 20.0, "grad_o
 # What autograd keeps of a module's ops for backward (the ``saved`` storage role), narrowest first. Storage
 # formats need no arithmetic units: any device keeps int8 and fp8 codes. Chosen from the module's measured
 # activation SQNR in that format (per-tensor scaled: a lower bound on the block-scaled storage's).
-STORAGE_CHOICES = ("auto", "narrow", "fp32")
 SAVED_LADDER = ("int8", "fp8_e4m3", "bf16", "fp32")
 SAVED_TARGET = 30.0
+STORAGE_CHOICES = ("auto", "narrow", "fp32")  # whether the storage roles are used (the ``storage`` option)
 
 
 class ErrorBudgetPolicy(Policy):
