@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from adaprec.engine.allocator import libc
+from adaprec.engine.allocator import trim_heap
 
 __all__ = ["MemoryReading", "PeakMemory", "live_tensor_peak", "release_free_memory"]
 
@@ -68,13 +68,7 @@ def release_free_memory() -> bool:
     includes the heap an earlier run freed but glibc kept. True where the trim ran (Linux with glibc).
     """
     gc.collect()
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc().malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim with
-        return False
-    return True
+    return trim_heap()
 
 
 def _vm_hwm_bytes() -> int | None:

@@ -25,7 +25,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["tune_cpu_allocator", "allocator_tuned", "libc"]
+__all__ = ["tune_cpu_allocator", "allocator_tuned", "libc", "trim_heap"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -67,8 +67,23 @@ def tune_cpu_allocator(mode: str = "speed") -> tuple[bool, str]:
         _state["why"] = f"not tuned: mallopt unavailable ({e})"
         return False, str(_state["why"])
     _state["tuned"] = ok
+    if ok and mode == "memory":
+        # what earlier steps freed under the old threshold stays in the heap, held between live small blocks
+        # (measured on the bench GPT: 475 MiB of a 844 MiB resting RSS), until trimmed once
+        trim_heap()
     _state["why"] = f"{what} (for {mode}; adaprec.engine.tune_cpu_allocator)" if ok else "not tuned: mallopt refused the values"
     return ok, str(_state["why"])
+
+
+def trim_heap() -> bool:
+    """glibc's ``malloc_trim(0)``: hand the heap's free pages back to the OS. False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc().malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim with
+        return False
+    return True
 
 
 def allocator_tuned() -> bool:
