@@ -493,3 +493,39 @@ def test_packing_a_piece_at_a_time_equals_packing_whole(rows, cols, fmt, piece, 
         saved._PIECE = was
     assert sum(p.nbytes for p in pieces) == whole.nbytes
     assert torch.equal(saved._unpack_pieces(pieces, t.shape, t.dtype), unpack(whole))
+
+
+def test_the_input_of_a_planned_fp32_linear_is_packed_like_any_ops_input():
+    """The engine's own linear (monitored steps run every fp32 module through it) keeps its uncast input the way
+    autograd keeps any op's input: packed by the storage, not beside it (it used to stay fp32 on those steps)."""
+    from adaprec.engine.engine import _FP32_LINEAR
+    from adaprec.engine.gemm import GemmContext, planned_linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    x0 = torch.randn(16, 64, requires_grad=True)
+    gc = GemmContext("lin", None, None, {}, lambda role, t: t, lambda role, t: None, lambda role, a: None, {})
+
+    def run(fmt, linear):
+        lin.zero_grad()
+        x0.grad = None
+        storage = SavedTensorStorage(fmt, min_numel=0)
+        with storage:
+            h = x0 * 2  # a layer's input has autograd history
+            y = linear(h)
+            del h  # not alive anyway: only autograd holds it
+        y.square().sum().backward()
+        return lin.weight.grad.clone(), x0.grad.clone(), y.detach(), storage.stats()
+
+    def planned(h):
+        return planned_linear(h, lin.weight, lin.bias, _FP32_LINEAR, gc)
+
+    ref_w, ref_x, ref_y, _ = run(None, lin)
+    w, x, y, stats = run(None, planned)  # fp32 storage: torch's own linear, bit for bit
+    assert torch.equal(y, ref_y) and torch.equal(x, ref_x) and torch.allclose(w, ref_w, rtol=1e-6, atol=1e-6)
+    w, x, y, stats = run("bf16", planned)
+    assert stats.by("reason")["packed"] == (16 * 64 * 4, 16 * 64 * 2)
+    # the weight gradient reads the input as stored: bf16-rounded, against an independent computation
+    h = (x0.detach() * 2).to(torch.bfloat16).float()
+    assert torch.allclose(w, (2 * y).T @ h, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, ref_x)  # the input gradient needs only the weight

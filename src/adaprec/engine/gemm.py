@@ -264,9 +264,12 @@ class _PlannedLinear(torch.autograd.Function):
         ctx.ex, ctx.gc, ctx.fmts = ex, gc, fmts
         ctx.shape = shape
         ctx.has_bias = bias is not None
-        ctx.x_op = x_for_wgrad
         ctx.w_op = wa if not (ex.weight.kind == "int8" and ex.weight.per_gemm) else None
-        ctx.save_for_backward(w)
+        # an uncast fp32 activation is saved as the input itself, so saved-tensor hooks (narrow storage of what
+        # autograd keeps) pack it as they pack any op's input; a cast copy (int8 codes, bf16) is kept as made
+        ctx.x_saved = x_for_wgrad is not None and ex.activation.kind == "fp32"
+        ctx.x_op = None if ctx.x_saved else x_for_wgrad
+        ctx.save_for_backward(w, x if ctx.x_saved else None)
         del need_x
         return out.reshape(*shape[:-1], wd.shape[0])  # out is fresh: a reshape, and FSDP2 sees no view
 
@@ -274,7 +277,9 @@ class _PlannedLinear(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         ex: LinearExec = ctx.ex
         gc: GemmContext = ctx.gc
-        (w,) = ctx.saved_tensors
+        w, x = ctx.saved_tensors
+        if ctx.x_saved:
+            ctx.x_op = _Operand(None, x.detach().reshape(-1, x.shape[-1]))
         g2 = grad.reshape(-1, grad.shape[-1])
         if g2.dtype != torch.float32:
             g2 = g2.float()
