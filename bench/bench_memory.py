@@ -187,12 +187,12 @@ def child(variant: str, regime: Regime, steps: int, warmup: int) -> dict:
             setup = check_setup(variant, model, opt, lambda x=x, y=y: train_step(x, y))
             setup.raise_if_failed()
         elif step == steps - 1:  # the last step, under the profiler's allocator events (not timed)
+            reading = peak.read()  # before it: the profiler's own records are not the variant's memory
             live = live_tensor_peak(lambda x=x, y=y: train_step(x, y))
             continue
         else:
             train_step(x, y)
         times.append(time.perf_counter() - t0)
-    reading = peak.read()
     val_loss = validation_loss(model, val, regime, autocast)
     out = {"variant": variant, "regime": regime.name, "params": params, "peak_bytes": reading.peak_bytes,
            "method": reading.method, "reason": reading.reason, "val_loss": val_loss,
@@ -281,8 +281,9 @@ def main() -> None:
             f"`python bench/bench_memory.py --steps {args.steps} --warmup {args.warmup}"
             f"{f' --peer-steps {args.peer_steps}' if args.peer_steps else ''}`: each variant in a fresh process. Live "
             "tensors = the peak of allocated tensor bytes during the last step (`adaprec.memory.live_tensor_peak`, "
-            "allocator events); process RSS = VmHWM after a reset once the warm-up steps are done "
-            "(`adaprec.memory.PeakMemory`), under each variant's allocator settings (last column); both measured. "
+            "allocator events); process RSS = VmHWM from a reset once the warm-up steps are done to the start of "
+            "that last step (its profiler's records are not the variant's) (`adaprec.memory.PeakMemory`), under "
+            "each variant's allocator settings (last column); both measured. "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Step time is not reported here "
             f"(bench_native measures speed side by side; this bench's variants run one after another).\n\n{table}",
         )

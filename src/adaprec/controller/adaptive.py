@@ -39,7 +39,7 @@ from adaprec.controller.reducer import make_reducer
 from adaprec.controller.report import report_lines
 from adaprec.controller.rollback import Rollback
 from adaprec.controller.saved import SavedByPlan
-from adaprec.controller.setup import PlanSetup, build_engine, loss_scaling_needed, tune_for_plan
+from adaprec.controller.setup import PlanSetup, build_engine, loss_scaling_needed
 from adaprec.controller.shadow import ShadowAudit
 from adaprec.controller.step_bytes import StepBytes
 from adaprec.controller.update import Update
@@ -101,10 +101,9 @@ class AdaptivePrecision:
     """Trains ``model`` with per-layer precision decided by ``policy``.
 
     Args:
-        model: an ``nn.Module``. Every matmul-like op it runs (linear, addmm, matmul/bmm, einsum,
-            convolutions, attention, embedding, recurrent kernels) is recognised, whoever calls it, and
-            attributed to the module owning its weight (or running it); ops adaprec cannot narrow run in
-            fp32 and are counted and reported.
+        model: an ``nn.Module``. Every matmul-like op it runs (linear, addmm, matmul/bmm, einsum, convolution,
+            attention, embedding, recurrent kernels) is recognised, whoever calls it, and attributed to the
+            module owning its weight (or running it); ops adaprec cannot narrow run fp32, counted, reported.
         optimizer: any torch optimizer over the model's (fp32) parameters.
         policy: a policy name (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp8"``, ``"fp8-hybrid"``,
             ``"schedule"``, ``"cyclic"``, ``"progressive"``, ``"gradient-diversity"``, ``"error-budget"``,
@@ -155,14 +154,14 @@ class AdaptivePrecision:
         self.shadow_audit = ShadowAudit(cfg.shadow_every, self._params)
         sharded = any(is_sharded(p) for p in self._params)  # FSDP2: each rank holds shards
         self.reducer = make_reducer(cfg.distributed, model, sharded, self.monitor, self.check, self.shadow_audit)
-        self.engine, self.hardware, self.allocator = build_engine(model, cfg, self.reducer)
+        self.engine, self.hardware, allocator = build_engine(model, cfg, self.reducer)
         base = build(policy)
         self.policy: Policy = with_guard(base) if cfg.guard else base
         self.timeline = Timeline()
-        self.setup = PlanSetup(cfg, self.engine, self.policy, self.monitor, self.timeline)
+        self.setup = PlanSetup(cfg, self.engine, self.policy, self.monitor, self.timeline, allocator)
         self.setup.report = self.hardware
         self.setup.configure_monitor()
-        self.engine.on_new_site = self._on_new_site
+        self.engine.on_new_site = self.setup.on_new_site
         self.engine.observer = self.monitor.observe_tensor
         self.timeline.set_initial(self.engine.plan)
         self.loss_scaling, self.loss_scaler = cfg.loss_scaling, DynamicLossScaler()
@@ -179,19 +178,12 @@ class AdaptivePrecision:
             if self.policy.may_roll_back and cfg.rollback else None
         self.update = Update(OptimizerStates(self.optimizer, unwrap(model)), rollback, self.bytes, cfg.compile)
 
-    def _on_new_site(self, name: str) -> None:
-        self.setup.on_new_site(name)
-        # the allocator for memory before the first forward's activations are allocated, not after its step:
-        # a step under glibc's defaults leaves a heap of freed blocks that later steps touch again (measured on
-        # the bench GPT: 1,043 MiB resting RSS against 407 MiB when tuned here)
-        self.allocator = tune_for_plan(self.allocator, self.plan)
-
     def _finalize(self) -> None:
         if self.setup.finalize(type(self.model).__name__):
             self.setup.measure_shapes()  # narrow a module only where its GEMM shapes pay (cached; no-op here if none)
             self.check.owners = param_owners(self.engine.map.model, list(self.engine.kinds))  # the plan's names
             self.update.plan_changed(self.plan, self.check.owners)
-            self.allocator = tune_for_plan(self.allocator, self.plan)
+            self.setup.tune(self.plan)
 
     def prepare(self, *example_args: Any, **example_kwargs: Any) -> dict[str, str]:
         """Optional: find every module that runs GEMMs with one forward pass (no grad, not counted); module -> kind."""
@@ -202,6 +194,8 @@ class AdaptivePrecision:
     def allowed_formats(self) -> tuple[dict[str, frozenset[str]] | None, set[str]]:
         """Per module, the formats policies may choose here (None: any); and the modules whose kernels couple roles."""
         return self.setup.allowed()
+
+    allocator = property(lambda self: self.setup.allocator, doc="glibc's allocator setting in force (the report's)")
 
     @property
     def plan(self) -> PrecisionPlan:
@@ -368,7 +362,7 @@ class AdaptivePrecision:
         self.timeline.record_plan_change(step, old, new, who, dict(self.policy.last_reasons or {}))
         self.engine.set_plan(new)
         self.update.plan_changed(new, self.check.owners)
-        self.allocator = tune_for_plan(self.allocator, new)
+        self.setup.tune(new)
         return tuple(old.diff(new))
 
     def end_epoch(self) -> None:
