@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,11 @@ SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ap = adaprec.AdaptivePrecision(model, opt, policy=json.loads(sys.argv[1]), hardware=None)
+    hardware = None
+    if len(sys.argv) > 2:  # a device whose int8 and bf16 GEMMs are native and fast (fixed, not probed)
+        sys.path.insert(0, sys.argv[2])
+        from _train import FAST_INT8_BF16 as hardware
+    ap = adaprec.AdaptivePrecision(model, opt, policy=json.loads(sys.argv[1]), hardware=hardware)
     before = (allocator_tuned(), ap.allocator)
     first_forward = []  # whether tuned while the first forward runs (before its activations are all allocated)
     model[2].register_forward_hook(lambda *_: first_forward.append(allocator_tuned()))
@@ -36,8 +41,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(policy: object) -> dict:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(policy)], capture_output=True, text=True,
+def _run(policy: object, fast_int8: bool = False) -> dict:
+    tests = [str(Path(__file__).parent)] if fast_int8 else []
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(policy), *tests], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -60,3 +66,55 @@ def test_fp32_plan_leaves_the_allocator_alone_and_narrow_storage_tunes_it_for_me
     # leaves a heap of freed blocks behind that every later step touches again
     assert narrow["first_forward"] is True
     assert narrow["after"][0] is True and "mmap threshold 1 MiB" in narrow["after"][1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_a_cpu_tuned_for_speed_is_balanced_once_the_plan_keeps_something_narrow():
+    # fast int8 GEMMs: tuned for speed at once (their page faults dominate); kept so, the freed heap stayed resident
+    # and the RSS rose above plain fp32's (measured 1.16x), so narrow storage moves it to balanced in the first forward
+    fp32 = _run("fp32", fast_int8=True)
+    assert "for speed" in fp32["before"][1] and "for speed" in fp32["after"][1]
+    narrow = _run({"name": "error-budget", "storage": "narrow"}, fast_int8=True)
+    assert "for speed" in narrow["before"][1]
+    assert "mmap threshold 4 MiB" in narrow["after"][1], narrow
+
+
+
+MODES = textwrap.dedent("""
+    import json, sys, torch
+    from adaprec.engine.allocator import allocator_mode, tune_cpu_allocator
+
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+
+    def kept_after_free(mib):
+        # whether a tensor of `mib` MiB, written and freed, stays resident
+        before = rss()
+        t = torch.empty(mib << 18, dtype=torch.float32).fill_(1.0)
+        del t
+        return rss() - before > (mib << 20) // 2
+
+    in_force = []
+    for mode in sys.argv[1].split(","):
+        tune_cpu_allocator(mode)
+        in_force.append(allocator_mode())
+    print(json.dumps([in_force, kept_after_free(2), kept_after_free(8)]))
+""")
+
+
+def _modes(sequence: str) -> list:
+    out = subprocess.run([sys.executable, "-c", MODES, sequence], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_modes_move_only_towards_keeping_less_and_each_keeps_what_it_says():
+    # [modes in force after each request, a freed 2 MiB tensor stays resident, a freed 8 MiB one does]
+    assert _modes("speed") == [["speed"], True, True]  # everything reused from the heap
+    assert _modes("balanced") == [["balanced"], True, False]  # 4 MiB and more on pages of their own
+    assert _modes("memory") == [["memory"], False, False]  # 1 MiB and more on pages of their own
+    # never back towards keeping more
+    assert _modes("speed,balanced,speed,memory,balanced")[0] == ["speed", "balanced", "balanced", "memory", "memory"]

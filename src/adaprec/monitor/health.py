@@ -23,6 +23,7 @@ import torch
 from adaprec.distributed import Packer, local
 from adaprec.errors import CheckpointError, PolicyError
 from adaprec.formats import get
+from adaprec.formats.storage import storage_format
 from adaprec.monitor.snapshot import Snapshot, TensorStats
 from adaprec.monitor.stats import (
     DEFAULT_CANDIDATES,
@@ -34,6 +35,7 @@ from adaprec.monitor.stats import (
     sample,
     stats_from_sums,
 )
+from adaprec.monitor.storage_error import prepare_storage
 from adaprec.plan import PrecisionPlan, TensorRecipe
 
 __all__ = ["HealthMonitor", "ReduceFn"]
@@ -101,8 +103,7 @@ class HealthMonitor:
         if not 0.0 < ema_beta < 1.0:
             raise PolicyError(f"HealthMonitor ema_beta must be in (0, 1), got {ema_beta!r}")
         self.every = every
-        self.candidates = tuple(get(c).name for c in candidates)
-        self.role_candidates = {r: tuple(get(c).name for c in cs) for r, cs in (role_candidates or {}).items()}
+        self.set_candidates(candidates, role_candidates)
         self.loss_window = loss_window
         self.ema_beta = float(ema_beta)
         self.diversity_window = diversity_window
@@ -131,9 +132,16 @@ class HealthMonitor:
         self._epoch_count = 0
 
     def set_candidates(self, candidates: Sequence[str], role_candidates: Mapping[str, Sequence[str]] | None = None) -> None:
-        """Measure these formats from now on (the policy's candidates, known once its modules are)."""
+        """Measure these formats from now on (the policy's candidates, known once its modules are).
+
+        ``role_candidates["saved"]``: storage specs (``int8/block256``...) whose round trip is measured on each
+        observed activation with the real codes (:func:`~adaprec.monitor.storage_error.prepare_storage`), under
+        the ``saved`` role: what autograd keeps is block-scaled, which per-tensor statistics understate.
+        """
         self.candidates = tuple(get(c).name for c in candidates)
-        self.role_candidates = {r: tuple(get(c).name for c in cs) for r, cs in (role_candidates or {}).items()}
+        roles = dict(role_candidates or {})
+        self.saved_specs = tuple(storage_format(s, role="activation").spec for s in roles.pop("saved", ()))
+        self.role_candidates = {r: tuple(get(c).name for c in cs) for r, cs in roles.items()}
 
     # --- what the engine and controller call -----------------------------------
     def should_sample(self, step: int) -> bool:
@@ -151,6 +159,8 @@ class HealthMonitor:
         candidates = self.role_candidates.get(role, self.candidates)
         pending = prepare(x, recipe, formats_for(recipe, candidates), self.max_sample)
         self._samples.append(((module, role), pending))
+        if role == "activation" and self.saved_specs:
+            self._samples.append(((module, "saved"), prepare_storage(x, self.saved_specs, self.max_sample)))
 
     def _measure_samples(self) -> None:
         """Measure the step's samples in one batch and pool them per (module, role)."""

@@ -113,7 +113,8 @@ class Policy(ABC):
 
     @property
     def candidate_formats_by_role(self) -> Mapping[str, tuple[str, ...]]:
-        """Per tensor role, the formats this policy may choose for it (a subset of ``candidate_formats``).
+        """Per tensor role, the formats this policy may choose for it (a subset of ``candidate_formats``;
+        ``"saved"``, if given, lists storage specs, measured by their own round trip instead).
 
         The monitor then measures each role only against its own candidates,
         which keeps sampled steps cheap. Empty: every role gets ``candidate_formats``.

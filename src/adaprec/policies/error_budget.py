@@ -25,11 +25,6 @@ from adaprec.policies.ladder import GRAD_ROLES, recipe_for
 __all__ = ["ErrorBudgetPolicy", "DEFAULT_TARGETS", "DEFAULT_LADDERS", "SAVED_LADDER", "SAVED_TARGET"]
 
 
-def _number_format(storage_spec: str) -> str:
-    """The number format a storage spec keeps its values in (``int8/block256`` -> ``int8``): what the monitor measures."""
-    base = storage_format(storage_spec).base
-    return "int8" if base == "uint8" else base
-
 # Ladders run cheapest first, as published per-operation energies order them
 # (integer arithmetic costs less than float of the same width: Horowitz 2014,
 # Jouppi et al. 2021), not by bit count. Per-tensor scaled integers serve
@@ -48,8 +43,8 @@ DEFAULT_LADDERS: dict[str, tuple[str, ...]] = {
 # and averaged over many steps by the optimizer.
 DEFAULT_TARGETS: dict[str, float] = {"weight": 20.0, "activation": 20.0, "grad_output": 12.0, "grad_weight": 12.0}
 # What autograd keeps of a module's ops for backward (the ``saved`` storage role), narrowest first. Storage
-# formats need no arithmetic units: any device keeps int8 and fp8 codes. Chosen from the module's measured
-# activation SQNR in that format (per-tensor scaled: a lower bound on the block-scaled storage's).
+# formats need no arithmetic units: any device keeps int8 and fp8 codes. Chosen from the SQNR of the module's
+# activation after a round trip through that storage format's own block-scaled codes (measured on whole blocks).
 SAVED_LADDER = ("int8", "fp8_e4m3", "bf16", "fp32")
 SAVED_TARGET = 30.0
 STORAGE_CHOICES = ("auto", "narrow", "fp32")  # whether the storage roles are used (the ``storage`` option)
@@ -105,8 +100,9 @@ class ErrorBudgetPolicy(Policy):
     @property
     def candidate_formats(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}
-        for ladder in self.candidate_formats_by_role.values():
-            seen.update(dict.fromkeys(ladder))
+        for role, ladder in self.candidate_formats_by_role.items():
+            if role != "saved":  # storage specs, measured by their own round trip
+                seen.update(dict.fromkeys(ladder))
         return tuple(seen)
 
     @property
@@ -114,11 +110,11 @@ class ErrorBudgetPolicy(Policy):
         usable = self._usable()
         roles = dict(self.ladders) if usable is None else \
             {r: tuple(f for f in ladder if f in usable) for r, ladder in self.ladders.items()}
-        # storage needs no arithmetic units: the activation is measured in the saved ladder's formats anywhere
-        stored = tuple(_number_format(f) for f in self.saved_ladder)
-        roles["activation"] = tuple(dict.fromkeys(roles.get("activation", ()) + stored))
-        if all(set(ladder) <= {"fp32"} for ladder in roles.values()):
+        if all(set(ladder) <= {"fp32"} for ladder in roles.values()) and self.saved_ladder == ("fp32",):
             return {}  # nothing to choose between on this device: no statistics to take
+        # storage needs no arithmetic units: each activation's round trip through the saved ladder's storage
+        # formats is measured anywhere, with their real block-scaled codes (the monitor's "saved" role)
+        roles["saved"] = tuple(f for f in self.saved_ladder if f != "fp32")
         return roles
 
     def ladder_for(self, module: str, role: str) -> tuple[str, ...]:
@@ -281,7 +277,8 @@ class ErrorBudgetPolicy(Policy):
 
         Gradient roles round stochastically, which keeps small values alive in
         expectation, so the flush-to-zero fraction (measured under nearest
-        rounding) does not bind them; their SQNR target does.
+        rounding) does not bind them; their SQNR target does. Nor does it bind
+        ``saved`` storage, whose SQNR is its measured round trip, flushes included.
         """
         if fmt == "fp32":
             return True, "fp32 is exact"
@@ -294,7 +291,7 @@ class ErrorBudgetPolicy(Policy):
         if ov > self.max_overflow:
             return False, f"overflow {ov:.3%} > {self.max_overflow:.3%}"
         un = stats.underflow_frac.get(fmt, 0.0)
-        if role not in GRAD_ROLES and un > self.max_underflow:
+        if role not in GRAD_ROLES and role != "saved" and un > self.max_underflow:
             return False, f"underflow {un:.2%} > {self.max_underflow:.2%}"
         return True, f"sqnr {sq:.1f} dB >= {target:.1f} dB"
 
@@ -356,7 +353,7 @@ class ErrorBudgetPolicy(Policy):
                     reasons[key] = why
             if module in self.coupled:
                 mp = self._couple(module, mp, plan.get(module), reasons)
-            mp = self._store(module, mp, snapshot.stats(module, "activation"), step, reasons)
+            mp = self._store(module, mp, snapshot.stats(module, "saved"), step, reasons)
             if mp != plan.get(module):
                 plan = plan.with_module(module, mp)
         self.last_reasons = reasons
@@ -364,12 +361,13 @@ class ErrorBudgetPolicy(Policy):
 
     def _store(self, module: str, mp: Any, stats: TensorStats | None, step: int, reasons: dict) -> Any:
         """The storage roles: the optimizer state as configured; what autograd keeps, the narrowest saved
-        format the activation's measured SQNR allows (widened at once, narrowed after ``patience`` checks)."""
+        format whose measured round trip on the module's activation keeps ``saved_target`` dB (widened at once,
+        narrowed after ``patience`` checks)."""
         mp = mp.with_storage("optimizer_state", self.optimizer_state)
         if stats is None:
             return mp
         target = self.saved_target + (self.target(module, "activation", step) - self.targets["activation"])
-        verdicts = [self._check(stats, _number_format(f), target, "activation") for f in self.saved_ladder]
+        verdicts = [self._check(stats, f, target, "saved") for f in self.saved_ladder]
         best = next(i for i, (ok, _) in enumerate(verdicts) if ok)  # fp32 always passes
         current = mp.saved
         pos = self.saved_ladder.index(current) if current in self.saved_ladder else len(self.saved_ladder) - 1
