@@ -41,6 +41,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+ROLES = ("weight", "activation", "grad_output", "grad_weight")
+
+
 def _run(policy: object, fast_int8: bool = False) -> dict:
     tests = [str(Path(__file__).parent)] if fast_int8 else []
     out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(policy), *tests], capture_output=True, text=True,
@@ -77,6 +80,11 @@ def test_a_cpu_tuned_for_speed_is_balanced_once_the_plan_keeps_something_narrow(
     narrow = _run({"name": "error-budget", "storage": "narrow"}, fast_int8=True)
     assert "for speed" in narrow["before"][1]
     assert "mmap threshold 4 MiB" in narrow["after"][1], narrow
+    # 8-bit saved codes: packed in 1 MiB pieces, which only the memory setting puts on pages of their own
+    int8_saved = {"name": "static", "plan": {"saved": "int8/block256", **{r: {"format": "fp32"} for r in ROLES}}}
+    byte_codes = _run(int8_saved, fast_int8=True)
+    assert byte_codes["kept"] == ["fp32", "int8/block256"], byte_codes
+    assert "for speed" in byte_codes["before"][1] and "mmap threshold 1 MiB" in byte_codes["after"][1], byte_codes
 
 
 

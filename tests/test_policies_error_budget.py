@@ -190,12 +190,14 @@ def test_storage_auto_narrows_only_where_bf16_is_fast_or_in_research_mode():
     assert p.candidate_formats == ()  # only fp32 left to measure: the monitor takes no statistics
     p.restrict({"fc": {"bf16", "int8"}})
     assert p.optimizer_state.startswith("int8")
-    assert p.saved_ladder[0].startswith("int8") and p.saved_ladder[-1] == "fp32"
+    # saved tensors only in formats packed by one cast (block-scaled codes cost eager passes: slower steps)
+    assert p.saved_ladder == ("bf16", "fp32") and "storage='narrow' adds" in p.storage_note()
     p.restrict(None)  # research mode
-    assert p.optimizer_state.startswith("int8")
+    assert p.optimizer_state.startswith("int8") and p.saved_ladder[0].startswith("int8")
     forced = ErrorBudgetPolicy(storage="narrow")
     forced.restrict({"fc": set()})
     assert forced.optimizer_state.startswith("int8") and "kept narrow" in forced.storage_note()
+    assert forced.saved_ladder[0].startswith("int8") and forced.saved_ladder[-1] == "fp32"
     never = ErrorBudgetPolicy(storage="fp32")
     never.restrict(None)
     assert never.optimizer_state == "fp32" and never.saved_ladder == ("fp32",)

@@ -20,11 +20,12 @@ from torch import nn
 from adaprec.controller.config import ControllerConfig
 from adaprec.distributed import alias_fsdp_params, fsdp_modules
 from adaprec.engine import Capabilities, PrecisionEngine
-from adaprec.engine.allocator import allocator_mode, tune_cpu_allocator
+from adaprec.engine.allocator import tune_cpu_allocator
 from adaprec.engine.execution import allowed_formats
 from adaprec.engine.ops import OpCall
 from adaprec.engine.sites import unwrap
 from adaprec.errors import PlanError, UsageError
+from adaprec.formats.storage import storage_format
 from adaprec.hardware import DeviceReport, probe
 from adaprec.hardware.shapes import (
     MEASURABLE,
@@ -80,20 +81,25 @@ _UNTUNED = "glibc defaults (the plan keeps nothing narrow yet)"
 
 
 def tune_for_plan(allocator: str, plan: PrecisionPlan) -> str:
-    """The allocator for memory once ``plan`` keeps saved tensors or optimizer state narrow; before that, glibc's
-    defaults (fresh pages for every large tensor cost step time, measured: 1.09x on the bench GPT's fp32 plan,
-    and buy nothing while every byte kept is fp32). Called as each module's plan is first set, inside the first
-    forward: tuned only after the first step, that step's freed activations stay in glibc's heap around small
-    live blocks and every later step touches them again (bench GPT, int8 saved tensors: resting RSS 1,043 MiB
-    against 407 MiB tuned in the first forward)."""
-    speed = "for speed" in allocator and allocator_mode() == "speed"
-    if allocator != _UNTUNED and not speed:
+    """The allocator once ``plan`` keeps saved tensors or optimizer state narrow; before that, as it was.
+
+    Where it was left at glibc's defaults (fresh pages for every large tensor cost step time, measured: 1.09x on
+    the bench GPT's fp32 plan, and buy nothing while every byte kept is fp32): for memory. Where it was tuned for
+    speed (fast int8 GEMMs): balanced while what autograd keeps is 16-bit, since the speed setting kept the freed
+    heap and the resident set rose above plain fp32's (Zen 4, bench GPT: 1.16x; balanced 0.78x at a few per cent
+    of step time); for memory once it keeps 8-bit codes, whose 1 MiB pieces only that setting puts on pages of
+    their own (balanced left them in the heap between the step's temporaries: 944 MiB against 769 MiB). Called
+    as each module's plan is first set, inside the first forward, and on every plan change: tuned only after the
+    first step, that step's freed activations stay in glibc's heap around small live blocks and every later step
+    touches them again (bench GPT, int8 saved tensors: resting RSS 1,043 MiB against 407 MiB tuned in the first
+    forward)."""
+    if allocator != _UNTUNED and not any(f"(for {m};" in allocator for m in ("speed", "balanced")):
         return allocator  # tuned for memory already, or not to be tuned (tune_allocator=False, CUDA)
-    if any(mp.saved != "fp32" or mp.optimizer_state != "fp32" for mp in plan.modules.values()):
-        # tuned for speed (fast int8 GEMMs): balanced, since that setting kept the freed heap and the resident set
-        # rose above plain fp32's (Zen 4, bench GPT: 1.16x; balanced 0.78x at a few per cent of step time)
-        return tune_cpu_allocator("balanced" if speed else "memory")[1]
-    return allocator
+    kept = [mp for mp in plan.modules.values() if mp.saved != "fp32" or mp.optimizer_state != "fp32"]
+    if not kept:
+        return allocator
+    byte_codes = any(storage_format(mp.saved).bits <= 8 for mp in kept)
+    return tune_cpu_allocator("memory" if byte_codes or allocator == _UNTUNED else "balanced")[1]
 
 
 @functools.lru_cache(maxsize=64)

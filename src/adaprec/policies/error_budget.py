@@ -47,6 +47,8 @@ DEFAULT_TARGETS: dict[str, float] = {"weight": 20.0, "activation": 20.0, "grad_o
 # activation after a round trip through that storage format's own block-scaled codes (measured on whole blocks).
 SAVED_LADDER = ("int8", "fp8_e4m3", "bf16", "fp32")
 SAVED_TARGET = 30.0
+# storage formats packed by a plain cast: what storage="auto" keeps saved tensors in on a real device
+_CAST_STORAGE = ("bf16", "fp16", "fp32")
 STORAGE_CHOICES = ("auto", "narrow", "fp32")  # whether the storage roles are used (the ``storage`` option)
 
 
@@ -79,15 +81,18 @@ class ErrorBudgetPolicy(Policy):
             embeddings stay fp32). ``"fp32"`` keeps the optimizer's own state.
         saved_ladder, saved_target: storage formats for what autograd keeps of
             a module's ops (narrowest first), and the SQNR (dB) the module's
-            activation must keep in one to be stored so (plus the sensitive and
-            early extras). ``bf16`` during warm-up.
+            activation must keep after a round trip through one (its real
+            block-scaled codes, measured on whole blocks) to be stored so (plus
+            the sensitive and early extras). ``bf16`` during warm-up.
         storage: whether the two storage roles above are used. ``"auto"``
             (default): where this device runs bf16 natively and faster than
-            fp32 (its conversions are cheap), and in research mode; elsewhere
-            what is kept stays fp32, because packing it costs step time there
-            (measured on an AVX2-only CPU: 1.4-3.7x plain fp32's step) and a
-            plan is never slower than plain PyTorch unless asked. ``"narrow"``:
-            always (memory before speed). ``"fp32"``: never.
+            fp32 (its conversions are cheap), with saved tensors only in the
+            ladder's formats packed by one cast (bf16), and in research mode;
+            elsewhere what is kept stays fp32, because packing it costs step
+            time there (measured on an AVX2-only CPU: 1.4-3.7x plain fp32's
+            step) and a plan is never slower than plain PyTorch unless asked.
+            ``"narrow"``: always, the whole saved ladder (memory before
+            speed). ``"fp32"``: never.
     """
 
     name = "error-budget"
@@ -209,20 +214,30 @@ class ErrorBudgetPolicy(Policy):
         # (module, role) -> [consecutive passing checks, most conservative ladder index seen in the streak]
         self._streak: dict[tuple[str, str], list[int]] = {}
 
-    def _use_storage(self, narrow: bool) -> None:
-        self.optimizer_state, self.saved_ladder = self._narrow_storage if narrow else ("fp32", ("fp32",))
+    def _use_storage(self, narrow: bool, casts_only: bool = False) -> None:
+        """Narrow storage or fp32; ``casts_only``: what autograd keeps only in formats packed by one native cast
+        (bf16), since block-scaled codes are packed by several eager passes per tensor (measured on a Zen 4 CPU:
+        int8 saved tensors took the encoder LM's default step from 108-125 ms to 150 ms, plain fp32 141 ms)."""
+        optimizer_state, ladder = self._narrow_storage if narrow else ("fp32", ("fp32",))
+        if casts_only:
+            ladder = tuple(f for f in ladder if f in _CAST_STORAGE) or ("fp32",)
+        self.optimizer_state, self.saved_ladder = optimizer_state, ladder
 
     def restrict(self, allowed: Mapping[str, Iterable[str]] | None, coupled: Iterable[str] = ()) -> None:
         super().restrict(allowed, coupled)
         if self.storage == "auto":  # narrow storage where this device converts cheaply (bf16 native and fast)
-            self._use_storage(self.allowed is None or any("bf16" in f for f in self.allowed.values()))
+            research = self.allowed is None
+            self._use_storage(research or any("bf16" in f for f in self.allowed.values()), casts_only=not research)
 
     def storage_note(self) -> str:
         """What the storage roles do on this device, and why (for the report)."""
         narrow = self.optimizer_state != "fp32" or self.saved_ladder != ("fp32",)
         if self.storage != "auto":
             return f"storage={self.storage!r}: " + ("kept narrow" if narrow else "kept fp32")
-        return ("kept narrow (bf16 is native and fast here, or research mode)" if narrow else
+        return ("kept narrow: bf16 is native and fast here (saved tensors in formats packed by one cast: "
+                f"{'/'.join(self.saved_ladder)}; storage='narrow' adds block-scaled 8-bit codes, which cost step "
+                "time)" if narrow and self.allowed is not None else
+                "kept narrow (research mode)" if narrow else
                 "kept fp32: this device has no fast bf16, so packing would slow the step "
                 "(storage='narrow' trades step time for memory)")
 
