@@ -106,3 +106,41 @@ def test_release_free_memory_gives_freed_heap_back_to_the_os() -> None:
     assert out.returncode == 0, out.stderr
     released_mib = float(out.stdout.split()[0])
     assert released_mib > 100  # of the ~173 MiB freed
+
+
+def test_the_engines_own_buffers_are_counted_in_the_report():
+    """Scratch for int8 GEMM temporaries and the stochastic-rounding noise table grow with the largest tensor
+    and stay: adaprec's own memory, reported beside the optimizer state (issue 19: count every byte)."""
+    from _train import train
+    from adaprec.controller.report import memory_figures
+
+    run = train("char-transformer", {"name": "error-budget", "warmup_steps": 2, "patience": 1}, steps=10,
+                monitor_every=2)
+    plan = run.ap.plan
+    stochastic = [m for m, mp in plan.modules.items() if mp.grad_output.format == "int8" and mp.grad_output.rounding == "stochastic"]
+    assert stochastic, "no int8 GEMM with stochastic rounding ran: nothing to count"
+    buffers = run.ap.engine.buffer_nbytes()
+    # the table holds at least the offset range (2^20 floats) plus the largest gradient rounded
+    assert buffers["noise table"] >= 4 * (1 << 20) and buffers["scratch"] > 0, buffers
+    assert memory_figures(run.ap)["engine_buffers_bytes"] == sum(buffers.values())
+    line = next(line for line in run.ap.report().splitlines() if line.startswith("engine buffers:"))
+    assert f"noise table {buffers['noise table'] / 2**20:.1f} MiB" in line
+
+
+def test_the_noise_table_stays_bounded_and_reads_the_same_noise_eager_and_gathered():
+    from adaprec.engine.quant import NoiseTable
+
+    table = NoiseTable(seed=3)
+    n = 3 * NoiseTable.SPAN + 11  # longer than one span: read span by span
+    for offset in (0, 123, NoiseTable.MAX_OFFSET - 1, 10**9):
+        y = torch.zeros(n)
+        table.add_(y, offset)
+        assert torch.equal(y, table.get(n, torch.tensor(offset), torch.device("cpu")))  # the compiled path's gather
+        assert torch.equal(y, table.get(n, offset, torch.device("cpu")))
+        spans = y[: 3 * NoiseTable.SPAN].view(3, -1)
+        assert not torch.equal(spans[0], spans[1]) and not torch.equal(spans[1], spans[2])  # spans read apart
+        assert 0.49 < float(y.mean()) < 0.51 and float(y.min()) >= 0.0 and float(y.max()) < 1.0
+    assert table.nbytes() == 4 * (NoiseTable.SPAN + NoiseTable.MAX_OFFSET)  # 8 MiB, not 4 bytes per element rounded
+    short = torch.zeros(1000)
+    table.add_(short, 77)
+    assert torch.equal(short, table.get(1000, 77, torch.device("cpu")))

@@ -54,14 +54,15 @@ def _mib(n: float) -> str:
 
 def memory_figures(ap: AdaptivePrecision) -> dict[str, float]:
     """What adaprec keeps, in bytes (counted from the tensors, not measured from the process): the optimizer
-    state as stored, the rollback copy (0 when off), and what the last step kept for backward, as kept and
-    as fp32 would have kept it."""
+    state as stored, the rollback copy (0 when off), what the last step kept for backward, as kept and
+    as fp32 would have kept it, and the engine's own buffers (scratch, noise table, weight casts)."""
     kept = ap.saved.stats()
     return {
         "optimizer_state_bytes": float(sum(ap.update.states.nbytes().values())),
         "rollback_bytes": float(ap.update.rollback.nbytes()) if ap.update.rollback is not None else 0.0,
         "saved_bytes": float(kept.bytes_after),
         "saved_bytes_fp32": float(kept.bytes_before),
+        "engine_buffers_bytes": float(sum(ap.engine.buffer_nbytes().values())),
     }
 
 
@@ -72,6 +73,9 @@ def memory_lines(ap: AdaptivePrecision, s: Mapping[str, Any]) -> list[str]:
     lines.append("optimizer state held: " + (", ".join(f"{k} {_mib(v)}" for k, v in sorted(held.items())) or "none yet"))
     lines.append("rollback copy: " + (f"{_mib(ap.update.rollback.nbytes())} (weights and optimizer state before the update)"
                                       if ap.update.rollback is not None else "off (a loss spike is skipped, not undone)"))
+    buffers = ap.engine.buffer_nbytes()
+    lines.append(f"engine buffers: {_mib(sum(buffers.values()))} (" + ", ".join(f"{k} {_mib(v)}" for k, v in buffers.items())
+                 + ")")
     kept = ap.saved.stats()
     if kept.bytes_before:
         lines.append(f"kept for backward (last step): {_mib(kept.bytes_after)} of {_mib(kept.bytes_before)} "

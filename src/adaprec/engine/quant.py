@@ -69,17 +69,28 @@ class Scratch:
     def clear(self) -> None:
         self._buf.clear()
 
+    def nbytes(self) -> int:
+        """The bytes the buffers hold (they grow to the largest temporary asked for, and stay)."""
+        return sum(b.untyped_storage().nbytes() for b in self._buf.values())
+
 
 class NoiseTable:
     """Uniform [0, 1) noise for stochastic rounding: a seeded table read at a per-call offset.
 
     The table is built in fixed chunks, each from its own seeded generator,
     so growing it never changes what was already there: a run and its resume
-    read the same noise for the same (seed, offset).
+    read the same noise for the same (seed, offset). It holds at most
+    ``SPAN + MAX_OFFSET`` values (8 MiB): a tensor longer than ``SPAN`` reads
+    it span by span, span ``j`` from offset ``offset + j * STRIDE``. Before,
+    it grew to the largest tensor rounded (36 MiB for the bench GPT's 8 Mi
+    element gradients) and stayed; every element still draws a uniform value
+    at a per-step offset, so the rounding stays unbiased.
     """
 
     CHUNK = 1 << 20
     MAX_OFFSET = 1 << 20
+    SPAN = 1 << 20
+    STRIDE = 524_287  # 2^19 - 1: successive spans of one tensor start at unrelated offsets
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)
@@ -89,9 +100,12 @@ class NoiseTable:
         g = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + i) & 0x7FFFFFFFFFFFFFFF)
         return torch.rand(self.CHUNK, generator=g).to(device)
 
-    def get(self, n: int, offset: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``n`` values from ``offset`` (an int, or a 0-d integer tensor as a compiled graph passes it)."""
-        need = n + self.MAX_OFFSET
+    def nbytes(self) -> int:
+        """The bytes the tables hold (at most ``SPAN + MAX_OFFSET`` values per device)."""
+        return sum(t.untyped_storage().nbytes() for t in self._tables.values())
+
+    def _table(self, n: int, device: torch.device) -> torch.Tensor:
+        need = min(n, self.SPAN) + self.MAX_OFFSET
         t = self._tables.get(device)
         if t is None or t.numel() < need:
             have = 0 if t is None else t.numel() // self.CHUNK
@@ -99,10 +113,30 @@ class NoiseTable:
             with uncounted():  # built once, by whichever step first needs it: no step's traffic
                 chunks += [self._chunk(i, device) for i in range(have, -(-need // self.CHUNK))]
                 t = self._tables[device] = torch.cat(chunks)
-        if isinstance(offset, torch.Tensor):  # a gather the compiler fuses into the rounding pass
-            return t[torch.arange(n, device=device) + (offset.to(device) % self.MAX_OFFSET)]
+        return t
+
+    def get(self, n: int, offset: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``n`` values from ``offset`` (an int, or a 0-d integer tensor as a compiled graph passes it): a view
+        of the table up to ``SPAN`` values from an int offset, else a gather (which a compiled graph fuses)."""
+        t = self._table(n, device)
+        if isinstance(offset, torch.Tensor) or n > self.SPAN:
+            idx = torch.arange(n, device=device)
+            off = offset.to(device) if isinstance(offset, torch.Tensor) else offset
+            return t[idx % self.SPAN + (off + (idx // self.SPAN) * self.STRIDE) % self.MAX_OFFSET]
         off = offset % self.MAX_OFFSET
         return t[off:off + n]
+
+    def add_(self, y: torch.Tensor, offset: int) -> torch.Tensor:
+        """``y += get(y.numel(), offset)`` in place, span by span: no temporary the size of ``y``."""
+        n = y.numel()
+        if n <= self.SPAN:
+            return y.add_(self.get(n, offset, y.device).view(y.shape))
+        t, flat = self._table(n, y.device), y.view(-1)
+        for j, i in enumerate(range(0, n, self.SPAN)):
+            k = min(self.SPAN, n - i)
+            off = (offset + j * self.STRIDE) % self.MAX_OFFSET
+            flat[i:i + k].add_(t[off:off + k])
+        return y
 
 
 @dataclass
@@ -167,7 +201,7 @@ def quantize_int8(
     torch.mul(x, s, out=y)
     if stochastic:
         assert noise is not None
-        y.add_(noise.get(y.numel(), offset, y.device).view(y.shape)).floor_()
+        noise.add_(y, offset).floor_()
     else:
         y.round_()
     y.clamp_(-INT8_QMAX, INT8_QMAX)
