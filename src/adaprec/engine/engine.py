@@ -483,9 +483,16 @@ class PrecisionEngine:
 
     # --- accounting ---------------------------------------------------------------------
     def commit_backward(self) -> None:
-        """The backward pass ran: its GEMMs that waited for it join the step's cost."""
+        """The backward pass ran: its GEMMs that waited for it join the step's cost, and the weight casts go.
+
+        The casts were kept from the forward for backward's GEMMs; held on until the next step began, they sat
+        beside the optimizer step's own temporaries (a narrow copy of every weight: 96 MiB in int8 for a 101 M
+        parameter model). A second micro-batch before the step casts its weights again (as autocast does).
+        """
         self.tally.commit_backward()
         self._region_calls.clear()
+        self._weight_cache.clear()
+        self._cast_cache.clear()
 
     def pop_step_cost(self) -> StepCost:
         """Everything counted (or replayed) since the last pop; the tally starts again empty."""
