@@ -55,7 +55,7 @@ def _mib(n: float) -> str:
 def memory_figures(ap: AdaptivePrecision) -> dict[str, float]:
     """What adaprec keeps, in bytes (counted from the tensors, not measured from the process): the optimizer
     state as stored, the rollback copy (0 when off), what the last step kept for backward, as kept and
-    as fp32 would have kept it, and the engine's own buffers (scratch, noise table, weight casts)."""
+    as fp32 would have kept it, and the engine's own buffers held between steps (scratch, noise table)."""
     kept = ap.saved.stats()
     return {
         "optimizer_state_bytes": float(sum(ap.update.states.nbytes().values())),

@@ -61,7 +61,7 @@ def probe_for(model: nn.Module, hardware: Any, backend: str) -> DeviceReport | N
 def build_engine(model: nn.Module, config: ControllerConfig, reducer: Any) -> tuple[PrecisionEngine, Any, str]:
     """The engine for ``model`` on this device: (engine, the device report every rank shares, the allocator's note)."""
     report = reducer.share_report(lambda: probe_for(model, config.hardware, config.backend))
-    allocator = "glibc defaults (tune_allocator=False)"
+    allocator = _NOT_TUNED
     if config.tune_allocator and not any(p.is_cuda for p in model.parameters()):
         # for speed where int8 GEMMs run natively and fast (their page faults dominate, measured); for memory
         # once the plan keeps something narrow (tune_for_plan): what narrow storage saves goes back to the OS
@@ -78,6 +78,7 @@ def build_engine(model: nn.Module, config: ControllerConfig, reducer: Any) -> tu
 
 
 _UNTUNED = "glibc defaults (the plan keeps nothing narrow yet)"
+_NOT_TUNED = "glibc defaults (tune_allocator=False)"
 
 
 def tune_for_plan(allocator: str, plan: PrecisionPlan) -> str:
@@ -93,12 +94,13 @@ def tune_for_plan(allocator: str, plan: PrecisionPlan) -> str:
     first step, that step's freed activations stay in glibc's heap around small live blocks and every later step
     touches them again (bench GPT, int8 saved tensors: resting RSS 1,043 MiB against 407 MiB tuned in the first
     forward)."""
-    if allocator != _UNTUNED and not any(f"(for {m};" in allocator for m in ("speed", "balanced")):
-        return allocator  # tuned for memory already, or not to be tuned (tune_allocator=False, CUDA)
+    if allocator == _NOT_TUNED:  # tune_allocator=False, or CUDA
+        return allocator
     kept = [mp for mp in plan.modules.values() if mp.saved != "fp32" or mp.optimizer_state != "fp32"]
     if not kept:
         return allocator
     byte_codes = any(storage_format(mp.saved).bits <= 8 for mp in kept)
+    # the setting only ever moves towards keeping less: once for memory, a later "balanced" changes nothing
     return tune_cpu_allocator("memory" if byte_codes or allocator == _UNTUNED else "balanced")[1]
 
 

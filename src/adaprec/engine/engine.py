@@ -805,12 +805,9 @@ class PrecisionEngine:
         return None
 
     def buffer_nbytes(self) -> dict[str, int]:
-        """The engine's own memory, by what it is for: reused scratch, the stochastic-rounding noise table, and
-        the cached weight casts (each weight's narrow copy, kept until the weights change)."""
-        casts = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in _tensors_in(self._cast_cache.values())}
-        casts.update({id(t.untyped_storage()): t.untyped_storage().nbytes()
-                      for v in self._weight_cache.values() for t in _tensors_in(v[1:])})
-        return {"scratch": self.scratch.nbytes(), "noise table": self.noise.nbytes(), "weight casts": sum(casts.values())}
+        """The engine's own memory held between steps, by what it is for: reused scratch and the
+        stochastic-rounding noise table (weight casts are dropped when backward ends: :meth:`commit_backward`)."""
+        return {"scratch": self.scratch.nbytes(), "noise table": self.noise.nbytes()}
 
     def _gemm_context(self, name: str, mp: ModulePrecision | None, n_call: int) -> GemmContext:
         idx = self.module_index.get(name, 0)
@@ -1024,14 +1021,3 @@ class PrecisionEngine:
             caster = RecipeCaster()
             caster.load_state_dict(cs)
             self._casters[(n, r)] = caster
-
-
-def _tensors_in(obj: Any) -> list[torch.Tensor]:
-    """The tensors in ``obj``: a tensor, a sequence, or a dataclass (an int8 operand: codes, scales)."""
-    if torch.is_tensor(obj):
-        return [obj]
-    if isinstance(obj, list | tuple) or type(obj).__name__ == "dict_values":
-        return [t for o in obj for t in _tensors_in(o)]
-    if dataclasses.is_dataclass(obj):
-        return [t for f in dataclasses.fields(obj) for t in _tensors_in(getattr(obj, f.name))]
-    return []
