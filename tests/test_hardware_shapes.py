@@ -172,6 +172,24 @@ def test_fake_timer_drives_the_decisions(tmp_path):
     assert all(n >= 1 for _, _, n in timer.calls)
 
 
+def test_a_narrow_format_no_faster_than_a_wider_one_that_pays_is_left_out():
+    # an AMX Xeon: bf16 GEMMs (6x fp32) outrun int8 (3.3x) with their casts; int8 would add rounding error
+    # for a slower step. Where int8 is the faster one (a Zen 4: int8 4.4x, bf16 2.3x) both stay.
+    shape = GemmShape(1024, 1024, 1024)
+
+    def table(s_int8, s_bf16):
+        fmts = {"int8": FormatTiming(s_int8, 0.010 / s_int8), "bf16": FormatTiming(s_bf16, 0.010 / s_bf16)}
+        return ShapeTable([ShapeTiming(shape, 1, 0.010, formats=fmts)], ("int8", "bf16"))
+
+    assert formats_that_pay(table(3.3, 6.0), [shape], ["int8", "bf16"]) == {"bf16", "fp32"}
+    assert formats_that_pay(table(4.4, 2.3), [shape], ["int8", "bf16"]) == {"int8", "bf16", "fp32"}
+    assert formats_that_pay(table(3.0, 3.0), [shape], ["int8", "bf16"]) == {"bf16", "fp32"}  # a tie: the wider
+    # a wider format that does not pay itself removes nothing
+    assert formats_that_pay(table(3.0, 0.9), [shape], ["int8", "bf16"]) == {"int8", "fp32"}
+    # asked alone, int8 still pays: the comparison is only among the formats the module may take
+    assert formats_that_pay(table(3.3, 6.0), [shape], ["int8"]) == {"int8", "fp32"}
+
+
 def test_module_decision_weighs_its_gemms_by_fp32_time():
     big, small = GemmShape(1024, 1024, 1024), GemmShape(64, 64, 64)
 

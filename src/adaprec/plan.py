@@ -102,9 +102,10 @@ FP32 = TensorRecipe()
 
 
 # Roles that say how a module's data is *kept*, not computed: a storage spec each (adaprec.formats.storage).
-# ``saved``: what autograd keeps for backward of the module's ops; ``optimizer_state``: its parameters' moments.
-STORAGE_ROLES = ("saved", "optimizer_state")
-_STORAGE_KIND = {"saved": "activation", "optimizer_state": "optimizer_state"}
+# ``saved``: what autograd keeps for backward of the module's ops; ``optimizer_state``: its parameters' moments;
+# ``output``: the dtype its GEMMs hand the ops that follow.
+STORAGE_ROLES = ("saved", "optimizer_state", "output")
+_STORAGE_KIND = {"saved": "activation", "optimizer_state": "optimizer_state", "output": "output"}
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,9 @@ class ModulePrecision:
 
     ``optimizer_state`` and ``saved`` are storage specs (``"fp32"``, ``"bf16"``, ``"int8"``,
     ``"fp8_e4m3"``, ``"int8/block128"``...; see :mod:`adaprec.formats.storage`): the bytes the module's
-    optimizer moments and the tensors autograd keeps for its backward really occupy.
+    optimizer moments and the tensors autograd keeps for its backward really occupy. ``output`` is
+    the dtype its GEMMs return (``"fp32"``, ``"bf16"``, ``"fp16"``): with a 16-bit output the ops
+    between GEMMs read and write half the bytes, as under ``torch.autocast``.
     """
 
     weight: TensorRecipe = FP32
@@ -122,6 +125,7 @@ class ModulePrecision:
     grad_weight: TensorRecipe = FP32
     optimizer_state: str = "fp32"
     saved: str = "fp32"
+    output: str = "fp32"  # the dtype the module's GEMMs hand the ops after them (bf16: they run narrow)
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -167,7 +171,7 @@ class ModulePrecision:
         return "w={} a={} go={} gw={}".format(*(getattr(self, r).short() for r in ROLES))
 
     def with_storage(self, role: str, spec: str) -> ModulePrecision:
-        """This precision with storage role ``role`` (``saved`` or ``optimizer_state``) kept as ``spec``."""
+        """This precision with storage role ``role`` (``saved``, ``optimizer_state``, ``output``) kept as ``spec``."""
         if role not in STORAGE_ROLES:
             raise PlanError(f"unknown storage role {role!r}; storage roles are {', '.join(STORAGE_ROLES)}")
         return replace(self, **{role: spec})

@@ -172,6 +172,26 @@ def _float_tensor(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
+def _widen16(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with 16-bit float tensors widened to fp32: an op planned fp32 (or emulated in fp32) that meets
+    the 16-bit output of a narrow module runs in fp32, as autocast widens the inputs of its fp32 ops (on one
+    Xeon, CPU flash attention's backward ran 8x slower in bf16 than in fp32 at nanoGPT's shapes). A model the
+    user keeps in 16 bits (a 16-bit weight and no fp32 tensor among the args) is left alone."""
+    flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if _float_tensor(t)]
+    narrow = [t for t in flat if t.dtype in (torch.bfloat16, torch.float16)]
+    if not narrow or (len(narrow) == len(flat) and any(is_param_like(t) for t in narrow)):
+        return args
+
+    def widen(a: Any) -> Any:
+        if _float_tensor(a) and a.dtype in (torch.bfloat16, torch.float16):
+            return a.float()
+        if isinstance(a, (list, tuple)) and any(_float_tensor(t) for t in a):
+            return type(a)(widen(t) for t in a)
+        return a
+
+    return tuple(widen(a) for a in args)
+
+
 class PrecisionEngine:
     """Applies plans to ``model`` and records every GEMM it runs.
 
@@ -252,6 +272,7 @@ class PrecisionEngine:
         self.replay = StepReplay()
         self.fast_path = True
         self._plan_fp32 = False
+        self._flowing = False  # some module of the plan hands on a 16-bit output (set_plan)
         self._fast: str | None = None  # None | "armed" | "replaying" | "counting"
         self._step_key: Any = None
         self._late: _Mode | None = None
@@ -348,6 +369,8 @@ class PrecisionEngine:
                 for weight_op in (True, False):
                     fp32 = self._exec_for(name, kind, mp, weight_op).mode == ExecMode.FP32 and fp32
         self._plan_fp32 = fp32
+        # some module hands on a 16-bit output: an op planned wider may then meet a 16-bit input
+        self._flowing = any(mp.output != "fp32" for mp in plan.modules.values())
 
     def begin_step(self, step: int, sampling: bool) -> None:
         self.step = step
@@ -688,6 +711,8 @@ class PrecisionEngine:
                 "transform (their autograd function has no vmap rule). Run the transform outside ap.autocast(), "
                 "or under a plan of bf16/fp16/fp32 modules, which run torch's own kernels"
             )
+        if self._flowing and ex.mode in (ExecMode.FP32, ExecMode.EMULATE):
+            args, kwargs = _widen16(args), {k: v for k, v in zip(kwargs, _widen16(tuple(kwargs.values())))}
         if ex.mode == ExecMode.FP32:
             return runner(*args, **kwargs)
         if ex.emulated:
@@ -703,7 +728,7 @@ class PrecisionEngine:
                 return planned_linear(*canon, ex.linear, self._gemm_context(name, mp, n_call))
             ex = _OBSERVE_OTHER if mp is None else Exec(ExecMode.EMULATE, ex.formats, ex.storage)
         if ex.mode == ExecMode.CAST16:
-            return self._run_cast16(name, func, args, kwargs, mp, ex.dtype, runner)
+            return self._run_cast16(name, func, args, kwargs, mp, ex.dtype, runner, ex.out_dtype)
         if ex.mode == ExecMode.FP8:
             canon = self._canonical_linear(func, args, kwargs)
             if canon is not None:
@@ -844,8 +869,10 @@ class PrecisionEngine:
             return hit
         return t.to(dtype)
 
-    def _run_cast16(self, name, func, args, kwargs, mp: ModulePrecision, dtype: torch.dtype, runner=None):
-        out_dtype = next((a.dtype for a in args if _float_tensor(a)), torch.float32)
+    def _run_cast16(self, name, func, args, kwargs, mp: ModulePrecision, dtype: torch.dtype, runner=None,
+                    flow: torch.dtype | None = None):
+        # the output goes on in the plan's 16-bit output dtype (``flow``), else in its input's dtype
+        out_dtype = flow or next((a.dtype for a in args if _float_tensor(a)), torch.float32)
         observe = self.observer if self.sampling else None
         positions = _positions(func)
 
@@ -865,10 +892,10 @@ class PrecisionEngine:
 
         def back(o: Any) -> Any:
             if isinstance(o, torch.Tensor) and o.dtype == dtype:
-                o = o.to(out_dtype)
+                o = o if o.dtype == out_dtype else o.to(out_dtype)
                 if observe is not None and o.requires_grad:
                     recipe = mp.recipe("grad_output")
-                    o = cast_grad(o, lambda g: g, lambda g: observe(name, "grad_output", g.detach(), recipe))
+                    o = cast_grad(o, lambda g: g, lambda g: observe(name, "grad_output", g.detach().float(), recipe))
                 return o
             if isinstance(o, tuple):
                 return type(o)(back(x) for x in o)

@@ -93,6 +93,7 @@ class Exec:
     storage: Mapping[str, str]  # role -> format the tensor is really stored in
     dtype: torch.dtype | None = None  # cast16
     linear: LinearExec | None = None  # planned
+    out_dtype: torch.dtype | None = None  # cast16: the dtype the op's output flows on in (None: its input's)
     emulated: tuple[str, ...] = ()  # formats this op only emulates (for the one-time note)
 
 
@@ -110,6 +111,15 @@ def _uniform16(mp: ModulePrecision) -> str | None:
     if all(r.format == f and r.rounding == Rounding.NEAREST and r.scaling == Scaling.NONE for r in rs):
         if mp.grad_weight.format in ("fp32", f):
             return f
+    return None
+
+
+def _out_dtype(mp: ModulePrecision, caps: Capabilities, backend: str, op_class: str) -> torch.dtype | None:
+    """The 16-bit dtype the module's output flows on in (its ``output`` role), where this device runs it
+    natively; None: the output keeps its input's dtype (fp32 in, fp32 out)."""
+    f = mp.output
+    if f in FLOAT16_DTYPES and caps.allows(f, op_class, backend):
+        return FLOAT16_DTYPES[f]
     return None
 
 
@@ -144,7 +154,8 @@ def decide(
     f16 = _uniform16(mp)
     if f16 is not None and kind != "embedding" and caps.allows(f16, op_class, backend):
         storage = dict(_FP32_STORAGE, weight=f16, activation=f16, grad_output=f16)
-        return Exec(ExecMode.CAST16, {g: (f16, True) for g in planned}, storage, dtype=FLOAT16_DTYPES[f16])
+        return Exec(ExecMode.CAST16, {g: (f16, True) for g in planned}, storage, dtype=FLOAT16_DTYPES[f16],
+                    out_dtype=_out_dtype(mp, caps, backend, op_class))
     if kind == "linear":
         if (
             caps.device_type == "cuda"
@@ -164,6 +175,7 @@ def decide(
             grad_output=_role_cast(mp.grad_output, caps, backend),
             grad_weight=mp.grad_weight,
             int8_native=int8_native,
+            out_dtype=_out_dtype(mp, caps, backend, op_class),
         )
         formats = ex.formats()
         storage = dict(_FP32_STORAGE)

@@ -77,6 +77,7 @@ class LinearExec:
     grad_output: RoleCast
     grad_weight: TensorRecipe
     int8_native: bool
+    out_dtype: torch.dtype | None = None  # the output's dtype (the plan's 16-bit ``output``); None: the input's
 
     def formats(self) -> dict[str, tuple[str, bool]]:
         """Per GEMM (forward, input_grad, weight_grad): (executed format, native)."""
@@ -177,8 +178,10 @@ def _inv(q: Int8Operand, transpose: bool) -> Any:
     return inv.t() if transpose else inv
 
 
-def _mm(a: _Operand, at: bool, b: _Operand, bt: bool, fmt: str, native: bool, scratch: Scratch) -> torch.Tensor:
-    """C = op(A) @ op(B) in ``fmt`` (``at``/``bt``: use the transpose), returned in fp32."""
+def _mm(a: _Operand, at: bool, b: _Operand, bt: bool, fmt: str, native: bool, scratch: Scratch,
+        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """C = op(A) @ op(B) in ``fmt`` (``at``/``bt``: use the transpose), returned in ``out_dtype``: a 16-bit
+    GEMM's own result is handed on as it is, with no widening pass."""
     if fmt == "int8" and a.int8 is not None and b.int8 is not None:
         ia, ib = _inv(a.int8, at), _inv(b.int8, bt)
         ca = a.int8.codes.t() if at else a.int8.codes
@@ -197,12 +200,13 @@ def _mm(a: _Operand, at: bool, b: _Operand, bt: bool, fmt: str, native: bool, sc
         else:  # emulation: the same codes, multiplied in fp32
             c = torch.mm(ca.float(), cb.float())
         if isinstance(ia, float) and isinstance(ib, float):
-            return torch.mul(c, ia * ib)
-        out = torch.mul(c, ia)
-        return out.mul_(ib)
+            out = torch.mul(c, ia * ib)
+        else:
+            out = torch.mul(c, ia).mul_(ib)
+        return out if out_dtype == torch.float32 else out.to(out_dtype)
     dtype = FLOAT16_DTYPES.get(fmt, torch.float32) if native else torch.float32
     c = torch.mm(_as_float(a, dtype, at), _as_float(b, dtype, bt))
-    return c if c.dtype == torch.float32 else c.float()
+    return c if c.dtype == out_dtype else c.to(out_dtype)
 
 
 def _int_mm_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -239,7 +243,7 @@ def planned_gemm(
 
 class _PlannedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, bias, ex: LinearExec, gc: GemmContext):  # type: ignore[override]
+    def forward(ctx, x, w, bias, ex: LinearExec, gc: GemmContext, out_dtype: torch.dtype):  # type: ignore[override]
         shape = x.shape
         x2 = x.detach().reshape(-1, shape[-1])
         wd = w.detach()
@@ -250,7 +254,7 @@ class _PlannedLinear(torch.autograd.Function):
         xa = _cast(x2, ex.activation, 1, gc, "activation")
         wa = _weight(wd, ex.weight, 1, gc)
         fmt, native = fmts["forward"]
-        out = _mm(xa, False, wa, True, fmt, native, gc.scratch)
+        out = _mm(xa, False, wa, True, fmt, native, gc.scratch, out_dtype)
         if bias is not None:
             out.add_(bias.detach())
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -262,7 +266,7 @@ class _PlannedLinear(torch.autograd.Function):
             else:
                 x_for_wgrad = xa
         ctx.ex, ctx.gc, ctx.fmts = ex, gc, fmts
-        ctx.shape = shape
+        ctx.shape, ctx.x_dtype = shape, x.dtype
         ctx.has_bias = bias is not None
         ctx.w_op = wa if not (ex.weight.kind == "int8" and ex.weight.per_gemm) else None
         # an uncast fp32 activation is saved as the input itself, so saved-tensor hooks (narrow storage of what
@@ -281,8 +285,9 @@ class _PlannedLinear(torch.autograd.Function):
         if ctx.x_saved:
             ctx.x_op = _Operand(None, x.detach().reshape(-1, x.shape[-1]))
         g2 = grad.reshape(-1, grad.shape[-1])
-        if g2.dtype != torch.float32:
-            g2 = g2.float()
+        go = ex.grad_output.kind
+        if g2.dtype != torch.float32 and (gc.observe is not None or FLOAT16_DTYPES.get(go) != g2.dtype):
+            g2 = g2.float()  # a 16-bit gradient the GEMMs read in its own dtype is not widened and cast back
         if gc.observe is not None:
             gc.observe("grad_output", g2)
         grad_x = grad_w = grad_b = None
@@ -290,7 +295,7 @@ class _PlannedLinear(torch.autograd.Function):
             ga = _cast(g2, ex.grad_output, 1, gc, "grad_output")
             wop = ctx.w_op if ctx.w_op is not None else _weight(w.detach(), ex.weight, 0, gc)
             fmt, native = ctx.fmts["input_grad"]
-            grad_x = _mm(ga, False, wop, False, fmt, native, gc.scratch).view(ctx.shape)
+            grad_x = _mm(ga, False, wop, False, fmt, native, gc.scratch, ctx.x_dtype).view(ctx.shape)
         if ctx.needs_input_grad[1]:
             per = ex.grad_output.kind == "int8" and ex.grad_output.per_gemm
             if ctx.needs_input_grad[0] and not per:
@@ -304,17 +309,22 @@ class _PlannedLinear(torch.autograd.Function):
             if not ex.grad_weight.is_fp32:
                 grad_w = gc.emulate("grad_weight", grad_w)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0)
+            grad_b = g2.sum(0, dtype=torch.float32)
         ctx.x_op = ctx.w_op = None
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def planned_linear(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ex: LinearExec, gc: GemmContext
 ) -> torch.Tensor:
-    """``x @ w.T + bias`` with each of its three GEMMs in the format ``ex`` plans (fp32 result)."""
-    out_dtype = x.dtype
-    if x.dtype != torch.float32:
+    """``x @ w.T + bias`` with each of its three GEMMs in the format ``ex`` plans.
+
+    The result is in the plan's 16-bit output dtype when it has one (the ops
+    after it then run narrow, as under autocast), else in ``x``'s dtype. A
+    16-bit ``x`` that the forward GEMM reads in its own dtype is not widened.
+    """
+    out_dtype = ex.out_dtype or x.dtype
+    if x.dtype != torch.float32 and FLOAT16_DTYPES.get(ex.activation.kind) != x.dtype:
         x = x.float()
-    y = _PlannedLinear.apply(x, w, bias, ex, gc)
-    return y if out_dtype == torch.float32 else y.to(out_dtype)
+    y = _PlannedLinear.apply(x, w, bias, ex, gc, out_dtype)
+    return y if y.dtype == out_dtype else y.to(out_dtype)

@@ -48,7 +48,9 @@ __all__ = [
     "STORAGE_ROLES",
 ]
 
-STORAGE_ROLES = ("activation", "optimizer_state")
+STORAGE_ROLES = ("activation", "optimizer_state", "output")
+# what a GEMM hands the ops after it: a tensor those ops read as is, so only a dtype torch computes in
+_OUTPUT_SPECS = ("fp32", "bf16", "fp16")
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -219,15 +221,21 @@ def _parse(spec: str) -> StorageFormat:
 def storage_format(spec: str | StorageFormat, role: str | None = None) -> StorageFormat:
     """Parse a storage spec (``"int8"``, ``"fp8_e4m3/block128"``, ``"uint8/sqrt"``...).
 
-    ``role`` (``"activation"`` or ``"optimizer_state"``) adds the rules of that
-    role: optimizer moments refuse one scale per tensor (a single large value
-    would zero the rest, step after step).
+    ``role`` (``"activation"``, ``"optimizer_state"`` or ``"output"``) adds the
+    rules of that role: optimizer moments refuse one scale per tensor (a single
+    large value would zero the rest, step after step); a GEMM's output is a
+    plain dtype (fp32, bf16, fp16), since the ops after it read it unpacked.
     """
     fmt = spec if isinstance(spec, StorageFormat) else _parse(str(spec))
     if role is None:
         return fmt
     if role not in STORAGE_ROLES:
         raise _bad(f"unknown storage role {role!r}; the roles are {list(STORAGE_ROLES)}")
+    if role == "output" and fmt.spec not in _OUTPUT_SPECS:
+        raise _bad(
+            f"storage format {fmt.spec!r} cannot be a GEMM's output: the ops after it read the tensor as it is, "
+            f"so it must be a dtype torch computes in; use one of {list(_OUTPUT_SPECS)}"
+        )
     if role == "optimizer_state" and fmt.granularity == "tensor":
         raise _bad(
             f"storage format {fmt.spec!r} cannot hold optimizer state: one scale per tensor lets a "

@@ -79,6 +79,7 @@ __all__ = [
 SCHEMA = 1
 GEMMS = ("forward", "input_grad", "weight_grad")
 MEASURABLE = ("int8", "bf16", "fp16")  # the formats planned_gemm runs natively; fp8 (fp8_linear) is not measured yet
+_BITS = {"int8": 8, "bf16": 16, "fp16": 16}  # of the MEASURABLE formats
 PAY_MARGIN = 1.05  # a GEMM is narrowed only where it is measured this much faster than fp32, casts included
 INT8_SCALINGS = ("row", "tensor")
 
@@ -373,12 +374,13 @@ def formats_that_pay(
     twice, a GEMM run twice per step, counts twice). Weighting by measured
     fp32 time, not MACs, lets a large GEMM that gains carry a small one that
     loses, as it does in the step. If any of the module's shapes lacks a
-    measurement in ``fmt``, ``fmt`` does not pay. With one shape this is
-    :func:`pays`.
+    measurement in ``fmt``, ``fmt`` does not pay. A format that pays but is
+    no faster than a wider one that also pays is left out (it would only add
+    rounding error). With one shape and one format this is :func:`pays`.
     """
     _check_margin(margin)
     shapes = [GemmShape.of(s) for s in shapes_of_module]
-    out = {"fp32"}
+    seconds: dict[str, float] = {"fp32": 0.0}  # the module's GEMM time in each format that pays
     for fmt in dict.fromkeys(formats):
         if fmt == "fp32" or not shapes:
             continue
@@ -391,8 +393,11 @@ def formats_that_pay(
             tf += sec / sp
         else:
             if tf > 0 and t32 / tf > margin:
-                out.add(fmt)
-    return frozenset(out)
+                seconds[fmt] = tf
+    # a narrower format that runs no faster than a wider one that pays is dropped: it would add rounding
+    # error for a slower step (int8 on a CPU whose AMX bf16 GEMMs outrun its int8 ones, casts included)
+    return frozenset(f for f, t in seconds.items()
+                     if not any(_BITS.get(g, 32) > _BITS.get(f, 32) and u <= t for g, u in seconds.items() if g != "fp32"))
 
 
 def formats_by_module(

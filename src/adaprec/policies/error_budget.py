@@ -140,7 +140,20 @@ class ErrorBudgetPolicy(Policy):
         else:
             mp = preset("fp32")
         warm_saved = "bf16" if "bf16" in self.saved_ladder else "fp32"
-        return mp.with_storage("optimizer_state", self.optimizer_state).with_storage("saved", warm_saved)
+        mp = mp.with_storage("optimizer_state", self.optimizer_state).with_storage("saved", warm_saved)
+        return self._flow(module, mp)
+
+    def _flow(self, module: str, mp):  # noqa: ANN001, ANN202
+        """The ``output`` role: bf16 (the ops after the module's GEMMs read and write half the bytes, as under
+        autocast) where bf16 is fast here, the module computes narrow, and its activations' measured bf16
+        round trip keeps the saved target (its ``saved`` role is not fp32); fp32 for the last module in plan
+        order, whose output is usually what the loss reads (logits), and wherever the data stays fp32."""
+        narrow = (self.flow_narrow and mp.saved != "fp32" and mp.activation.format != "fp32"
+                  and not self._last(module))
+        return mp.with_storage("output", "bf16" if narrow else "fp32")
+
+    def _last(self, module: str) -> bool:
+        return self.template is not None and next(reversed(self.template.modules), None) == module
 
     def __init__(
         self,
@@ -173,6 +186,7 @@ class ErrorBudgetPolicy(Policy):
         self.storage = storage
         self._narrow_storage = (self.optimizer_state, self.saved_ladder)  # what "narrow" keeps
         self._use_storage(storage != "fp32")
+        self.flow_narrow = False  # set by restrict(): whether outputs may flow in bf16 on this device
         self.saved_target = float(saved_target)
         self.targets = dict(DEFAULT_TARGETS)
         for role, v in (targets or {}).items():
@@ -229,6 +243,10 @@ class ErrorBudgetPolicy(Policy):
         if self.storage == "auto":  # narrow storage where this device converts cheaply (bf16 native and fast)
             research = self.allowed is None
             self._use_storage(research or any("bf16" in f for f in self.allowed.values()), casts_only=not research)
+        # outputs flow in bf16 where bf16 is native and fast here and kept (research mode emulates formats in
+        # fp32 data: its outputs stay fp32)
+        self.flow_narrow = (self.allowed is not None and "bf16" in self.saved_ladder
+                            and any("bf16" in f for f in self.allowed.values()))
 
     def storage_note(self) -> str:
         """What the storage roles do on this device, and why (for the report)."""
@@ -383,7 +401,7 @@ class ErrorBudgetPolicy(Policy):
         narrowed after ``patience`` checks)."""
         mp = mp.with_storage("optimizer_state", self.optimizer_state)
         if stats is None:
-            return mp
+            return self._flow(module, mp)
         target = self.saved_target + (self.target(module, "activation", step) - self.targets["activation"])
         verdicts = [self._check(stats, f, target, "saved") for f in self.saved_ladder]
         best = next(i for i, (ok, _) in enumerate(verdicts) if ok)  # fp32 always passes
@@ -406,7 +424,7 @@ class ErrorBudgetPolicy(Policy):
         if new is not None and new != current:
             mp = mp.with_storage("saved", new)
             reasons[key] = f"saved {new}: {why}"
-        return mp
+        return self._flow(module, mp)
 
     def _couple(self, module: str, mp, old, reasons: dict) -> Any:  # noqa: ANN001
         """Activation, weight and output gradient in the widest of the three (their kernel runs one dtype)."""
