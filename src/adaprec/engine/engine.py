@@ -712,7 +712,8 @@ class PrecisionEngine:
                 "or under a plan of bf16/fp16/fp32 modules, which run torch's own kernels"
             )
         if self._flowing and ex.mode in (ExecMode.FP32, ExecMode.EMULATE):
-            args, kwargs = _widen16(args), {k: v for k, v in zip(kwargs, _widen16(tuple(kwargs.values())))}
+            vals = _widen16((*args, *kwargs.values()))
+            args, kwargs = vals[:len(args)], dict(zip(kwargs, vals[len(args):], strict=True))
         if ex.mode == ExecMode.FP32:
             return runner(*args, **kwargs)
         if ex.emulated:
