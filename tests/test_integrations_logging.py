@@ -84,7 +84,8 @@ def _expected(run_dir: Path, run_id: str) -> tuple[Series, Series]:
         seen |= set(counts)
         for f in seen:
             put(f"precision/modules/{f}", s, counts.get(f, 0))
-        role_bits = [_bits(f) for mp in plan.values() for r, f in mp.items() if r not in ("optimizer_state", "saved")]
+        role_bits = [_bits(f) for mp in plan.values() for r, f in mp.items()
+                     if r not in ("optimizer_state", "saved", "output")]  # the compute roles only
         put("precision/mean_bits", s, sum(role_bits) / len(role_bits))
         for ev in changes.get(s, []):
             plan[ev["module"]][ev["role"]] = ev["new"]

@@ -147,8 +147,10 @@ class ErrorBudgetPolicy(Policy):
         """The ``output`` role: bf16 (the ops after the module's GEMMs read and write half the bytes, as under
         autocast) where bf16 is fast here, the module computes narrow, and its activations' measured bf16
         round trip keeps the saved target (its ``saved`` role is not fp32); fp32 for the last module in plan
-        order, whose output is usually what the loss reads (logits), and wherever the data stays fp32."""
-        narrow = (self.flow_narrow and mp.saved != "fp32" and mp.activation.format != "fp32"
+        order, whose output is usually what the loss reads (logits), and wherever the data stays fp32. Not in
+        the first step: it finds the modules as it runs, so which one is last is known only after it (and a
+        checkpointed block recomputed in its backward must see the dtypes its forward saw)."""
+        narrow = (self.flow_narrow and self._deciding and mp.saved != "fp32" and mp.activation.format != "fp32"
                   and not self._last(module))
         return mp.with_storage("output", "bf16" if narrow else "fp32")
 
@@ -187,6 +189,7 @@ class ErrorBudgetPolicy(Policy):
         self._narrow_storage = (self.optimizer_state, self.saved_ladder)  # what "narrow" keeps
         self._use_storage(storage != "fp32")
         self.flow_narrow = False  # set by restrict(): whether outputs may flow in bf16 on this device
+        self._deciding = False  # set by the first decide(): the modules are known
         self.saved_target = float(saved_target)
         self.targets = dict(DEFAULT_TARGETS)
         for role, v in (targets or {}).items():
@@ -301,6 +304,7 @@ class ErrorBudgetPolicy(Policy):
     ) -> PrecisionPlan:
         if self.warmup_request is None and total_steps:
             self.warmup_steps = min(100, total_steps // 10)
+        self._deciding = False  # the first step finds the modules: no output flows until its decision
         return super().setup(template, total_steps, steps_per_epoch)
 
     def initial_plan(self, template: PrecisionPlan) -> PrecisionPlan:
@@ -343,6 +347,7 @@ class ErrorBudgetPolicy(Policy):
     def decide(self, snapshot: Snapshot, step: int) -> PrecisionPlan:
         template = self._template()
         self.last_reasons = {}
+        self._deciding = True
         if step < self.warmup_steps:
             plan = template.map(lambda n, _old: self._warm_for(n))
             self._explain(snapshot.plan, plan, f"warm-up in {self.warmup_format} until step {self.warmup_steps}")
