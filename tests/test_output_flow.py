@@ -145,3 +145,20 @@ def test_the_output_role_round_trips_and_refuses_a_format_ops_cannot_read():
     assert [str(c) for c in old.diff(new)] == ["a.output: bf16 -> fp32"]
     with pytest.raises(PlanError, match="cannot be a GEMM's output.*bf16"):
         ModulePrecision(output="int8/block256")
+
+
+def test_a_loss_or_softmax_of_a_bf16_output_runs_in_fp32_inside_autocast():
+    torch.manual_seed(0)
+    model = _MLP()
+    mp = ModulePrecision(weight="bf16", activation="bf16", grad_output="bf16", grad_weight="fp32", output="bf16")
+    ap, _ = _ap(model, PrecisionPlan.uniform(["up", "down", "head"], mp), hardware=FAST_INT8_BF16)
+    x, y = torch.randn(16, 32), torch.randint(0, 5, (16,))
+    with ap.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        probs = logits.softmax(-1)
+    assert logits.dtype == torch.bfloat16  # every module hands on bf16 here, the head included
+    assert loss.dtype == torch.float32 and probs.dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits.detach().float(), y), rtol=0, atol=0)
+    ap.backward(loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

@@ -97,12 +97,26 @@ def _inductor_dirs() -> tuple[str, ...]:
         return ("\x00",)
 
 
+# ops that read a module's bf16 output in fp32 while outputs flow narrow, as autocast's fp32 op list does
+# for losses (and its CUDA list for softmax): their reductions and exponentials need fp32's range and bits
+_FP32_FUNCS = frozenset({
+    F.cross_entropy, F.nll_loss, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.kl_div,
+    F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.softmax, F.log_softmax,
+    torch.softmax, torch.log_softmax, torch.Tensor.softmax, torch.Tensor.log_softmax,
+})
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, engine: PrecisionEngine) -> None:
         super().__init__()
         self.engine = engine
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func in _FP32_FUNCS and self.engine._flowing:  # a loss or softmax of a bf16 output: in fp32
+            kwargs = kwargs or {}
+            vals = _widen16((*args, *kwargs.values()))
+            args, kwargs = vals[:len(args)], dict(zip(kwargs, vals[len(args):], strict=True))
+            return func(*args, **kwargs)
         if func not in HANDLED or (kwargs and "out" in kwargs and _from_compiled_graph()):
             return func(*args, **(kwargs or {}))
         return self.engine._dispatch(func, args, kwargs or {})
