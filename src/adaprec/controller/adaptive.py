@@ -41,6 +41,7 @@ from adaprec.controller.rollback import Rollback
 from adaprec.controller.saved import SavedByPlan
 from adaprec.controller.setup import PlanSetup, build_engine, loss_scaling_needed
 from adaprec.controller.shadow import ShadowAudit
+from adaprec.controller.speed_check import SpeedCheck
 from adaprec.controller.step_bytes import StepBytes
 from adaprec.controller.update import Update
 from adaprec.distributed import is_sharded
@@ -173,6 +174,7 @@ class AdaptivePrecision:
         self.shadow = self.shadow_audit.results  # step -> module -> (cosine, relative error) against fp32
         self.bytes = StepBytes(unwrap(model), enabled=cfg.count_bytes)
         self.saved = SavedByPlan(unwrap(model))
+        self.speed = SpeedCheck.for_run(cfg, base, model, self.reducer.world_size)  # never slower than fp32
         # a pre-step copy only where something may ask to roll a step back, and only when asked for (memory)
         rollback = Rollback(self._params, self.optimizer, self.reducer.world_size, sharded) \
             if self.policy.may_roll_back and cfg.rollback else None
@@ -208,13 +210,8 @@ class AdaptivePrecision:
         model (``net = model if ap.sampling_next else compiled``), its observers are Python."""
         return self.monitor.should_sample(self._step) or self.policy.wants_sample(self._step)
 
-    @property
-    def step_count(self) -> int:
-        return self._step
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
+    step_count = property(lambda self: self._step, doc="Steps taken (the next step's index).")
+    epoch = property(lambda self: self._epoch, doc="Epochs ended (end_epoch calls).")
 
     @contextlib.contextmanager
     def autocast(self, enabled: bool = True) -> Iterator[None]:
@@ -225,6 +222,7 @@ class AdaptivePrecision:
                 yield
             return
         saved_state.check_forward(self._phase, self.engine.active)
+        self.speed.before_step(self)
         self.engine.begin_step(self._step, enabled and self.sampling_next)
         self.bytes.arm(self._step, self.plan, self.engine.sampling)
         self.saved.use(self.plan)
@@ -324,6 +322,7 @@ class AdaptivePrecision:
         saved_state.warn_outside(self)
         step, plan = self._step, self.plan
         health = self._health(step, plan)
+        plan = self.speed.ran(self, plan)  # the policy's own plan, also after a step the speed check ran fp32
         if not health.nonfinite:
             self.monitor.observe_loss(health.loss)
         if self._scale != 1.0 or self._scaling_needed():
@@ -332,6 +331,7 @@ class AdaptivePrecision:
                                      overflowed=health.overflowed, nonfinite_cause=health.cause)
         new_plan = self.policy.decide(snap, step)
         stepped, rolled_back, reason = self.update.apply(step, health, self.policy, self.monitor)
+        new_plan = self.speed.end(self, step, new_plan)
         changes = self._change_plan(step, plan, new_plan)
         self.reducer.step_timed(step, self.books.close(step))
         self._step += 1

@@ -85,6 +85,7 @@ def state_of(ap: AdaptivePrecision) -> dict[str, Any]:
         "optimizer_state": ap.update.states.state_dict(),
         "bytes": ap.bytes.state_dict(),
         "saved": ap.saved.state_dict(),
+        "speed": ap.speed.state_dict(),  # the speed check's timings and verdict (a resume does not redo it)
         # the measured GEMM shapes decisions were made from: a resume decides the same without timing again
         "shape_table": None if ap.setup.table is None else {
             "table": ap.setup.table.state_dict(),
@@ -152,6 +153,7 @@ def _load(ap: AdaptivePrecision, state: Mapping[str, Any]) -> None:
     ap.update.states.load_state_dict(state.get("optimizer_state"))
     ap.bytes.load_state_dict(state.get("bytes"))
     ap.saved.load_state_dict(state.get("saved"))
+    ap.speed.load_state_dict(state.get("speed"), ap)
     ap.reducer.step_timed(step - 1, None)
     ap._shadow_sums = {}
     ap._step, ap._epoch = step, epoch

@@ -93,6 +93,11 @@ class ErrorBudgetPolicy(Policy):
             step) and a plan is never slower than plain PyTorch unless asked.
             ``"narrow"``: always, the whole saved ladder (memory before
             speed). ``"fp32"``: never.
+        speed_check: right after the first step, time this policy's plan
+            against the fp32 plan on the model itself, in turns (12 steps),
+            and keep fp32 for the rest of the run if the plan is not faster
+            (:mod:`adaprec.controller.speed_check`). On where the device
+            report is the probe's (``hardware="auto"``), on one CPU process.
     """
 
     name = "error-budget"
@@ -174,8 +179,12 @@ class ErrorBudgetPolicy(Policy):
         saved_ladder: Sequence[str] = SAVED_LADDER,
         saved_target: float = SAVED_TARGET,
         storage: str = "auto",
+        speed_check: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(speed_check, bool):
+            raise PolicyError(f"error-budget policy: speed_check must be True or False, got {speed_check!r}")
+        self.speed_check = speed_check
         try:
             self.optimizer_state = storage_format(optimizer_state, role="optimizer_state").spec
             self.saved_ladder = tuple(storage_format(f, role="activation").spec for f in saved_ladder)
