@@ -46,7 +46,8 @@ def _controller(model, tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ap = adaprec.AdaptivePrecision(model, opt, "error-budget", total_steps=30,
+        # the speed check off: this test is about the shape measurement (tests/test_speed_check.py times steps)
+        ap = adaprec.AdaptivePrecision(model, opt, {"name": "error-budget", "speed_check": False}, total_steps=30,
                                        monitor_every=2, count_bytes=False)
     return ap, opt
 

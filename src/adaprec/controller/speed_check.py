@@ -12,7 +12,8 @@ GEMMs saved (0.49-0.74x plain fp32), while on GPT-2 the narrow plan ran
 How: right after the step that finds the modules, the controller runs blocks
 of ``block`` steps, fp32 plan and policy plan in turn (``pairs`` of each);
 the first step of a block is not timed (an fp32 plan's first step is the one
-it counts before replaying), nor is a monitored step. If the policy's plan
+it counts before replaying), and a monitored step runs the policy's plan
+outside the check. If the policy's plan
 is not faster (median step time), the policy is restricted to fp32 for the
 rest of the run, the timeline records why, and the report's "kept wider"
 lines say so. The fp32 steps train in the reference format, so the check
@@ -66,10 +67,10 @@ class SpeedCheck:
         if self.done or not ap.setup.decided:
             return  # the first step finds the modules: no decision to check yet
         plan = ap.plan
-        if all(mp == FP32 for mp in plan.modules.values()):
-            return  # nothing narrow to check (yet)
+        if all(mp == FP32 for mp in plan.modules.values()) or ap.sampling_next:
+            return  # nothing narrow to check (yet); a monitored step measures the policy's plan, outside the check
         which = "fp32" if (self._i // self.block) % 2 == 0 else "plan"
-        timed = self._i % self.block != 0 and not ap.sampling_next
+        timed = self._i % self.block != 0
         if which == "fp32":
             self._policy_plan = plan
             ap.engine.set_plan(plan.map(lambda _n, _mp: FP32))
@@ -111,8 +112,9 @@ class SpeedCheck:
                 setup.widened[m] = reason
         ap.policy.restrict({m: frozenset({"fp32"}) for m in names}, coupled)
         setup.configure_monitor()  # nothing left to measure: no statistics taken
-        ap.policy.last_reasons = {(m, "plan"): reason for m in names}
-        return new_plan.map(lambda _n, _mp: FP32)
+        fp32 = new_plan.map(lambda _n, _mp: FP32)
+        ap.policy.last_reasons = {(c.module, c.role): f"speed check: {reason}" for c in ap.plan.diff(fp32)}
+        return fp32
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "verdict": self.verdict, "i": self._i,
