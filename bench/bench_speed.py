@@ -108,6 +108,8 @@ class Run:
                 s["macs_by_format"].items(), key=lambda kv: -kv[1]))
             if self.ap.setup.widened:
                 self.note += f"; kept wider where narrow does not pay: {len(self.ap.setup.widened)} modules"
+            if self.ap.speed.verdict:
+                self.note += "; speed check: fp32 (narrow was slower here)"
             self.ap.close()
         return {"variant": self.variant, "step_ms": 1e3 * statistics.median(self.times[warmup:] or self.times),
                 "val": val, "check": self.check, "note": self.note}

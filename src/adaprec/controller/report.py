@@ -40,6 +40,8 @@ def report_lines(ap: AdaptivePrecision) -> list[str]:
     if ap.setup.widened:
         lines.append("kept wider where narrow does not pay (measured at the module's GEMM shapes): "
                      + "; ".join(f"{m}: {why}" for m, why in ap.setup.widened.items()))
+    if ap.speed.summary:
+        lines.append(f"speed check: {ap.speed.summary}")
     lines += memory_lines(ap, s)
     sim = s.get("simulated")
     if sim:

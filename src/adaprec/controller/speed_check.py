@@ -15,8 +15,8 @@ the first step of a block is not timed (an fp32 plan's first step is the one
 it counts before replaying), and a monitored step runs the policy's plan
 outside the check. If the policy's plan
 is not faster (median step time), the policy is restricted to fp32 for the
-rest of the run, the timeline records why, and the report's "kept wider"
-lines say so. The fp32 steps train in the reference format, so the check
+rest of the run, the timeline records why, and the report's "speed check"
+line says what was measured either way. The fp32 steps train in the reference format, so the check
 changes no result beyond the precision of those few steps.
 """
 
@@ -41,6 +41,7 @@ class SpeedCheck:
         self.times: dict[str, list[float]] = {"fp32": [], "plan": []}
         self.done = not enabled
         self.verdict: str | None = None  # why the fp32 plan runs, once the check found the policy's slower
+        self.summary: str | None = None  # what the check measured and decided (the report's line)
         self._i = 0  # steps of the check so far
         self._run: tuple[str, float, bool] | None = None  # this step: (which plan, start, timed?)
         self._policy_plan: PrecisionPlan | None = None  # the policy's plan while an fp32 step runs
@@ -96,28 +97,30 @@ class SpeedCheck:
             return new_plan
         self.done = True
         t32, tplan = (statistics.median(self.times[k]) if self.times[k] else None for k in ("fp32", "plan"))
-        if t32 is None or tplan is None or tplan <= t32:
+        if t32 is None or tplan is None:
             return new_plan
-        self.verdict = (f"the policy's plan ran {1e3 * tplan:.1f} ms per step and the fp32 plan {1e3 * t32:.1f} ms "
+        self.summary = (f"the policy's plan ran {1e3 * tplan:.1f} ms per step and the fp32 plan {1e3 * t32:.1f} ms "
                         f"(median of {len(self.times['plan'])} and {len(self.times['fp32'])} steps timed in turns "
-                        "on this model): narrow does not pay here, so the fp32 plan runs")
+                        "on this model)")
+        if tplan <= t32:
+            self.summary += ": the policy's plan is kept"
+            return new_plan
+        self.verdict = f"{self.summary}: narrow does not pay here, so the fp32 plan runs"
+        self.summary = self.verdict
         return self._fall_back(ap, new_plan)
 
     def _fall_back(self, ap: Any, new_plan: PrecisionPlan) -> PrecisionPlan:
-        setup, reason = ap.setup, self.verdict
-        allowed, coupled = setup.allowed()
-        names = list(setup.template.modules)
-        for m in names:
-            if (allowed is None or allowed.get(m, frozenset()) - {"fp32"}) and m not in setup.template.pinned:
-                setup.widened[m] = reason
+        reason = self.verdict
+        _, coupled = ap.setup.allowed()
+        names = list(ap.setup.template.modules)
         ap.policy.restrict({m: frozenset({"fp32"}) for m in names}, coupled)
-        setup.configure_monitor()  # nothing left to measure: no statistics taken
+        ap.setup.configure_monitor()  # nothing left to measure: no statistics taken
         fp32 = new_plan.map(lambda _n, _mp: FP32)
         ap.policy.last_reasons = {(c.module, c.role): f"speed check: {reason}" for c in ap.plan.diff(fp32)}
         return fp32
 
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "verdict": self.verdict, "i": self._i,
+        return {"done": self.done, "verdict": self.verdict, "summary": self.summary, "i": self._i,
                 "times": {k: list(v) for k, v in self.times.items()}}
 
     def load_state_dict(self, state: dict[str, Any] | None, ap: Any) -> None:
@@ -125,6 +128,7 @@ class SpeedCheck:
         if state is None:  # a state saved before the check existed: the check runs again
             return
         self.done, self.verdict, self._i = bool(state["done"]), state["verdict"], int(state["i"])
+        self.summary = state.get("summary")
         self.times = {k: [float(t) for t in v] for k, v in state["times"].items()}
         if self.verdict is not None:
             self._fall_back(ap, ap.plan)
