@@ -110,13 +110,15 @@ class SpeedCheck:
         return self._fall_back(ap, new_plan)
 
     def _fall_back(self, ap: Any, new_plan: PrecisionPlan) -> PrecisionPlan:
-        reason = self.verdict
         _, coupled = ap.setup.allowed()
         names = list(ap.setup.template.modules)
         ap.policy.restrict({m: frozenset({"fp32"}) for m in names}, coupled)
         ap.setup.configure_monitor()  # nothing left to measure: no statistics taken
         fp32 = new_plan.map(lambda _n, _mp: FP32)
-        ap.policy.last_reasons = {(c.module, c.role): f"speed check: {reason}" for c in ap.plan.diff(fp32)}
+        # the timeline's reason holds no timing (a resumed run's timeline equals the uninterrupted one's); the
+        # report's line has the figures
+        why = "speed check: the policy's plan ran slower than the fp32 plan on this model (timed in turns)"
+        ap.policy.last_reasons = {(c.module, c.role): why for c in ap.plan.diff(fp32)}
         return fp32
 
     def state_dict(self) -> dict[str, Any]:
