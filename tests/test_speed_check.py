@@ -153,3 +153,4 @@ def test_the_check_is_off_when_asked_or_when_the_device_report_is_given(tmp_path
 def test_bad_option_is_refused():
     with pytest.raises(adaprec.errors.PolicyError, match="speed_check must be True or False"):
         adaprec.policies.build({"name": "error-budget", "speed_check": "yes"})
+
