@@ -30,25 +30,27 @@ def _pays(run: shapes.GemmRun, number: int) -> float:
 class _Clock:
     """perf_counter for the speed check: a step with narrow modules takes ``narrow`` s, an fp32 one ``wide`` s."""
 
-    def __init__(self, narrow: float, wide: float) -> None:
-        self.narrow, self.wide, self.t, self.ap, self.calls = narrow, wide, 0.0, None, 0
+    def __init__(self, narrow: float, wide: float, int8: float | None = None) -> None:
+        self.narrow, self.wide, self.int8, self.t, self.ap, self.calls = narrow, wide, int8, 0.0, None, 0
         self._pending = 0.0
 
     def __call__(self) -> float:
         self.calls += 1
         if self.calls % 2:  # a step starts (after the check chose its plan): its length is set by that plan
-            narrow = any(mp != speed_mod.FP32 for mp in self.ap.engine.plan.modules.values())
-            self._pending = self.narrow if narrow else self.wide
+            fmts = speed_mod.narrow_formats(self.ap.engine.plan)
+            self._pending = (self.int8 if "int8" in fmts and self.int8 is not None
+                             else self.narrow if fmts else self.wide)
             return self.t
         self.t += self._pending
         return self.t
 
 
-def _setup(tmp_path, monkeypatch, narrow: float, wide: float, **policy):
+def _setup(tmp_path, monkeypatch, narrow: float, wide: float, int8: float | None = None, monitor_every=1000,
+           timer=None, **policy):
     monkeypatch.setattr(setup_mod, "probe", lambda device: FAST_INT8_BF16)
-    monkeypatch.setattr(setup_mod, "measure_gemms", functools.partial(shapes.measure_gemms, timer=_pays,
+    monkeypatch.setattr(setup_mod, "measure_gemms", functools.partial(shapes.measure_gemms, timer=timer or _pays,
                                                                       cache_dir=tmp_path))
-    clock = _Clock(narrow, wide)
+    clock = _Clock(narrow, wide, int8)
     monkeypatch.setattr(speed_mod.time, "perf_counter", clock)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
@@ -56,7 +58,7 @@ def _setup(tmp_path, monkeypatch, narrow: float, wide: float, **policy):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ap = adaprec.AdaptivePrecision(model, opt, {"name": "error-budget", "warmup_steps": 2, **policy},
-                                       count_bytes=False, monitor_every=1000)
+                                       count_bytes=False, monitor_every=monitor_every)
     clock.ap = ap
     return ap, model, opt
 
@@ -98,8 +100,9 @@ def test_a_plan_slower_than_fp32_falls_back_to_fp32_for_the_rest_of_the_run(tmp_
     assert not _narrow(ap)
     _train(ap, model, opt, 10)
     assert not _narrow(ap)  # the policy was restricted: it never narrows again
-    assert "speed check: the policy's plan ran 10.0 ms" in ap.report() and "narrow does not pay" in ap.report()
-    events = [e for e in ap.timeline.events if "slower than the fp32 plan" in (e.reason or "")]
+    assert "speed check: the policy's plan (bf16) ran 10.0 ms" in ap.report()
+    assert "so bf16 is dropped" in ap.report()
+    events = [e for e in ap.timeline.events if "bf16 ran slower here" in (e.reason or "")]
     assert events and {e.step for e in events} == {took}  # recorded once, as the step the check ended
 
 
@@ -109,8 +112,8 @@ def test_a_plan_faster_than_fp32_is_kept_and_the_policy_never_saw_the_fp32_steps
     took = _until_checked(ap, model, opt)
     _train(ap, model, opt, 4)
     assert ap.speed.verdict is None and _narrow(ap)
-    assert "speed check: the policy's plan ran 4.0 ms per step and the fp32 plan 6.0 ms" in ap.report()
-    assert "the policy's plan is kept" in ap.report()
+    assert "speed check: the policy's plan (bf16) ran 4.0 ms per step and the fp32 plan 6.0 ms" in ap.report()
+    assert ": kept" in ap.report()
     # the check's fp32 steps ran fp32 (the ledger prices what ran) but were no plan change in the timeline
     assert all(e.new != "fp32" or e.old == "fp32" for e in ap.timeline.events if e.role == "weight")
     assert not any(e.step in range(1, 1 + took) and e.new == "fp32" for e in ap.timeline.events)
@@ -154,3 +157,28 @@ def test_bad_option_is_refused():
     with pytest.raises(adaprec.errors.PolicyError, match="speed_check must be True or False"):
         adaprec.policies.build({"name": "error-budget", "speed_check": "yes"})
 
+
+
+def _int8_pays_more(run: shapes.GemmRun, number: int) -> float:
+    """The shapes say int8 (4x) beats bf16 (3x): the policy takes int8 where its error allows."""
+    t32 = run.shape.macs * 1e-9
+    return t32 if run.format == "fp32" else t32 / (4.0 if run.format == "int8" else 3.0)
+
+
+def test_a_format_added_later_that_slows_the_step_is_dropped_and_the_rest_kept(tmp_path, monkeypatch):
+    # bf16 steps 4 ms, fp32 6 ms, any plan with int8 8 ms (its quantization passes cost more than it saves)
+    ap, model, opt = _setup(tmp_path, monkeypatch, narrow=0.004, wide=0.006, int8=0.008, monitor_every=2,
+                            timer=_int8_pays_more, patience=1)
+    _train(ap, model, opt, 1)
+    for n in range(150):
+        _train(ap, model, opt, 1, seed=100 + n)
+        if "int8" in ap.speed.dropped and ap.speed.kept == {"bf16"}:
+            break
+    check = ap.speed
+    # error-budget moved to int8 soon after its 2-step warm-up; that plan ran slower than fp32, so int8 went,
+    # its modules moved to bf16, and that plan, checked in its turn, was kept
+    assert check.dropped == {"int8"} and check.kept == {"bf16"}, (check.kept, check.dropped, check.summary)
+    assert "so int8 is dropped" in check.verdict and ": kept" in check.summary
+    _train(ap, model, opt, 10, seed=7)
+    assert speed_mod.narrow_formats(ap.plan) == {"bf16"}  # int8 never again; bf16 stays
+    assert any("int8 ran slower here" in (e.reason or "") for e in ap.timeline.events)

@@ -9,40 +9,55 @@ step: on nanoGPT's CPU config and the small CNNs it outweighed what the bf16
 GEMMs saved (0.49-0.74x plain fp32), while on GPT-2 the narrow plan ran
 1.99x. Only timing the step itself tells the two apart.
 
-How: right after the step that finds the modules, the controller runs blocks
-of ``block`` steps, fp32 plan and policy plan in turn (``pairs`` of each);
-the first step of a block is not timed (an fp32 plan's first step is the one
-it counts before replaying), and a monitored step runs the policy's plan
-outside the check. If the policy's plan
-is not faster (median step time), the policy is restricted to fp32 for the
-rest of the run, the timeline records why, and the report's "speed check"
-line says what was measured either way. The fp32 steps train in the reference format, so the check
-changes no result beyond the precision of those few steps.
+How: whenever the policy's plan starts computing in a set of formats not
+checked yet (the warm-up's bf16 right after the first step; error-budget's
+measured plan once it adds int8), the controller runs blocks of ``block``
+steps, fp32 plan and policy plan in turn (``pairs`` of each); the first step
+of a block is not timed (an fp32 plan's first step is the one it counts
+before replaying), and a monitored step runs the policy's plan outside the
+check. A plan slower than fp32, or slower relative to fp32 than the plan
+checked before it, loses the formats it added: the policy never chooses
+them again (all of them: the fp32 plan runs), the modules that used them
+move to bf16 or fp32 at once, the timeline records why (without timings, so
+a resumed run's timeline equals the uninterrupted one's) and the report's
+"speed check" line has the figures. The fp32 steps train in the reference
+format and the policy decides from its own plan as if they had not run.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from typing import Any
 
-from adaprec.plan import ModulePrecision, PrecisionPlan
+from adaprec.plan import ModulePrecision, PrecisionPlan, preset
 
-__all__ = ["SpeedCheck"]
+__all__ = ["SpeedCheck", "narrow_formats"]
 
 FP32 = ModulePrecision()
 
 
+def narrow_formats(plan: PrecisionPlan) -> frozenset[str]:
+    """The narrow formats ``plan``'s GEMMs compute in (weight, activation and output-gradient roles)."""
+    return frozenset(getattr(mp, r).format for mp in plan.modules.values()
+                     for r in ("weight", "activation", "grad_output")) - {"fp32"}
+
+
 class SpeedCheck:
-    """Times the policy's plan against fp32 in turns, then keeps fp32 where the policy's plan is not faster."""
+    """Times the policy's plan against fp32 in turns whenever it starts computing in a new set of formats;
+    drops the formats that made it slower."""
 
     def __init__(self, enabled: bool, block: int = 3, pairs: int = 2) -> None:
         self.enabled, self.block, self.pairs = enabled, block, pairs
         self.times: dict[str, list[float]] = {"fp32": [], "plan": []}
-        self.done = not enabled
-        self.verdict: str | None = None  # why the fp32 plan runs, once the check found the policy's slower
-        self.summary: str | None = None  # what the check measured and decided (the report's line)
-        self._i = 0  # steps of the check so far
+        self.checking: frozenset[str] | None = None  # the formats of the plan under check
+        self.kept: frozenset[str] = frozenset()  # the formats of the last plan that passed
+        self.ratio = 1.0  # that plan's step time over the fp32 plan's (1.0: none passed yet)
+        self.dropped: set[str] = set()  # formats that made the policy's plan slower: never chosen again
+        self.verdict: str | None = None  # why formats were dropped (the last time)
+        self.summary: str | None = None  # what the last check measured and decided (the report's line)
+        self._i = 0  # steps of the check in progress so far
         self._run: tuple[str, float, bool] | None = None  # this step: (which plan, start, timed?)
         self._policy_plan: PrecisionPlan | None = None  # the policy's plan while an fp32 step runs
 
@@ -58,18 +73,27 @@ class SpeedCheck:
 
     @property
     def length(self) -> int:
-        """Steps the check takes (after the first step)."""
+        """Steps one check takes (monitored steps run outside it)."""
         return 2 * self.pairs * self.block
+
+    @property
+    def done(self) -> bool:
+        """No check in progress (one starts when the policy's plan computes in formats not checked yet)."""
+        return self.checking is None
 
     def before_step(self, ap: Any) -> None:
         """At a step's forward: run the fp32 plan in place of the policy's on the check's fp32 steps."""
         self._run = None
         self.ran(ap, ap.plan)  # a forward that never reached ap.step() (an evaluation pass): the policy's plan back
-        if self.done or not ap.setup.decided:
+        if not self.enabled or not ap.setup.decided:
             return  # the first step finds the modules: no decision to check yet
         plan = ap.plan
-        if all(mp == FP32 for mp in plan.modules.values()) or ap.sampling_next:
-            return  # nothing narrow to check (yet); a monitored step measures the policy's plan, outside the check
+        fmts = narrow_formats(plan)
+        if fmts != self.checking:  # a new set of formats (or the plan changed during a check): check it
+            self.checking = fmts if fmts and not fmts <= self.kept else None
+            self._i, self.times = 0, {"fp32": [], "plan": []}
+        if self.checking is None or ap.sampling_next:
+            return  # nothing new to check; a monitored step measures the policy's plan, outside the check
         which = "fp32" if (self._i // self.block) % 2 == 0 else "plan"
         timed = self._i % self.block != 0
         if which == "fp32":
@@ -87,50 +111,72 @@ class SpeedCheck:
         return policy_plan
 
     def end(self, ap: Any, step: int, new_plan: PrecisionPlan) -> PrecisionPlan:
-        """After the update: time the step; once the check is over, the fp32 plan if the policy's did not pay."""
+        """After the update: time the step; once a check is over, drop the formats that made the plan slower."""
         if self._run is not None:
             which, t0, timed = self._run
             if timed:
                 self.times[which].append(time.perf_counter() - t0)
             self._run = None
-        if self.done or self._i < self.length:
+        if self.checking is None or self._i < self.length:
             return new_plan
-        self.done = True
-        t32, tplan = (statistics.median(self.times[k]) if self.times[k] else None for k in ("fp32", "plan"))
-        if t32 is None or tplan is None:
+        checked, self.checking = self.checking, None
+        t32, tplan = (statistics.median(self.times[k]) for k in ("fp32", "plan"))
+        ratio = tplan / t32
+        names = "/".join(sorted(checked))
+        self.summary = (f"the policy's plan ({names}) ran {1e3 * tplan:.1f} ms per step and the fp32 plan "
+                        f"{1e3 * t32:.1f} ms (median of {len(self.times['plan'])} and {len(self.times['fp32'])} "
+                        "steps timed in turns on this model)")
+        if ratio <= min(1.0, self.ratio):
+            self.kept, self.ratio = checked, ratio
+            self.summary += ": kept"
             return new_plan
-        self.summary = (f"the policy's plan ran {1e3 * tplan:.1f} ms per step and the fp32 plan {1e3 * t32:.1f} ms "
-                        f"(median of {len(self.times['plan'])} and {len(self.times['fp32'])} steps timed in turns "
-                        "on this model)")
-        if tplan <= t32:
-            self.summary += ": the policy's plan is kept"
-            return new_plan
-        self.verdict = f"{self.summary}: narrow does not pay here, so the fp32 plan runs"
-        self.summary = self.verdict
-        return self._fall_back(ap, new_plan)
+        new = checked - self.kept or checked
+        self.dropped |= new
+        self.verdict = self.summary = (
+            f"{self.summary}: slower than fp32" + ("" if self.ratio == 1.0 else
+                                                   f" relative to the {'/'.join(sorted(self.kept))} plan checked before")
+            + f", so {'/'.join(sorted(new))} {'is' if len(new) == 1 else 'are'} dropped")
+        return self._drop(ap, new_plan)
 
-    def _fall_back(self, ap: Any, new_plan: PrecisionPlan) -> PrecisionPlan:
-        _, coupled = ap.setup.allowed()
+    def _restrict(self, ap: Any) -> dict[str, frozenset[str]]:
+        allowed, coupled = ap.setup.allowed()
         names = list(ap.setup.template.modules)
-        ap.policy.restrict({m: frozenset({"fp32"}) for m in names}, coupled)
-        ap.setup.configure_monitor()  # nothing left to measure: no statistics taken
-        fp32 = new_plan.map(lambda _n, _mp: FP32)
+        ok = {m: frozenset(f for f in (allowed or {}).get(m, frozenset({"fp32"})) if f not in self.dropped) | {"fp32"}
+              for m in names}
+        ap.policy.restrict(ok, coupled)
+        ap.setup.configure_monitor()  # what is left to measure
+        return ok
+
+    def _drop(self, ap: Any, new_plan: PrecisionPlan) -> PrecisionPlan:
+        ok = self._restrict(ap)
+
+        def without_dropped(name: str, mp: ModulePrecision) -> ModulePrecision:
+            if not narrow_formats(PrecisionPlan({name: mp})) & self.dropped:
+                return mp
+            if "bf16" in ok.get(name, ()):
+                return replace(preset("bf16"), saved=mp.saved, optimizer_state=mp.optimizer_state, output=mp.output)
+            return replace(FP32, saved=mp.saved, optimizer_state=mp.optimizer_state)
+
+        plan = new_plan.map(without_dropped)
         # the timeline's reason holds no timing (a resumed run's timeline equals the uninterrupted one's); the
         # report's line has the figures
-        why = "speed check: the policy's plan ran slower than the fp32 plan on this model (timed in turns)"
-        ap.policy.last_reasons = {(c.module, c.role): why for c in ap.plan.diff(fp32)}
-        return fp32
+        why = f"speed check: {'/'.join(sorted(self.dropped))} ran slower here (timed in turns against fp32)"
+        ap.policy.last_reasons = {(c.module, c.role): why for c in ap.plan.diff(plan)}
+        return plan
 
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "verdict": self.verdict, "summary": self.summary, "i": self._i,
-                "times": {k: list(v) for k, v in self.times.items()}}
+        return {"checking": None if self.checking is None else sorted(self.checking), "kept": sorted(self.kept),
+                "ratio": self.ratio, "dropped": sorted(self.dropped), "verdict": self.verdict,
+                "summary": self.summary, "i": self._i, "times": {k: list(v) for k, v in self.times.items()}}
 
     def load_state_dict(self, state: dict[str, Any] | None, ap: Any) -> None:
-        """Resume where the check was; a verdict for fp32 restricts the (freshly loaded) policy again."""
+        """Resume where the check was; formats dropped before are taken from the (freshly loaded) policy again."""
         if state is None:  # a state saved before the check existed: the check runs again
             return
-        self.done, self.verdict, self._i = bool(state["done"]), state["verdict"], int(state["i"])
-        self.summary = state.get("summary")
+        self.checking = None if state["checking"] is None else frozenset(state["checking"])
+        self.kept, self.ratio = frozenset(state["kept"]), float(state["ratio"])
+        self.dropped = set(state["dropped"])
+        self.verdict, self.summary, self._i = state["verdict"], state["summary"], int(state["i"])
         self.times = {k: [float(t) for t in v] for k, v in state["times"].items()}
-        if self.verdict is not None:
-            self._fall_back(ap, ap.plan)
+        if self.dropped:
+            self._restrict(ap)
