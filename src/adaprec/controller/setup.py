@@ -180,9 +180,14 @@ class PlanSetup:
         self.table = measure_gemms(shapes, candidates, device, report=self.report)
         narrowed, _ = self.allowed()
         for m, fmts in allowed.items():
-            lost = sorted(fmts - (narrowed or {}).get(m, fmts))
+            kept = (narrowed or {}).get(m, fmts)
+            lost = sorted(fmts - kept)
+            slower = [f for f in lost if f in formats_that_pay(self.table, self.shapes.get(m, []), [f])]
+            why = [f"{', '.join(f for f in lost if f not in slower)} do not pay"] if len(slower) < len(lost) else []
+            if slower:  # faster than fp32, but no faster than a wider format that pays
+                why.append(f"{', '.join(slower)} run no faster than {', '.join(sorted(kept - {'fp32'}))}")
             if lost:
-                self.widened[m] = f"{', '.join(lost)} do not pay at its GEMM shapes here (measured with their casts)"
+                self.widened[m] = f"{'; '.join(why)} at its GEMM shapes here (measured with their casts)"
         if self.widened and not self.decided:
             self.policy.restrict(*self.allowed())
             self.engine.set_plan(self.policy.setup(self.template, *self.config.run_length))
