@@ -42,6 +42,19 @@ def fake_report(fast: tuple[str, ...] = ("int8", "bf16"), conv_fast: tuple[str, 
 FAST_INT8_BF16 = fake_report()
 
 
+def train_random(ap: adaprec.AdaptivePrecision, model: nn.Module, opt: torch.optim.Optimizer, steps: int,
+                 rows: int, seed: int = 0, features: int = 64, classes: int = 4) -> None:
+    """``steps`` steps of cross-entropy on random batches (``rows`` x ``features``), reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(rows, features, generator=g), torch.randint(0, classes, (rows,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        with ap.autocast():
+            loss = F.cross_entropy(model(x), y)
+        ap.backward(loss)
+        ap.step()
+
+
 @dataclass
 class Trained:
     model: torch.nn.Module

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import adaprec
-from _train import FAST_INT8_BF16
+from _train import FAST_INT8_BF16, train_random
 from adaprec.controller import setup as setup_mod
 from adaprec.hardware import shapes
 
@@ -32,14 +32,7 @@ def _model() -> nn.Module:
 
 
 def _train(ap, model, opt, steps):
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        x, y = torch.randn(64, 64, generator=g), torch.randint(0, 4, (64,), generator=g)
-        opt.zero_grad(set_to_none=True)
-        with ap.autocast():
-            loss = nn.functional.cross_entropy(model(x), y)
-        ap.backward(loss)
-        ap.step()
+    train_random(ap, model, opt, steps, rows=64)
 
 
 def _controller(model, tmp_path):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import adaprec
-from _train import FAST_INT8_BF16
+from _train import FAST_INT8_BF16, train_random
 from adaprec.controller import setup as setup_mod
 from adaprec.controller import speed_check as speed_mod
 from adaprec.hardware import shapes
@@ -64,14 +64,7 @@ def _setup(tmp_path, monkeypatch, narrow: float, wide: float, int8: float | None
 
 
 def _train(ap, model, opt, steps, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 4, (32,), generator=g)
-        opt.zero_grad(set_to_none=True)
-        with ap.autocast():
-            loss = nn.functional.cross_entropy(model(x), y)
-        ap.backward(loss)
-        ap.step()
+    train_random(ap, model, opt, steps, rows=32, seed=seed)
 
 
 def _until_checked(ap, model, opt) -> int:

@@ -38,10 +38,13 @@ __all__ = ["SpeedCheck", "narrow_formats"]
 FP32 = ModulePrecision()
 
 
+def _narrow(mp: ModulePrecision) -> frozenset[str]:
+    return frozenset((mp.weight.format, mp.activation.format, mp.grad_output.format)) - {"fp32"}
+
+
 def narrow_formats(plan: PrecisionPlan) -> frozenset[str]:
     """The narrow formats ``plan``'s GEMMs compute in (weight, activation and output-gradient roles)."""
-    return frozenset(getattr(mp, r).format for mp in plan.modules.values()
-                     for r in ("weight", "activation", "grad_output")) - {"fp32"}
+    return frozenset().union(*(_narrow(mp) for mp in plan.modules.values()))
 
 
 class SpeedCheck:
@@ -151,7 +154,7 @@ class SpeedCheck:
         ok = self._restrict(ap)
 
         def without_dropped(name: str, mp: ModulePrecision) -> ModulePrecision:
-            if not narrow_formats(PrecisionPlan({name: mp})) & self.dropped:
+            if not _narrow(mp) & self.dropped:
                 return mp
             if "bf16" in ok.get(name, ()):
                 return replace(preset("bf16"), saved=mp.saved, optimizer_state=mp.optimizer_state, output=mp.output)

@@ -113,9 +113,7 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         if func in _FP32_FUNCS and self.engine._flowing:  # a loss or softmax of a bf16 output: in fp32
-            kwargs = kwargs or {}
-            vals = _widen16((*args, *kwargs.values()))
-            args, kwargs = vals[:len(args)], dict(zip(kwargs, vals[len(args):], strict=True))
+            args, kwargs = _widen16(args, kwargs or {})
             return func(*args, **kwargs)
         if func not in HANDLED or (kwargs and "out" in kwargs and _from_compiled_graph()):
             return func(*args, **(kwargs or {}))
@@ -186,15 +184,16 @@ def _float_tensor(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
-def _widen16(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``args`` with 16-bit float tensors widened to fp32: an op planned fp32 (or emulated in fp32) that meets
-    the 16-bit output of a narrow module runs in fp32, as autocast widens the inputs of its fp32 ops (on one
-    Xeon, CPU flash attention's backward ran 8x slower in bf16 than in fp32 at nanoGPT's shapes). A model the
-    user keeps in 16 bits (a 16-bit weight and no fp32 tensor among the args) is left alone."""
-    flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if _float_tensor(t)]
+def _widen16(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call's ``args`` and ``kwargs`` with 16-bit float tensors widened to fp32: an op planned fp32 (or emulated
+    in fp32) that meets the 16-bit output of a narrow module runs in fp32, as autocast widens the inputs of its
+    fp32 ops (on one Xeon, CPU flash attention's backward ran 8x slower in bf16 than in fp32 at nanoGPT's
+    shapes). A model the user keeps in 16 bits (a 16-bit weight and no fp32 tensor among them) is left alone."""
+    every = (*args, *kwargs.values())
+    flat = [t for a in every for t in (a if isinstance(a, (list, tuple)) else (a,)) if _float_tensor(t)]
     narrow = [t for t in flat if t.dtype in (torch.bfloat16, torch.float16)]
     if not narrow or (len(narrow) == len(flat) and any(is_param_like(t) for t in narrow)):
-        return args
+        return args, kwargs
 
     def widen(a: Any) -> Any:
         if _float_tensor(a) and a.dtype in (torch.bfloat16, torch.float16):
@@ -203,7 +202,7 @@ def _widen16(args: tuple[Any, ...]) -> tuple[Any, ...]:
             return type(a)(widen(t) for t in a)
         return a
 
-    return tuple(widen(a) for a in args)
+    return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
 
 
 class PrecisionEngine:
@@ -726,8 +725,7 @@ class PrecisionEngine:
                 "or under a plan of bf16/fp16/fp32 modules, which run torch's own kernels"
             )
         if self._flowing and ex.mode in (ExecMode.FP32, ExecMode.EMULATE):
-            vals = _widen16((*args, *kwargs.values()))
-            args, kwargs = vals[:len(args)], dict(zip(kwargs, vals[len(args):], strict=True))
+            args, kwargs = _widen16(args, kwargs)
         if ex.mode == ExecMode.FP32:
             return runner(*args, **kwargs)
         if ex.emulated:

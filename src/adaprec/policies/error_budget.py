@@ -159,6 +159,13 @@ class ErrorBudgetPolicy(Policy):
                   and not self._last(module))
         return mp.with_storage("output", "bf16" if narrow else "fp32")
 
+    @property
+    def flow_narrow(self) -> bool:
+        """Whether outputs may flow in bf16: bf16 is native and fast here and kept (research mode emulates
+        formats in fp32 data, and before restrict() nothing is known of the device: outputs stay fp32)."""
+        return (self.allowed is not None and "bf16" in self.saved_ladder
+                and any("bf16" in f for f in self.allowed.values()))
+
     def _last(self, module: str) -> bool:
         return self.template is not None and next(reversed(self.template.modules), None) == module
 
@@ -197,7 +204,6 @@ class ErrorBudgetPolicy(Policy):
         self.storage = storage
         self._narrow_storage = (self.optimizer_state, self.saved_ladder)  # what "narrow" keeps
         self._use_storage(storage != "fp32")
-        self.flow_narrow = False  # set by restrict(): whether outputs may flow in bf16 on this device
         self._deciding = False  # set by the first decide(): the modules are known
         self.saved_target = float(saved_target)
         self.targets = dict(DEFAULT_TARGETS)
@@ -260,10 +266,6 @@ class ErrorBudgetPolicy(Policy):
         if self.storage == "auto":  # narrow storage where this device converts cheaply (bf16 native and fast)
             research = self.allowed is None
             self._use_storage(research or any("bf16" in f for f in self.allowed.values()), casts_only=not research)
-        # outputs flow in bf16 where bf16 is native and fast here and kept (research mode emulates formats in
-        # fp32 data: its outputs stay fp32)
-        self.flow_narrow = (self.allowed is not None and "bf16" in self.saved_ladder
-                            and any("bf16" in f for f in self.allowed.values()))
 
     def storage_note(self) -> str:
         """What the storage roles do on this device, and why (for the report)."""
