@@ -190,9 +190,15 @@ def test_storage_auto_narrows_only_where_bf16_is_fast_or_in_research_mode():
     assert p.candidate_formats == ()  # only fp32 left to measure: the monitor takes no statistics
     p.restrict({"fc": {"bf16", "int8"}})
     # saved tensors only in formats packed by one cast (block-scaled codes cost eager passes: slower steps);
-    # moments fp32 (narrow ones are updated tensor by tensor: a slower optimizer step); outputs may flow
+    # moments fp32 where the optimizer's 8-bit moments have no fused kernel (eager: a slower step)
     assert p.optimizer_state == "fp32" and p.flow_narrow
     assert p.saved_ladder == ("bf16", "fp32") and "storage='narrow' adds" in p.storage_note()
+    assert "does not cover" in p.storage_note()
+    p.restrict({"fc": {"bf16", "int8"}}, fused_moments=True)  # the fused kernel covers the optimizer: 8-bit
+    assert p.optimizer_state.startswith("int8") and "fused kernel" in p.storage_note()
+    wide = ErrorBudgetPolicy(optimizer_state="bf16")  # moments the kernel does not take: fp32 under auto
+    wide.restrict({"fc": {"bf16"}}, fused_moments=True)
+    assert wide.optimizer_state == "fp32"
     p.restrict(None)  # research mode: everything narrow, emulated; outputs stay fp32
     assert p.optimizer_state.startswith("int8") and p.saved_ladder[0].startswith("int8") and not p.flow_narrow
     forced = ErrorBudgetPolicy(storage="narrow")

@@ -21,6 +21,7 @@ optimizer updates.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +52,7 @@ from adaprec.errors import UsageError
 from adaprec.formats import compiled
 from adaprec.formats.loss_scaling import DynamicLossScaler
 from adaprec.monitor import HealthMonitor
+from adaprec.optim import fused_adam
 from adaprec.plan import ModulePrecision, PlanChange, PrecisionPlan
 from adaprec.policies import Policy, build, with_guard
 from adaprec.timeline import Timeline
@@ -161,6 +163,7 @@ class AdaptivePrecision:
         self.timeline = Timeline()
         self.setup = PlanSetup(cfg, self.engine, self.policy, self.monitor, self.timeline, allocator)
         self.setup.report = self.hardware
+        self.setup.fused_moments = functools.cache(lambda: fused_adam.covers(self.optimizer))
         self.setup.configure_monitor()
         self.engine.on_new_site = self.setup.on_new_site
         self.engine.observer = self.monitor.observe_tensor

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -125,6 +125,8 @@ class PlanSetup:
         self.shapes: dict[str, list[GemmShape]] = {}  # module -> its linear GEMMs' shapes, seen in discovery
         self.table: ShapeTable | None = None  # their measured speedups (shape-aware decisions)
         self.widened: dict[str, str] = {}  # module -> why a narrow format the device has does not pay there
+        self.fused_moments: Callable[[], bool] = lambda: False  # the optimizer's 8-bit moments fuse here (set
+        # by the controller; asked only when a device restricts the formats)
         engine.tally.on_record.append(self._seen)
         engine.set_plan(policy.setup(self.template, *config.run_length))
 
@@ -163,6 +165,10 @@ class PlanSetup:
                     allowed[m] = frozenset(fmts - (measured - pay))
         return allowed, coupled
 
+    def _restrict(self) -> None:
+        allowed, coupled = self.allowed()
+        self.policy.restrict(allowed, coupled, fused_moments=allowed is not None and self.fused_moments())
+
     def measure_shapes(self) -> None:
         """Once, after discovery: time the model's distinct linear GEMM shapes in the narrow formats this device
         runs natively and fast (cached on disk like the probe); a format that does not pay at a module's shapes
@@ -189,7 +195,7 @@ class PlanSetup:
             if lost:
                 self.widened[m] = f"{'; '.join(why)} at its GEMM shapes here (measured with their casts)"
         if self.widened and not self.decided:
-            self.policy.restrict(*self.allowed())
+            self._restrict()
             self.engine.set_plan(self.policy.setup(self.template, *self.config.run_length))
 
     def pins(self) -> dict[str, str | ModulePrecision]:
@@ -208,7 +214,7 @@ class PlanSetup:
         if self.decided:
             return
         self.template = PrecisionPlan.uniform(self.engine.kinds, "fp32", pins=self.pins())
-        self.policy.restrict(*self.allowed())
+        self._restrict()
         self.engine.set_plan(self.policy.setup(self.template, *self.config.run_length))
         self.configure_monitor()
         self.timeline.set_initial(self.engine.plan)
@@ -252,7 +258,7 @@ class PlanSetup:
         """Set the policy up again for a saved template (the plan in force stays the engine's); the policy's
         own state is loaded after this."""
         self.template = PrecisionPlan.from_dict(template)
-        self.policy.restrict(*self.allowed())  # with the saved shape table: no timing on resume
+        self._restrict()  # with the saved shape table: no timing on resume
         plan = self.engine.plan
         self.policy.setup(self.template, *self.config.run_length)
         self.engine.set_plan(plan)

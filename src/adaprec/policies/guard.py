@@ -105,9 +105,9 @@ class Guard(Policy):
         """Alias of ``rollback_requested``: restore weights and optimizer, run the step again."""
         return self.rollback_requested
 
-    def restrict(self, allowed, coupled=()) -> None:  # noqa: ANN001 - as Policy.restrict
-        super().restrict(allowed, coupled)
-        self.policy.restrict(allowed, coupled)
+    def restrict(self, allowed, coupled=(), *, fused_moments=False) -> None:  # noqa: ANN001 - as Policy.restrict
+        super().restrict(allowed, coupled, fused_moments=fused_moments)
+        self.policy.restrict(allowed, coupled, fused_moments=fused_moments)
 
     def storage_note(self) -> str:
         return self.policy.storage_note()
