@@ -13,8 +13,16 @@
   once a first step has created the state (:class:`adaprec.memory.PeakMemory`),
   so it is the steady state: parameters + gradients + state + the step's
   temporaries. Memory only: no timing here.
+* ``speed``: the optimizer step's time on the same kind of model, the
+  variants side by side in one process, taking turns (a shared machine's
+  drift hits them alike): torch's AdamW (its default single-tensor step, the
+  ``foreach`` and the ``fused`` one), adaprec's int8 moments through the
+  fused kernel (:mod:`adaprec.optim.fused_adam`) and through the eager
+  update, adaprec's bf16 moments, and torchao's ``AdamW8bit`` (compiled).
+  Median over the timed steps; ``--write`` puts the table in
+  docs/BENCHMARKS.md.
 
-Run: ``python bench/bench_optimizer_state.py quality|memory [--steps N] [--write]``
+Run: ``python bench/bench_optimizer_state.py quality|memory|speed [--steps N] [--write]``
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ QUALITY_FORMATS: dict[str, object] = {
     "torchao Adam8bit / AdamW8bit": "torchao",
 }
 MEMORY_VARIANTS = ("no optimizer", "fp32", "bf16", "int8", "fp8_e4m3", "int4", "torchao AdamW8bit")
+SPEED_VARIANTS = ("torch AdamW (default)", "torch AdamW foreach", "torch AdamW fused", "adaprec int8, fused kernel",
+                  "adaprec int8, eager", "adaprec bf16, eager", "torchao AdamW8bit")
+SPEED_SECTION = "Optimizer step time with narrow moments (issue 19, item 4)"
 
 
 class _Peer:
@@ -202,9 +213,88 @@ def memory(width: int, layers: int) -> list[dict]:
     return rows
 
 
+def _speed_variant(variant: str, model: nn.Module):
+    """(a step function, the bytes its state holds after a step) for one variant, on its own model copy."""
+    if variant == "torchao AdamW8bit":
+        from torchao.optim import AdamW8bit
+
+        opt: torch.optim.Optimizer = AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.01)
+        return opt.step, lambda: sum(t.numel() * t.element_size() for s in opt.state.values() for t in _tensors(s))
+    kw = {"foreach": True} if variant.endswith("foreach") else {"fused": True} if variant.endswith("fused") else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, **kw)
+    if not variant.startswith("adaprec"):
+        return opt.step, lambda: sum(t.numel() * t.element_size() for s in opt.state.values() for t in _tensors(s))
+    from adaprec.optim import NarrowOptimizerState
+
+    ns = NarrowOptimizerState(opt, model=model, fused="fused kernel" in variant)
+    ns.set_formats({p: variant.split()[1].rstrip(",") for p in model.parameters()})
+    return ns.step, lambda: sum(ns.nbytes().values())
+
+
+def speed(width: int, layers: int, steps: int, warmup: int) -> list[dict]:
+    import copy
+    import statistics
+    import time
+
+    from adaprec.optim import fused_adam
+
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(width, width, bias=True) for _ in range(layers)])
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=g) * 1e-3 for p in base.parameters()]
+    runs = []
+    for v in SPEED_VARIANTS:
+        model = copy.deepcopy(base)
+        for p, gr in zip(model.parameters(), grads, strict=True):
+            p.grad = gr.clone()
+        step, held = _speed_variant(v, model)
+        runs.append({"variant": v, "step": step, "held": held, "times": []})
+    for i in range(steps):
+        for r in runs:
+            t0 = time.perf_counter()
+            r["step"]()
+            if i >= warmup:
+                r["times"].append(time.perf_counter() - t0)
+        print(f"  step {i + 1}/{steps}", flush=True)
+    ref = statistics.median(runs[0]["times"])
+    rows = []
+    for r in runs:
+        ms = statistics.median(r["times"])
+        rows.append({"variant": r["variant"], "ms": 1e3 * ms, "vs": ref / ms, "state": r["held"]()})
+    params = sum(p.numel() for p in base.parameters())
+    kernel = fused_adam.available()
+    rows.append({"params": params, "kernel": kernel[1] or "built and loaded"})
+    return rows
+
+
+def _speed_table(rows: list[dict], width: int, layers: int, steps: int, warmup: int) -> str:
+    import platform
+
+    meta = rows[-1]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    lines = [
+        f"`python bench/bench_optimizer_state.py speed --width {width} --layers {layers} --steps {steps} "
+        f"--warmup {warmup} --threads {torch.get_num_threads()}`: one AdamW step (lr 1e-3, weight decay 0.01) over "
+        f"{layers} `nn.Linear({width}, {width})` ({meta['params'] / 1e6:.1f} M parameters, fixed gradients), the "
+        f"variants side by side in one process, taking turns; median of {steps - warmup} timed steps after "
+        f"{warmup} untimed (measured). Machine: {cpu}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. Fused kernel: {meta['kernel']}.",
+        "",
+        "| variant | step ms | vs torch AdamW (default) | state held (MiB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows[:-1]:
+        lines.append(f"| {r['variant']} | {r['ms']:.1f} | {r['vs']:.2f}x | {r['state'] / 2**20:,.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", nargs="?", choices=["quality", "memory"])
+    ap.add_argument("mode", nargs="?", choices=["quality", "memory", "speed"])
+    ap.add_argument("--steps", type=int, default=8, help="speed: steps per variant")
+    ap.add_argument("--warmup", type=int, default=3, help="speed: untimed steps first (torchao compiles)")
+    ap.add_argument("--write", action="store_true", help="speed: write the table to docs/BENCHMARKS.md")
     ap.add_argument("--child")
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=4)
@@ -224,8 +314,15 @@ def main() -> None:
         quality(a.steps_digits, a.steps_char, a.seeds, labels, a.tasks.split(","))
     elif a.mode == "memory":
         memory(a.width, a.layers)
+    elif a.mode == "speed":
+        body = _speed_table(speed(a.width, a.layers, a.steps, a.warmup), a.width, a.layers, a.steps, a.warmup)
+        print(body)
+        if a.write:
+            from _markdown import write_section
+
+            write_section(SPEED_SECTION, body)
     else:
-        ap.error("say quality or memory")
+        ap.error("say quality, memory or speed")
 
 
 if __name__ == "__main__":

@@ -219,6 +219,7 @@ def test_only_the_int8_pair_on_fp32_cpu_adam_takes_the_kernel():
     p = nn.Parameter(torch.randn(64, 64))
     assert fused_adam.covers(torch.optim.AdamW([p]))
     assert not fused_adam.covers(torch.optim.AdamW([p], amsgrad=True))
+    assert not fused_adam.covers(torch.optim.AdamW([p], fused=True))  # torch's fused fp32 step is faster
     assert not fused_adam.covers(torch.optim.SGD([p], lr=0.1, momentum=0.9))
     assert not fused_adam.covers(torch.optim.AdamW([nn.Parameter(torch.randn(4, 4).bfloat16())]))
 

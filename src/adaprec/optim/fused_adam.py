@@ -43,7 +43,7 @@ __all__ = ["available", "applies", "takes_formats", "covers", "adam_step_int8_",
 MAX_BLOCK = 4096  # as in fused_adam.c: a block's moments live on the stack
 _SOURCE = Path(__file__).with_name("fused_adam.c")
 _TINY = torch.finfo(torch.float32).tiny
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-mprefer-vector-width=512", "-shared", "-fPIC"]
 _lock = threading.Lock()
 
 
@@ -140,11 +140,13 @@ def covers(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every narrowable parameter of ``optimizer`` would take the fused path: Adam or AdamW without
     AMSGrad, capturable or differentiable, over fp32 CPU parameters, and the kernel builds here. What
     ``storage="auto"`` asks before it keeps the moments narrow (in formats
-    :func:`adaprec.optim.narrow_state.fused_takes` accepts)."""
+    :func:`adaprec.optim.narrow_state.fused_takes` accepts). An optimizer built with ``fused=True`` is not
+    covered: torch's own fused fp32 step is faster than this kernel (measured on an AMX Xeon: 53 ms
+    against 85 ms for 67 M parameters), and a plan never makes a step slower."""
     if not isinstance(optimizer, torch.optim.Adam):
         return False
     for group in optimizer.param_groups:
-        if any(group.get(k) for k in ("amsgrad", "capturable", "differentiable")):
+        if any(group.get(k) for k in ("amsgrad", "capturable", "differentiable", "fused")):
             return False
         if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in group["params"]):
             return False

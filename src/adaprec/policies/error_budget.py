@@ -88,7 +88,9 @@ class ErrorBudgetPolicy(Policy):
         storage: whether the two storage roles above are used. ``"auto"``
             (default): where this device runs bf16 natively and faster than
             fp32 (its conversions are cheap), with saved tensors only in the
-            ladder's formats packed by one cast (bf16), and in research mode;
+            ladder's formats packed by one cast (bf16) and the moments narrow
+            only where the fused 8-bit kernel updates them (``fused_moments``
+            of :meth:`restrict`), and in research mode;
             elsewhere what is kept stays fp32, because packing it costs step
             time there (measured on an AVX2-only CPU: 1.4-3.7x plain fp32's
             step) and a plan is never slower than plain PyTorch unless asked.
