@@ -199,6 +199,9 @@ def test_storage_auto_narrows_only_where_bf16_is_fast_or_in_research_mode():
     wide = ErrorBudgetPolicy(optimizer_state="bf16")  # moments the kernel does not take: fp32 under auto
     wide.restrict({"fc": {"bf16"}}, fused_moments=True)
     assert wide.optimizer_state == "fp32"
+    p.restrict({"fc": {"int8"}}, fused_moments=True)  # no fast bf16: saved fp32, but the kernel's moments
+    assert p.optimizer_state.startswith("int8") and p.saved_ladder == ("fp32",) and not p.flow_narrow
+    assert "saved tensors and outputs kept fp32" in p.storage_note()
     p.restrict(None)  # research mode: everything narrow, emulated; outputs stay fp32
     assert p.optimizer_state.startswith("int8") and p.saved_ladder[0].startswith("int8") and not p.flow_narrow
     forced = ErrorBudgetPolicy(storage="narrow")

@@ -259,11 +259,11 @@ class ErrorBudgetPolicy(Policy):
             ladder = tuple(f for f in ladder if f in _CAST_STORAGE) or ("fp32",)
             # eager narrow moments are updated chunk by chunk in some thirty tensor passes: measured on an AMX
             # Xeon, the optimizer step took 2.8-13x as long as torch's AdamW with int8 block moments and
-            # 1.2-2.2x with bf16 ones. The fused 8-bit kernel (adaprec.optim.fused_adam) takes 0.47x instead
-            # (22 M parameters: 31 ms against 66), so "auto" keeps 8-bit moments where it covers the
-            # optimizer, and fp32 moments elsewhere ("narrow" trades that time)
-            if not (self.fused_moments and fused_takes(optimizer_state)):
-                optimizer_state = "fp32"
+            # 1.2-2.2x with bf16 ones. The fused 8-bit kernel (adaprec.optim.fused_adam) took 0.28x (67 M
+            # parameters: 85 ms against 303), whatever formats the GEMMs run in, so "auto" keeps 8-bit
+            # moments wherever it covers the optimizer, fp32 moments elsewhere ("narrow" trades that time)
+            wanted = self._narrow_storage[0]
+            optimizer_state = wanted if self.fused_moments and fused_takes(wanted) else "fp32"
         self.optimizer_state, self.saved_ladder = optimizer_state, ladder
 
     def restrict(self, allowed: Mapping[str, Iterable[str]] | None, coupled: Iterable[str] = (), *,
@@ -285,6 +285,9 @@ class ErrorBudgetPolicy(Policy):
             return "kept narrow (research mode)"
         moments = ("optimizer moments 8-bit, updated by the fused kernel" if self.optimizer_state != "fp32" else
                    "optimizer moments fp32 (the fused 8-bit kernel does not cover this optimizer or device)")
+        if self.saved_ladder == ("fp32",):
+            return (f"saved tensors and outputs kept fp32 (no fast bf16 here: packing would slow the step); "
+                    f"{moments}")
         return ("kept narrow: bf16 is native and fast here (saved tensors in formats packed by one cast: "
                 f"{'/'.join(self.saved_ladder)}, outputs flowing in bf16, {moments}; "
                 "storage='narrow' adds block-scaled 8-bit codes for saved tensors, which cost step time)")
