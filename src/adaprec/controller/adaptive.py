@@ -187,7 +187,7 @@ class AdaptivePrecision:
         if self.setup.finalize(type(self.model).__name__):
             self.setup.measure_shapes()  # narrow a module only where its GEMM shapes pay (cached; no-op here if none)
             self.check.owners = param_owners(self.engine.map.model, list(self.engine.kinds))  # the plan's names
-            self.update.plan_changed(self.plan, self.check.owners)
+            self.update.plan_changed(self.plan, self.check.owners, self.policy.moments_min_numel())
             self.setup.tune(self.plan)
 
     def prepare(self, *example_args: Any, **example_kwargs: Any) -> dict[str, str]:
@@ -364,7 +364,7 @@ class AdaptivePrecision:
         who = "guard" if self.policy.incident else self.policy.name
         self.timeline.record_plan_change(step, old, new, who, dict(self.policy.last_reasons or {}))
         self.engine.set_plan(new)
-        self.update.plan_changed(new, self.check.owners)
+        self.update.plan_changed(new, self.check.owners, self.policy.moments_min_numel())
         self.setup.tune(new)
         return tuple(old.diff(new))
 

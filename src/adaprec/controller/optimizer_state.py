@@ -18,7 +18,7 @@ from torch import nn
 
 from adaprec.distributed import stable_hash
 from adaprec.errors import OptimizerStateError
-from adaprec.optim import NarrowOptimizerState
+from adaprec.optim import DEFAULT_MIN_NUMEL, NarrowOptimizerState
 from adaprec.plan import PrecisionPlan
 
 __all__ = ["OptimizerStates"]
@@ -38,19 +38,24 @@ class OptimizerStates:
         self._key: tuple | None = None
         self.key = "fp32"  # names the formats in force (what decides the update's ops)
 
-    def apply(self, plan: PrecisionPlan, owners: Mapping[str, list[tuple[str, nn.Parameter]]]) -> dict[str, str]:
+    def apply(self, plan: PrecisionPlan, owners: Mapping[str, list[tuple[str, nn.Parameter]]],
+              min_numel: int | None = None) -> dict[str, str]:
         """Keep each module's parameters' state in the plan's format (converted now if it changed).
 
-        Returns parameter name -> the format held (small tensors and embeddings stay fp32).
+        ``min_numel``: parameters with fewer elements keep fp32 moments (None: the optimizer state's own
+        floor). Returns parameter name -> the format held (small tensors and embeddings stay fp32).
         """
         wanted = {name: (p, plan.get(m).optimizer_state) for m, params in owners.items()
                   for name, p in params if id(p) in self._mine}
-        key = tuple(sorted((n, spec) for n, (_, spec) in wanted.items()))
+        floor = DEFAULT_MIN_NUMEL if min_numel is None else int(min_numel)
+        key = (("min_numel", str(floor)), *sorted((n, spec) for n, (_, spec) in wanted.items()))
         if key == self._key:
             return {}
         self._key = key
         self.key = f"{stable_hash([list(k) for k in key]):x}"
         narrow_asked = any(spec != "fp32" for _, spec in wanted.values())
+        if self.narrow is not None:
+            self.narrow.min_numel = floor
         if self.narrow is None:
             if narrow_asked:
                 self._warn(f"the plan keeps optimizer state narrow, but {self.reason}: it stays fp32")

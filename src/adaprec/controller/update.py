@@ -27,9 +27,11 @@ class Update:
                  fused: bool) -> None:
         self.states, self.rollback, self.bytes, self.fused = states, rollback, step_bytes, fused
 
-    def plan_changed(self, plan: PrecisionPlan, owners: dict[str, list[tuple[str, nn.Parameter]]]) -> None:
-        """The optimizer's moments follow the plan's ``optimizer_state`` (converted now when it changed)."""
-        self.states.apply(plan, owners)
+    def plan_changed(self, plan: PrecisionPlan, owners: dict[str, list[tuple[str, nn.Parameter]]],
+                     min_numel: int | None = None) -> None:
+        """The optimizer's moments follow the plan's ``optimizer_state`` (converted now when it changed);
+        ``min_numel``: the policy's floor for narrow moments (:meth:`Policy.moments_min_numel`)."""
+        self.states.apply(plan, owners, min_numel)
 
     def apply(self, step: int, health: StepHealth, policy: Policy, monitor: HealthMonitor) -> tuple[bool, bool, str]:
         """Skip, roll back or step: (stepped, rolled back, reason)."""

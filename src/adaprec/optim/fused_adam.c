@@ -78,10 +78,11 @@ int adaprec_adam_int8_blocks(
             mi = low ? lo : hi;
             vi = vi * beta2;
             vi = vi + one_minus_beta2 * gi * gi;
-            float denom = sqrtf(vi) / bc2_sqrt + eps;
+            const float rv = sqrtf(fabsf(vi));  /* one square root serves the update and the sqrt map */
+            float denom = (vi < 0.0f ? NAN : rv) / bc2_sqrt + eps;  /* sqrt(vi), NaN below zero */
             pb[i] = pi + neg_step_size * (mi / denom);
             m[i] = copysignf(sqrtf(fabsf(mi)), mi);
-            v[i] = copysignf(sqrtf(fabsf(vi)), vi);
+            v[i] = copysignf(rv, vi);
         }
         /* absmax over the finite values, on the bit patterns (the order of non-negative floats; inf and NaN
            lie above 0x7f800000 - 1 and count as 0); the padding of a last, partial block holds zeros */

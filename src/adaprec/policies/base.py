@@ -78,6 +78,11 @@ class Policy(ABC):
         not decide them)."""
         return ""
 
+    def moments_min_numel(self) -> int | None:
+        """The fewest elements a parameter needs for the plan's narrow ``optimizer_state`` to apply to it (None:
+        the optimizer state's own floor, 4096)."""
+        return None
+
     def allowed_for(self, module: str) -> frozenset[str] | None:
         """The formats ``module`` may use, or None when unrestricted."""
         if self.allowed is None:

@@ -48,6 +48,8 @@ DEFAULT_TARGETS: dict[str, float] = {"weight": 20.0, "activation": 20.0, "grad_o
 # activation after a round trip through that storage format's own block-scaled codes (measured on whole blocks).
 SAVED_LADDER = ("int8", "fp8_e4m3", "bf16", "fp32")
 SAVED_TARGET = 30.0
+# under storage="auto", the smallest parameter whose moments the fused 8-bit kernel keeps (see moments_min_numel)
+FUSED_MIN_NUMEL = 1 << 20
 # storage formats packed by a plain cast: what storage="auto" keeps saved tensors in on a real device
 _CAST_STORAGE = ("bf16", "fp16", "fp32")
 STORAGE_CHOICES = ("auto", "narrow", "fp32")  # whether the storage roles are used (the ``storage`` option)
@@ -273,6 +275,13 @@ class ErrorBudgetPolicy(Policy):
             research = self.allowed is None
             self._use_storage(research or any("bf16" in f for f in self.allowed.values()), casts_only=not research)
 
+    def moments_min_numel(self) -> int | None:
+        """Under ``storage="auto"`` on a device, moments narrow only for parameters of ``FUSED_MIN_NUMEL``
+        elements or more: below that the fused kernel's call costs more than torch's own step saves (measured
+        on an AMX Xeon, one AdamW step: 200 k elements 0.77 ms fused against 0.47 ms torch; 1 M elements
+        1.6 ms against 4.3 ms)."""
+        return FUSED_MIN_NUMEL if self.storage == "auto" and self.allowed is not None else None
+
     def storage_note(self) -> str:
         """What the storage roles do on this device, and why (for the report)."""
         narrow = self.optimizer_state != "fp32" or self.saved_ladder != ("fp32",)
@@ -283,7 +292,8 @@ class ErrorBudgetPolicy(Policy):
                     "(storage='narrow' trades step time for memory)")
         if self.allowed is None:
             return "kept narrow (research mode)"
-        moments = ("optimizer moments 8-bit, updated by the fused kernel" if self.optimizer_state != "fp32" else
+        moments = (f"optimizer moments 8-bit for parameters of {FUSED_MIN_NUMEL:,} elements or more, updated by "
+                   "the fused kernel" if self.optimizer_state != "fp32" else
                    "optimizer moments fp32 (the fused 8-bit kernel does not cover this optimizer or device)")
         if self.saved_ladder == ("fp32",):
             return (f"saved tensors and outputs kept fp32 (no fast bf16 here: packing would slow the step); "

@@ -112,6 +112,9 @@ class Guard(Policy):
     def storage_note(self) -> str:
         return self.policy.storage_note()
 
+    def moments_min_numel(self) -> int | None:
+        return self.policy.moments_min_numel()
+
     def setup(
         self, template: PrecisionPlan, total_steps: int | None = None, steps_per_epoch: int | None = None
     ) -> PrecisionPlan:
