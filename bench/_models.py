@@ -188,6 +188,8 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {
     "gpt2": gpt2,
     "bert": bert,
     "encoder": encoder_lm,
+    # bench_memory's parameter-heavy regime (101 M parameters, few tokens): the optimizer step dominates
+    "encoder-params": lambda: encoder_lm(8, 1024, 32, 2),
     "wide": lambda: char_gpt(6, 384, 6, 256, 8, "the project's wide GPT"),
     "nanogpt": lambda: char_gpt(4, 128, 4, 64, 12, "nanoGPT CPU config"),
     "digits": lambda: task("digits-cnn"),
