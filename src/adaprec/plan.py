@@ -174,6 +174,8 @@ class ModulePrecision:
         """This precision with storage role ``role`` (``saved``, ``optimizer_state``, ``output``) kept as ``spec``."""
         if role not in STORAGE_ROLES:
             raise PlanError(f"unknown storage role {role!r}; storage roles are {', '.join(STORAGE_ROLES)}")
+        if getattr(self, role) == spec:  # frozen: the same value needs no copy (nor its checks, every step)
+            return self
         return replace(self, **{role: spec})
 
 

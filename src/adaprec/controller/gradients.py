@@ -23,17 +23,32 @@ __all__ = ["GradientCheck", "StepHealth", "LocalView", "unscale_grads", "param_o
 
 def unscale_grads(grads: Sequence[torch.Tensor], scale: float) -> bool:
     """Divide ``grads`` by ``scale`` in place, one fused kernel per device; True when one holds inf/NaN."""
-    found = torch.zeros(1)
     if not grads:
         return False
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
+    found = False
     for dev, gs in by_device.items():
         flag = torch.zeros(1, device=dev)
-        torch._amp_foreach_non_finite_check_and_unscale_(gs, flag, torch.tensor(1.0 / scale, device=dev))
-        found += flag.cpu()
-    return bool(found.item() > 0)
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, flag, _inverse(1.0 / scale, dev))
+        found = bool(flag.item() > 0) or found  # one host sync per device
+    return found
+
+
+def _inverse(value: float, device: torch.device) -> torch.Tensor:
+    """A 0-d tensor of ``value`` on ``device``, kept for the common 1/scale values (1.0 on every step of a
+    run without loss scaling): building it costs more than the check on a small model."""
+    key = (value, device)
+    t = _INVERSES.get(key)
+    if t is None:
+        if len(_INVERSES) > 64:
+            _INVERSES.clear()
+        t = _INVERSES[key] = torch.tensor(value, device=device)
+    return t
+
+
+_INVERSES: dict[tuple[float, torch.device], torch.Tensor] = {}
 
 
 @dataclass(frozen=True)

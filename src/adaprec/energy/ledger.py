@@ -65,6 +65,7 @@ class EnergyLedger:
         self.target = load_profile(target) if target is not None else None
         self.grid_intensity_g_per_kwh = grid_intensity_g_per_kwh
         self._cache: OrderedDict[tuple, PricedStep] = OrderedDict()
+        self._fixed: dict[tuple, dict[str, Any]] = {}  # (signature, profile) -> the row's derived figures
         self.world_size = 1  # ranks the current steps are summed over (set by the controller)
         self.rank = 0
         self._reset()
@@ -117,31 +118,18 @@ class EnergyLedger:
         actual = self._price(cost, sig, "executed", self.profile)
         fp32 = self._price(cost, sig, "fp32", self.profile)
         bf16 = self._price(cost, sig, "bf16", self.profile)
-        by_fmt = actual.macs_by_format()
-        macs = int(actual.total("macs"))
-        covered = cost.covered_macs
-        native_narrow = sum(g.macs for m in cost.modules.values() for g in m.gemms if g.native and g.fmt != "fp32")
-        emulated = sum(g.macs for m in cost.modules.values() for g in m.gemms if not g.native)
+        fixed = self._fixed.get((sig, self.profile.name))
+        if fixed is None:  # what depends on the priced cost alone, derived once per distinct step
+            fixed = self._fixed[(sig, self.profile.name)] = self._derive(cost, actual, fp32, bf16)
+            if len(self._fixed) > _CACHE_SIZE:
+                self._fixed.pop(next(iter(self._fixed)))
+        by_fmt = fixed["macs_by_format"]
         row: dict[str, Any] = {
             "step": int(step),
             "plan": plan.summary(),
             "profile": self.profile.name,
-            "macs": macs,
-            "covered_macs": int(covered),
-            "narrow_macs": int(native_narrow),
-            "emulated_macs": int(emulated),
-            "bitops": int(actual.total("bitops")),
-            "bytes_moved": float(actual.total("bytes_moved")),
-            "op_bytes": float(actual.total("op_bytes")),
-            "bytes_source": cost.bytes_source or "modeled",
-            "bytes_by_format": actual.bytes_by_format(),
-            "bytes_by_class": actual.bytes_by_class(),
-            "compute_j": actual.total("compute_j"),
-            "memory_j": actual.total("memory_j"),
-            "modeled_j": actual.modeled_j,
-            "fp32_modeled_j": fp32.modeled_j,
-            "bf16_modeled_j": bf16.modeled_j,
-            "macs_by_format": by_fmt,
+            **{k: (dict(v) if isinstance(v, dict) else v) for k, v in fixed.items()},
+            "bytes_source": cost.bytes_source or "modeled",  # not in the signature: counted or replayed
             "wall_s": None if wall_s is None else float(wall_s),
             "measured_j": None if measured_j is None else float(measured_j),
             "measured_reason": measured_reason
@@ -173,6 +161,28 @@ class EnergyLedger:
         self._assumptions |= actual.assumptions
         self._assumptions |= {f"(fp32/bf16 counterfactuals) {a}" for a in (fp32.assumptions | bf16.assumptions) - actual.assumptions}
         return row
+
+    @staticmethod
+    def _derive(cost: StepCost, actual: PricedStep, fp32: PricedStep, bf16: PricedStep) -> dict[str, Any]:
+        """The row's figures that follow from the priced cost (the same for every step of one signature)."""
+        gemms = [g for m in cost.modules.values() for g in m.gemms]
+        return {
+            "macs": int(actual.total("macs")),
+            "covered_macs": int(cost.covered_macs),
+            "narrow_macs": int(sum(g.macs for g in gemms if g.native and g.fmt != "fp32")),
+            "emulated_macs": int(sum(g.macs for g in gemms if not g.native)),
+            "bitops": int(actual.total("bitops")),
+            "bytes_moved": float(actual.total("bytes_moved")),
+            "op_bytes": float(actual.total("op_bytes")),
+            "bytes_by_format": actual.bytes_by_format(),
+            "bytes_by_class": actual.bytes_by_class(),
+            "compute_j": actual.total("compute_j"),
+            "memory_j": actual.total("memory_j"),
+            "modeled_j": actual.modeled_j,
+            "fp32_modeled_j": fp32.modeled_j,
+            "bf16_modeled_j": bf16.modeled_j,
+            "macs_by_format": actual.macs_by_format(),
+        }
 
     # --- torch.distributed: one ledger for all ranks ----------------------------------
     @staticmethod
