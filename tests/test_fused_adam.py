@@ -261,6 +261,8 @@ def test_the_default_keeps_8bit_moments_where_the_kernel_covers_the_optimizer(ma
     held = ap.update.states.narrow.formats()
     big, small = model[2].weight, model[0].weight  # 1 Mi elements; 64 Ki, where the kernel's call costs more
     assert (held[big] != "fp32") == narrow and held[small] == "fp32", held
+    # the plan says what is held: 8-bit moments only for the module the kernel updates
+    assert (ap.plan.get("2").optimizer_state != "fp32") == narrow and ap.plan.get("0").optimizer_state == "fp32"
     assert ("fused kernel" in ap.policy.storage_note()) == narrow
     assert ap.policy.moments_min_numel() == 1 << 20
     ap.close()

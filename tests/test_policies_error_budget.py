@@ -194,12 +194,13 @@ def test_storage_auto_narrows_only_where_bf16_is_fast_or_in_research_mode():
     assert p.optimizer_state == "fp32" and p.flow_narrow
     assert p.saved_ladder == ("bf16", "fp32") and "storage='narrow' adds" in p.storage_note()
     assert "does not cover" in p.storage_note()
-    p.restrict({"fc": {"bf16", "int8"}}, fused_moments=True)  # the fused kernel covers the optimizer: 8-bit
+    p.restrict({"fc": {"bf16", "int8"}}, fused_moments={"fc"})  # the fused kernel updates fc's moments: 8-bit
     assert p.optimizer_state.startswith("int8") and "fused kernel" in p.storage_note()
+    assert p._moments("fc").startswith("int8") and p._moments("small") == "fp32"  # the plan says what is held
     wide = ErrorBudgetPolicy(optimizer_state="bf16")  # moments the kernel does not take: fp32 under auto
-    wide.restrict({"fc": {"bf16"}}, fused_moments=True)
+    wide.restrict({"fc": {"bf16"}}, fused_moments={"fc"})
     assert wide.optimizer_state == "fp32"
-    p.restrict({"fc": {"int8"}}, fused_moments=True)  # no fast bf16: saved fp32, but the kernel's moments
+    p.restrict({"fc": {"int8"}}, fused_moments={"fc"})  # no fast bf16: saved fp32, but the kernel's moments
     assert p.optimizer_state.startswith("int8") and p.saved_ladder == ("fp32",) and not p.flow_narrow
     assert "saved tensors and outputs kept fp32" in p.storage_note()
     p.restrict(None)  # research mode: everything narrow, emulated; outputs stay fp32

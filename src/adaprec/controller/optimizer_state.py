@@ -54,12 +54,11 @@ class OptimizerStates:
         self._key = key
         self.key = f"{stable_hash([list(k) for k in key]):x}"
         narrow_asked = any(spec != "fp32" for _, spec in wanted.values())
-        if self.narrow is not None:
-            self.narrow.min_numel = floor
         if self.narrow is None:
             if narrow_asked:
                 self._warn(f"the plan keeps optimizer state narrow, but {self.reason}: it stays fp32")
             return {n: "fp32" for n in wanted}
+        self.narrow.min_numel = floor
         try:
             held = self.narrow.set_formats({p: spec for p, spec in wanted.values()})
         except OptimizerStateError as e:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from adaprec.controller.config import ControllerConfig
+from adaprec.controller.gradients import param_owners
 from adaprec.distributed import alias_fsdp_params, fsdp_modules
 from adaprec.engine import Capabilities, PrecisionEngine
 from adaprec.engine.allocator import tune_cpu_allocator
@@ -36,6 +37,7 @@ from adaprec.hardware.shapes import (
     measure_gemms,
 )
 from adaprec.monitor import HealthMonitor
+from adaprec.optim.fused_adam import AUTO_MIN_NUMEL
 from adaprec.plan import ModulePrecision, PrecisionPlan, pin_matches
 from adaprec.policies import Policy
 from adaprec.timeline import Timeline
@@ -125,8 +127,9 @@ class PlanSetup:
         self.shapes: dict[str, list[GemmShape]] = {}  # module -> its linear GEMMs' shapes, seen in discovery
         self.table: ShapeTable | None = None  # their measured speedups (shape-aware decisions)
         self.widened: dict[str, str] = {}  # module -> why a narrow format the device has does not pay there
-        self.fused_moments: Callable[[], bool] = lambda: False  # the optimizer's 8-bit moments fuse here (set
-        # by the controller; asked only when a device restricts the formats)
+        # whether the optimizer's 8-bit moments update in the fused kernel here (set by the controller; asked
+        # only when a device restricts the formats)
+        self.fused_moments: Callable[[], bool] = lambda: False
         engine.tally.on_record.append(self._seen)
         engine.set_plan(policy.setup(self.template, *config.run_length))
 
@@ -167,7 +170,15 @@ class PlanSetup:
 
     def _restrict(self) -> None:
         allowed, coupled = self.allowed()
-        self.policy.restrict(allowed, coupled, fused_moments=allowed is not None and self.fused_moments())
+        self.policy.restrict(allowed, coupled, fused_moments=self.fused_modules() if allowed is not None else ())
+
+    def fused_modules(self) -> frozenset[str]:
+        """The modules whose 8-bit moments the fused kernel would update here: the kernel covers the optimizer
+        and the module owns a parameter of ``AUTO_MIN_NUMEL`` elements or more (smaller ones stay fp32)."""
+        if not self.fused_moments():
+            return frozenset()
+        owners = param_owners(self.engine.map.model, list(self.engine.kinds))
+        return frozenset(m for m, params in owners.items() if any(p.numel() >= AUTO_MIN_NUMEL for _, p in params))
 
     def measure_shapes(self) -> None:
         """Once, after discovery: time the model's distinct linear GEMM shapes in the narrow formats this device

@@ -151,7 +151,7 @@ class SpeedCheck:
         names = list(ap.setup.template.modules)
         ok = {m: frozenset(f for f in (allowed or {}).get(m, frozenset({"fp32"})) if f not in self.dropped) | {"fp32"}
               for m in names}
-        ap.policy.restrict(ok, coupled, fused_moments=ap.setup.fused_moments())
+        ap.policy.restrict(ok, coupled, fused_moments=ap.setup.fused_modules())
         ap.setup.configure_monitor()  # what is left to measure
         return ok
 

@@ -36,9 +36,9 @@ static inline uint8_t to_e4m3(float f, int inf_nan) {
 }
 
 /* Blocks [blk0, blk1) of a tensor of n elements. Returns 0, or 1 when the block size is unsupported.
-   lut: the 256 E4M3 codes as fp32. Scalars as torch's Adam computes them (see narrow_state.adam_update_). */
+   Scalars as torch's Adam computes them (see narrow_state.adam_update_). */
 int adaprec_adam_int8_blocks(
-    float *p, const float *g, int8_t *mc, float *ms, uint8_t *vc, float *vs, const float *lut,
+    float *p, const float *g, int8_t *mc, float *ms, uint8_t *vc, float *vs,
     int64_t n, int64_t block, int64_t blk0, int64_t blk1,
     float decay,        /* decoupled: 1 - lr*wd (1 when none) */
     float l2,           /* coupled weight decay (0 when none) */

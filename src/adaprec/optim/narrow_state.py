@@ -280,7 +280,6 @@ class _AdamRule(_Rule):
             decoupled=bool(group.get("decoupled_weight_decay", False)), maximize=bool(group.get("maximize")),
         )
 
-
     def fused(self, p: torch.Tensor, packs: Mapping[str, PackedTensor], group: Mapping[str, Any],
               step: float) -> None:
         """The same update through the fused 8-bit kernel (the caller checked :func:`fused_adam.applies`).

@@ -58,20 +58,22 @@ class Policy(ABC):
         self.allowed: dict[str, frozenset[str]] | None = None
         # modules whose activation, weight and output gradient must share one format (their native kernels need it)
         self.coupled: frozenset[str] = frozenset()
-        self.fused_moments = False  # the optimizer's 8-bit moments update in one fused pass here
+        self.fused_moments: frozenset[str] = frozenset()  # modules whose 8-bit moments the fused kernel updates
 
     def restrict(self, allowed: Mapping[str, Iterable[str]] | None, coupled: Iterable[str] = (), *,
-                 fused_moments: bool = False) -> None:
+                 fused_moments: Iterable[str] = ()) -> None:
         """Tell the policy which formats each module may use on this device (hardware-aware decisions).
 
         Called by the controller before :meth:`setup`; ``None`` lifts the
         restriction (research mode: any format, emulated where needed).
-        ``fused_moments``: the user's optimizer keeps 8-bit moments at no cost
-        in step time here (:func:`adaprec.optim.fused_adam.covers`).
+        ``fused_moments``: the modules whose 8-bit moments the user's optimizer
+        keeps at no cost in step time here (the fused kernel covers the
+        optimizer, :func:`adaprec.optim.fused_adam.covers`, and the module has
+        a parameter of ``AUTO_MIN_NUMEL`` elements or more).
         """
         self.allowed = None if allowed is None else {m: frozenset(f) | {"fp32"} for m, f in allowed.items()}
         self.coupled = frozenset(coupled)
-        self.fused_moments = bool(fused_moments)
+        self.fused_moments = frozenset(fused_moments)
 
     def storage_note(self) -> str:
         """What the plan's storage roles do on this device and why, for the report ("" when the policy does

@@ -18,6 +18,7 @@ from adaprec.errors import FormatSpecError, PlanError, PolicyError, UnknownForma
 from adaprec.formats import get, width_key
 from adaprec.formats.storage import storage_format
 from adaprec.monitor.snapshot import Snapshot, TensorStats
+from adaprec.optim import fused_adam
 from adaprec.optim.narrow_state import fused_takes
 from adaprec.plan import ROLES, PrecisionPlan, preset
 from adaprec.policies.base import Policy, _check_keys
@@ -48,8 +49,6 @@ DEFAULT_TARGETS: dict[str, float] = {"weight": 20.0, "activation": 20.0, "grad_o
 # activation after a round trip through that storage format's own block-scaled codes (measured on whole blocks).
 SAVED_LADDER = ("int8", "fp8_e4m3", "bf16", "fp32")
 SAVED_TARGET = 30.0
-# under storage="auto", the smallest parameter whose moments the fused 8-bit kernel keeps (see moments_min_numel)
-FUSED_MIN_NUMEL = 1 << 20
 # storage formats packed by a plain cast: what storage="auto" keeps saved tensors in on a real device
 _CAST_STORAGE = ("bf16", "fp16", "fp32")
 STORAGE_CHOICES = ("auto", "narrow", "fp32")  # whether the storage roles are used (the ``storage`` option)
@@ -150,7 +149,7 @@ class ErrorBudgetPolicy(Policy):
         else:
             mp = preset("fp32")
         warm_saved = "bf16" if "bf16" in self.saved_ladder else "fp32"
-        mp = mp.with_storage("optimizer_state", self.optimizer_state).with_storage("saved", warm_saved)
+        mp = mp.with_storage("optimizer_state", self._moments(module)).with_storage("saved", warm_saved)
         return self._flow(module, mp)
 
     def _flow(self, module: str, mp):  # noqa: ANN001, ANN202
@@ -269,18 +268,27 @@ class ErrorBudgetPolicy(Policy):
         self.optimizer_state, self.saved_ladder = optimizer_state, ladder
 
     def restrict(self, allowed: Mapping[str, Iterable[str]] | None, coupled: Iterable[str] = (), *,
-                 fused_moments: bool = False) -> None:
+                 fused_moments: Iterable[str] = ()) -> None:
         super().restrict(allowed, coupled, fused_moments=fused_moments)
         if self.storage == "auto":  # narrow storage where this device converts cheaply (bf16 native and fast)
             research = self.allowed is None
             self._use_storage(research or any("bf16" in f for f in self.allowed.values()), casts_only=not research)
 
+    def _auto_on_device(self) -> bool:
+        return self.storage == "auto" and self.allowed is not None
+
+    def _moments(self, module: str) -> str:
+        """The module's optimizer-state spec: under ``storage="auto"`` on a device, narrow only for the modules
+        the fused kernel updates (``fused_moments``), so the plan says what is held."""
+        if self._auto_on_device() and module not in self.fused_moments:
+            return "fp32"
+        return self.optimizer_state
+
     def moments_min_numel(self) -> int | None:
-        """Under ``storage="auto"`` on a device, moments narrow only for parameters of ``FUSED_MIN_NUMEL``
-        elements or more: below that the fused kernel's call costs more than torch's own step saves (measured
-        on an AMX Xeon, one AdamW step: 200 k elements 0.77 ms fused against 0.47 ms torch; 1 M elements
-        1.6 ms against 4.3 ms)."""
-        return FUSED_MIN_NUMEL if self.storage == "auto" and self.allowed is not None else None
+        """Under ``storage="auto"`` on a device, moments narrow only for parameters of
+        :data:`adaprec.optim.fused_adam.AUTO_MIN_NUMEL` elements or more, where the fused kernel beats torch's
+        own step."""
+        return fused_adam.AUTO_MIN_NUMEL if self._auto_on_device() else None
 
     def storage_note(self) -> str:
         """What the storage roles do on this device, and why (for the report)."""
@@ -292,8 +300,8 @@ class ErrorBudgetPolicy(Policy):
                     "(storage='narrow' trades step time for memory)")
         if self.allowed is None:
             return "kept narrow (research mode)"
-        moments = (f"optimizer moments 8-bit for parameters of {FUSED_MIN_NUMEL:,} elements or more, updated by "
-                   "the fused kernel" if self.optimizer_state != "fp32" else
+        moments = (f"optimizer moments 8-bit for parameters of {fused_adam.AUTO_MIN_NUMEL:,} elements or more, "
+                   "updated by the fused kernel" if self.optimizer_state != "fp32" else
                    "optimizer moments fp32 (the fused 8-bit kernel does not cover this optimizer or device)")
         if self.saved_ladder == ("fp32",):
             return (f"saved tensors and outputs kept fp32 (no fast bf16 here: packing would slow the step); "
@@ -441,7 +449,7 @@ class ErrorBudgetPolicy(Policy):
         """The storage roles: the optimizer state as configured; what autograd keeps, the narrowest saved
         format whose measured round trip on the module's activation keeps ``saved_target`` dB (widened at once,
         narrowed after ``patience`` checks)."""
-        mp = mp.with_storage("optimizer_state", self.optimizer_state)
+        mp = mp.with_storage("optimizer_state", self._moments(module))
         if stats is None:
             return self._flow(module, mp)
         target = self.saved_target + (self.target(module, "activation", step) - self.targets["activation"])

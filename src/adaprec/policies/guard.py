@@ -105,7 +105,7 @@ class Guard(Policy):
         """Alias of ``rollback_requested``: restore weights and optimizer, run the step again."""
         return self.rollback_requested
 
-    def restrict(self, allowed, coupled=(), *, fused_moments=False) -> None:  # noqa: ANN001 - as Policy.restrict
+    def restrict(self, allowed, coupled=(), *, fused_moments=()) -> None:  # noqa: ANN001 - as Policy.restrict
         super().restrict(allowed, coupled, fused_moments=fused_moments)
         self.policy.restrict(allowed, coupled, fused_moments=fused_moments)
 
