@@ -153,7 +153,7 @@ def table(results: list[tuple[str, list[dict]]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", default="gpt2,bert,encoder,wide,nanogpt,digits,mnist1d,mnist-mlp")
+    ap.add_argument("--workloads", default="gpt2,bert,encoder,encoder-params,wide,nanogpt,digits,mnist1d,mnist-mlp")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=16, help="steps per variant, the first (setup check) untimed")
     ap.add_argument("--warmup", type=int, default=4, help="timed steps left out of the median")
