@@ -343,12 +343,18 @@ class HealthMonitor:
         for k in keys:
             _, _, _, a, s = self._pending[k]
             flat += [a.to(torch.float64).reshape(1).cpu(), s.to(torch.float64).cpu()]
+        # only what is still a tensor needs the sync: a norm or diversity read at an earlier snapshot is a
+        # float already (on most steps every one of them: nothing to copy, nothing to wait for)
+        norm_t = {m for m in norm_keys if torch.is_tensor(self._grad_norm[m])}
+        div_t = {m for m in div_keys if any(torch.is_tensor(x) for x in self._div[m])}
         for m in norm_keys:
-            flat.append(torch.as_tensor(self._grad_norm[m], dtype=torch.float64).reshape(1).cpu())
+            if m in norm_t:
+                flat.append(torch.as_tensor(self._grad_norm[m], dtype=torch.float64).reshape(1).cpu())
         for m in div_keys:
-            num, den = self._div[m]
-            flat.append(torch.as_tensor(num, dtype=torch.float64).reshape(1).cpu())
-            flat.append(torch.as_tensor(den, dtype=torch.float64).reshape(1).cpu())
+            if m in div_t:
+                num, den = self._div[m]
+                flat.append(torch.as_tensor(num, dtype=torch.float64).reshape(1).cpu())
+                flat.append(torch.as_tensor(den, dtype=torch.float64).reshape(1).cpu())
         vals = torch.cat(flat).tolist() if flat else []
         pos = 0
         modules: dict[str, dict[str, TensorStats]] = {}
@@ -360,14 +366,17 @@ class HealthMonitor:
             modules.setdefault(k[0], {})[k[1]] = stats_from_sums(formats, scalings, current, a, sums)
         grad_norm = {}
         for m in norm_keys:
-            grad_norm[m] = vals[pos]
-            self._grad_norm[m] = vals[pos]
-            pos += 1
+            if m in norm_t:
+                self._grad_norm[m] = vals[pos]
+                pos += 1
+            grad_norm[m] = float(self._grad_norm[m])
         diversity: dict[str, float] = {}
         tot_num = tot_den = 0.0
         for m in div_keys:
-            num, den = vals[pos], vals[pos + 1]
-            pos += 2
+            if m in div_t:
+                self._div[m] = (vals[pos], vals[pos + 1])
+                pos += 2
+            num, den = (float(x) for x in self._div[m])
             self._div[m] = (num, den)
             tot_num += num
             tot_den += den
