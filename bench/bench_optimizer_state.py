@@ -66,7 +66,7 @@ class _Peer:
         self.opt.step()
 
     def nbytes(self) -> dict[str, int]:
-        return {"torchao": sum(t.numel() * t.element_size() for s in self.opt.state.values() for t in _tensors(s))}
+        return {"torchao": _state_bytes(self.opt)}
 
 
 def _narrow(opt: torch.optim.Optimizer, model: nn.Module, spec: object):
@@ -171,7 +171,7 @@ def memory_child(variant: str, width: int, layers: int) -> dict:
     for p in model.parameters():  # gradients as backward leaves them: one fp32 tensor per parameter
         p.grad = torch.randn(p.shape, generator=g) * 1e-3
     step()  # creates the state
-    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in _tensors(s))
+    state_bytes = _state_bytes(opt)
     peak = PeakMemory()
     peak.reset()
     base = _rss()
@@ -188,6 +188,11 @@ def _tensors(state: dict) -> list[torch.Tensor]:
             inner = [getattr(v, a) for a in ("codes", "scale", "qmap") if hasattr(v, a) and torch.is_tensor(getattr(v, a))]
             out.extend(inner or [v])
     return out
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes the optimizer's state tensors hold (torchao's subclasses: their codes, scales and maps)."""
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in _tensors(s))
 
 
 def _rss() -> int:
@@ -219,11 +224,11 @@ def _speed_variant(variant: str, model: nn.Module):
         from torchao.optim import AdamW8bit
 
         opt: torch.optim.Optimizer = AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.01)
-        return opt.step, lambda: sum(t.numel() * t.element_size() for s in opt.state.values() for t in _tensors(s))
-    kw = {"foreach": True} if variant.endswith("foreach") else {"fused": True} if variant.endswith("fused") else {}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, **kw)
+    else:
+        kw = {"foreach": True} if variant.endswith("foreach") else {"fused": True} if variant.endswith("fused") else {}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, **kw)
     if not variant.startswith("adaprec"):
-        return opt.step, lambda: sum(t.numel() * t.element_size() for s in opt.state.values() for t in _tensors(s))
+        return opt.step, lambda: _state_bytes(opt)
     from adaprec.optim import NarrowOptimizerState
 
     ns = NarrowOptimizerState(opt, model=model, fused="fused kernel" in variant)
