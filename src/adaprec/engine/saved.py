@@ -65,7 +65,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from adaprec.engine.saved_bytes import PACKED, SavedBytes, SavedRow
+from adaprec.engine import saved_derive
+from adaprec.engine.saved_bytes import DERIVED, PACKED, SavedBytes, SavedRow
 from adaprec.errors import CheckpointError, SavedTensorModifiedError, UsageError
 from adaprec.formats.storage import PackedTensor, StorageFormat, pack, storage_format, unpack
 
@@ -80,7 +81,7 @@ DEFAULT_MIN_NUMEL = 1 << 16  # 256 KiB in fp32: norm statistics and attention lo
 _CAST_OR_VIEW = frozenset({
     "ToCopyBackward0", "TBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
     "PermuteBackward0", "TransposeBackward0", "ExpandBackward0", "CloneBackward0", "AliasBackward0",
-    "_CastOperandBackward",
+    "_CastOperandBackward", "SplitBackward0", "SplitWithSizesBackward0", "_OnBackwardBackward",
 })
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -157,24 +158,67 @@ def _unpack_pieces(pieces: list[PackedTensor], shape: torch.Size, dtype: torch.d
 class _Packed:
     """A saved tensor packed in a storage format (or, once found alive anyway, its original)."""
 
-    __slots__ = ("packed", "original", "shape", "dtype", "version", "ref", "sref", "key", "before", "after",
-                 "__weakref__")
+    __slots__ = ("packed", "original", "shape", "dtype", "device", "spec", "version", "ref", "sref", "key", "before",
+                 "after", "__weakref__")
 
     def __init__(self, t: torch.Tensor, spec: Any, key: tuple) -> None:
         self.packed: list[PackedTensor] | None = _pack_pieces(t, spec)
+        self._note(t, spec, key)
+        self.after = sum(int(p.nbytes) for p in self.packed)
+
+    def _note(self, t: torch.Tensor, spec: Any, key: tuple) -> None:
         self.original: torch.Tensor | None = None
-        self.shape, self.dtype, self.version = t.shape, t.dtype, t._version
+        self.shape, self.dtype, self.device, self.spec, self.version = t.shape, t.dtype, t.device, spec, t._version
         self.ref = weakref.ref(t)  # to see, at the end of forward, whether the original outlived it
         self.sref = StorageWeakRef(t.untyped_storage())  # to share the copy only while the same memory lives
         self.key = key
         self.before = t.numel() * t.element_size()
-        self.after = sum(int(p.nbytes) for p in self.packed)
+
+    def keep_original(self, t: torch.Tensor) -> None:
+        """The original outlived forward: hold it (exact) and let the copy go."""
+        self.original, self.packed = t.detach(), None
 
     def tensor(self) -> torch.Tensor:
         if self.original is not None:
             return self.original
         assert self.packed is not None  # one of the two is always set
         return _unpack_pieces(self.packed, self.shape, self.dtype)
+
+
+class _Derived(_Packed):
+    """A saved tensor kept as a recipe: another saved tensor (``source``) and the cheap steps that made it from it
+    (:mod:`adaprec.engine.saved_derive`); no bytes of its own."""
+
+    __slots__ = ("source", "steps")
+
+    def __init__(self, t: torch.Tensor, spec: Any, key: tuple, source: Any, steps: tuple) -> None:
+        self.packed = None
+        self._note(t, spec, key)
+        self.after = 0
+        self.source, self.steps = source, steps
+
+    def keep_original(self, t: torch.Tensor) -> None:
+        self.original, self.source, self.steps = t.detach(), None, ()
+
+    def tensor(self) -> torch.Tensor:
+        if self.original is not None:
+            return self.original
+        return saved_derive.replay(_value(self.source), self.steps)
+
+
+def _read_saved(node: Any, attr: str) -> Any:
+    return getattr(node, attr)
+
+
+def _value(h: _Kept | _Packed) -> torch.Tensor:
+    return h.t if isinstance(h, _Kept) else h.tensor()
+
+
+def _exact_enough(source: _Kept | _Packed, spec: Any) -> bool:
+    """Whether values recomputed from ``source`` are kept at least as well as ``spec`` would keep them."""
+    if isinstance(source, _Kept):
+        return True
+    return str(source.spec) == str(spec) or source.spec.bits_per_element > spec.bits_per_element
 
 
 class _Modules:
@@ -247,6 +291,7 @@ class SavedTensorStorage:
         min_numel: int = DEFAULT_MIN_NUMEL,
         roles: bool = True,
         sweep: bool = True,
+        derive: bool = True,
         enabled: bool = True,
     ) -> None:
         if model is not None and module_name is not None:
@@ -256,6 +301,10 @@ class SavedTensorStorage:
         self.format_for = format_for
         self.model, self.module_name = model, module_name
         self.min_numel, self.roles, self.sweep, self.enabled = int(min_numel), roles, sweep, enabled
+        self.derive = derive
+        self._sources: dict[tuple, _Kept | _Packed] = {}  # (grad_fn, output_nr) -> handle, this pass only
+        self._peeking = False
+        self._peeked_packed = False
         self._specs: dict[Any, Any] = {}
         self._tally: dict[tuple, list[int]] = {}
         self._cache: weakref.WeakValueDictionary[tuple, _Packed] = weakref.WeakValueDictionary()
@@ -302,6 +351,7 @@ class SavedTensorStorage:
         if self._exits is None:
             return
         exits, self._exits = self._exits, None
+        self._sources.clear()  # it holds graph nodes: none may outlive the pass
         exits.close()
         self._modules = self._role_mode = self._hooks = None
         self.forwards += 1
@@ -382,25 +432,64 @@ class SavedTensorStorage:
                 reason = "planned fp32"
             elif t.element_size() * 8 <= spec.bits:
                 reason = "already narrow"
+                derived = self._derived(t, spec, module, role) if self.derive else None
+                if derived is not None:  # kept as it is it would cost its bytes; recomputed it costs none
+                    return self._register(t, derived, None)
         if reason is not None:
             n = t.numel() * t.element_size()
             self._count((module, role, _dtype_name(t.dtype), reason), n, n)
-            return _Kept(t)
+            kept = _Kept(t)
+            if reason in ("planned fp32", "already narrow"):  # an activation held exactly: others may derive from it
+                self._source(t, kept)
+            return kept
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
                t._version, str(spec))
         hit = self._cache.get(key)
         if hit is not None and not hit.sref.expired():  # the same memory, saved again by another op
             self._count((module, role, hit.key[2], "shared"), 0, 0)
             return hit
-        h = _Packed(t, spec, (module, role, str(spec), PACKED))
-        self._cache[key] = h
+        h = self._derived(t, spec, module, role) if self.derive else None
+        if h is None:
+            h = _Packed(t, spec, (module, role, str(spec), PACKED))
+        return self._register(t, h, key)
+
+    def _register(self, t: torch.Tensor, h: _Packed, key: tuple | None) -> _Packed:
+        if key is not None:
+            self._cache[key] = h
         self._count(h.key, h.before, h.after)
+        self._source(t, h)
         if self.sweep:
             self._live.append(weakref.ref(h))
             self._sweep_due = True
         return h
 
+    def _source(self, t: torch.Tensor, h: _Kept | _Packed) -> None:
+        if self.derive and t.grad_fn is not None:
+            self._sources[(t.grad_fn, t.output_nr)] = h
+
+    def _derived(self, t: torch.Tensor, spec: Any, module: str | None, role: str | None) -> _Derived | None:
+        """``t`` as a recipe over a tensor saved earlier in this pass, where one reaches it by cheap steps."""
+        if not self._sources:
+            return None
+        self._peeking, self._peeked_packed = True, False
+        try:
+            found = saved_derive.find(t, self._sources, lambda h: h.dtype if isinstance(h, _Packed) else h.t.dtype,
+                                      lambda h: h.shape if isinstance(h, _Packed) else h.t.shape, _read_saved,
+                                      functions=spec.bits <= 8)  # rerun GELU / norms where they replace a quantize
+        finally:
+            self._peeking = False
+        if found is None or self._peeked_packed:  # a norm's statistics packed: not exact enough to rerun from
+            return None
+        source, steps = found
+        device = source.device if isinstance(source, _Packed) else source.t.device
+        if device != t.device or not _exact_enough(source, spec):
+            return None
+        return _Derived(t, spec, (module, role, str(spec), DERIVED), source, steps)
+
     def _unpack(self, h: _Kept | _Packed) -> torch.Tensor:
+        if self._peeking:  # a node's saved statistics read while packing (saved_derive): no sweep, nothing checked
+            self._peeked_packed = self._peeked_packed or not isinstance(h, _Kept)
+            return _value(h)
         if self._sweep_due:
             self._do_sweep()
         if isinstance(h, _Kept):
@@ -434,7 +523,7 @@ class SavedTensorStorage:
             module, role, fmt, _ = h.key
             t = h.ref()
             if t is not None and t._version == h.version:
-                h.original, h.packed = t.detach(), None
+                h.keep_original(t)
                 self._count(h.key, -h.before, -h.after, tensors=-1)
                 self._count((module, role, _dtype_name(h.dtype), "alive anyway"), h.before, h.before)
             elif not h.sref.expired():  # another tensor holds the memory: its version cannot be checked, keep the copy

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-__all__ = ["SavedRow", "SavedBytes", "PACKED", "OUTSIDE_GRAPH"]
+__all__ = ["SavedRow", "SavedBytes", "PACKED", "DERIVED", "OUTSIDE_GRAPH"]
 
 PACKED = "packed"
+DERIVED = "derived"  # recomputed in backward from another saved tensor (adaprec.engine.saved_derive): no bytes
 # kept tensors that autograd holds but that exist whether or not the model trains: not counted in the totals
 OUTSIDE_GRAPH = frozenset({"parameter"})
 
@@ -22,7 +23,8 @@ class SavedRow:
     """Saved tensors of one (module, role, format, reason): how many, and their bytes before and after packing.
 
     ``format``: the storage format of packed rows, else the dtype kept.
-    ``reason``: ``packed`` or why the tensors were kept as they are (see
+    ``reason``: ``packed``, ``derived`` (recomputed from another saved
+    tensor in backward: zero bytes after) or why the tensors were kept as they are (see
     :mod:`adaprec.engine.saved`). ``shared`` rows count a second save of
     memory already packed: zero bytes.
     """

@@ -1,0 +1,213 @@
+"""Saved tensors kept as a recipe over another saved tensor (adaprec.engine.saved_derive).
+
+Oracles: the tensor autograd saved (replay of the steps read from the graph
+must give it back: exactly for views, transposes and casts, to float rounding
+for GELU and layer norm), and the same step with ``derive=False`` (packing
+each tensor on its own): bit-identical gradients where packing is elementwise
+(bf16), gradient error no larger beyond rounding where it is block-scaled.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from torch import nn
+
+from adaprec.engine import saved_derive
+from adaprec.engine.saved import SavedTensorStorage
+from adaprec.errors import SavedTensorModifiedError
+
+
+def _steps(t: torch.Tensor, source: torch.Tensor):
+    sources = {(source.grad_fn, source.output_nr): "source"}
+    return saved_derive.find(t, sources, lambda h: source.dtype, lambda h: tuple(source.shape), getattr)
+
+
+def _leaf(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).requires_grad_()
+
+
+class Block(nn.Module):
+    """A pre-norm MLP block: the pattern the recipes are for (norm -> Linear, GELU -> Linear)."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.norm(x).transpose(0, 1))
+        return x + self.down(F.gelu(h, approximate="tanh")).transpose(0, 1)
+
+
+def _grads(model: nn.Module, x: torch.Tensor, storage: SavedTensorStorage | None) -> torch.Tensor:
+    m = copy.deepcopy(model)
+    if storage is not None:
+        storage.model = m
+        with storage:
+            loss = m(x).square().mean()
+    else:
+        loss = m(x).square().mean()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+
+@pytest.fixture
+def batch() -> torch.Tensor:
+    return torch.randn(32, 16, 64, generator=torch.Generator().manual_seed(1))
+
+
+# --- find / replay against the tensor autograd saved ---------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 9), depth=st.integers(1, 4),
+       ops=st.lists(st.sampled_from(["t", "permute", "view", "contiguous", "bf16", "fp64"]), min_size=1, max_size=4),
+       seed=st.integers(0, 2**16))
+def test_layout_and_cast_chains_replay_exactly(rows, cols, depth, ops, seed):
+    x = _leaf(depth, rows, cols, seed=seed) * 1.0  # a non-leaf: the source has a grad_fn
+    t, casts = x, 0
+    for op in ops:
+        if op == "t":
+            t = t.transpose(-1, -2) if seed % 2 else t.transpose(t.dim() - 1, t.dim() - 2)  # negative dims too
+        elif op == "permute":
+            t = t.permute(*range(1, t.dim()), 0)
+        elif op == "view":
+            t = t.reshape(-1, t.shape[-1]) if t.dim() == 3 else t.reshape(t.shape[0], 1, t.shape[1])
+        elif op == "contiguous":
+            t = t.contiguous()
+        elif casts == 0:
+            t, casts = t.to(torch.bfloat16 if op == "bf16" else torch.float64), 1
+    if t.grad_fn is x.grad_fn:  # contiguous() of a contiguous tensor is the tensor itself: nothing to derive
+        assert _steps(t, x) is None
+        return
+    found = _steps(t, x)
+    assert found is not None
+    source, steps = found
+    assert source == "source"
+    assert torch.equal(saved_derive.replay(x.detach(), steps), t.detach())
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_and_layer_norm_replay_to_rounding(approximate):
+    x = _leaf(6, 5, 32) * 1.0
+    w, b = torch.randn(32).requires_grad_(), torch.randn(32).requires_grad_()
+    t = F.gelu(F.layer_norm(x, (32,), w, b), approximate=approximate).transpose(0, 1).reshape(-1, 32)
+    found = _steps(t, x)
+    assert found is not None
+    got = saved_derive.replay(x.detach(), found[1])
+    torch.testing.assert_close(got, t.detach(), rtol=1e-5, atol=1e-5)
+    assert [s.kind for s in found[1]][:2] == ["NativeLayerNormBackward0", "GeluBackward0"]
+
+
+def test_layer_norm_without_affine_and_with_two_normalized_dims():
+    x = _leaf(4, 3, 5, 6) * 1.0
+    t = F.layer_norm(x, (5, 6)).to(torch.bfloat16)
+    found = _steps(t, x)
+    assert found is not None
+    got = saved_derive.replay(x.detach(), found[1])
+    torch.testing.assert_close(got.float(), t.detach().float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: x.exp(),                                   # a node it does not rerun
+    lambda x: x.to(torch.bfloat16).to(torch.float64),    # two casts: the dtype between them is not in the graph
+    lambda x: x[:, :2],                                  # a slice: not a view it knows
+    lambda x: x + x.detach(),                            # two tensor inputs
+])
+def test_what_it_does_not_know_ends_the_walk(make):
+    x = _leaf(4, 5) * 1.0
+    assert _steps(make(x), x) is None
+
+
+def test_the_source_itself_is_not_a_recipe():
+    x = _leaf(4, 5) * 1.0
+    assert _steps(x, x) is None
+
+
+# --- inside SavedTensorStorage --------------------------------------------------------------------
+
+def test_block_keeps_fewer_bytes_and_gradients_within_the_formats_error(batch):
+    model = Block()
+    ref = _grads(model, batch, None)
+    errors, after = {}, {}
+    for derive in (False, True):
+        storage = SavedTensorStorage("int8/block256", min_numel=1, derive=derive)
+        g = _grads(model, batch, storage)
+        errors[derive] = float((g - ref).norm() / ref.norm())
+        after[derive] = storage.stats().bytes_after
+        reasons = storage.stats().by("reason")
+        assert ("derived" in reasons) == derive
+    assert 0 < errors[True] <= 1.25 * errors[False] + 1e-4
+    assert after[True] < 0.75 * after[False]
+
+
+def test_elementwise_format_gives_the_same_gradients_bit_for_bit_on_layout_chains():
+    torch.manual_seed(3)
+    w = torch.randn(24, 16, requires_grad=True)
+    x = torch.randn(16, 24)
+
+    def grads(derive: bool) -> tuple[torch.Tensor, dict]:
+        w.grad = None
+        storage = SavedTensorStorage("bf16", min_numel=1, derive=derive)
+        with storage:
+            p = x @ w
+            s = p.sin()  # sin saves p (packed bf16)
+            y = p.t().contiguous() @ w.t()  # mm saves a transposed copy of p: a recipe over sin's copy
+        del p  # alive through backward, sin's copy would go back to it (exact): not what is compared here
+        (y.square().sum() + s.sum()).backward()
+        return w.grad.clone(), storage.stats().by("reason")
+
+    g0, r0 = grads(False)
+    g1, r1 = grads(True)
+    assert "derived" in r1 and "derived" not in r0
+    assert torch.equal(g0, g1)
+
+
+def test_in_place_change_after_save_raises_for_a_recipe_too():
+    a = torch.randn(8, 8, requires_grad=True)
+    storage = SavedTensorStorage("bf16", min_numel=1)
+    with storage:
+        h = a * 2
+        s = h.sin()
+        t = h.t()
+        y = t @ a  # saves t: a recipe over h
+    assert "derived" in storage.stats().by("reason")
+    t.mul_(2)
+    with pytest.raises(SavedTensorModifiedError):
+        (y.sum() + s.sum()).backward()
+
+
+def test_a_recipe_whose_original_outlives_forward_goes_back_to_it():
+    a = torch.randn(8, 8, requires_grad=True)
+    storage = SavedTensorStorage("int8/block256", min_numel=1)
+    with storage:
+        h = a * 2
+        s = h.sin()
+        t = h.t()  # held below through backward
+        y = t @ a
+    assert storage.stats().by("reason")["derived"][0] == t.numel() * 4
+    (y.sum() + s.sum()).backward()
+    reasons = storage.stats().by("reason")
+    assert "derived" not in reasons
+    assert reasons["alive anyway"][0] >= t.numel() * 4
+
+
+def test_no_graph_node_is_held_once_the_pass_is_over(batch):
+    storage = SavedTensorStorage("int8/block256", min_numel=1)
+    with storage:
+        loss = Block()(batch).square().mean()
+    assert storage._sources == {}
+    loss.backward()
+
+
+def test_derive_false_packs_each_tensor_on_its_own(batch):
+    storage = SavedTensorStorage("int8/block256", min_numel=1, derive=False)
+    _grads(Block(), batch, storage)
+    assert "derived" not in storage.stats().by("reason")
