@@ -68,7 +68,7 @@ from torch.overrides import TorchFunctionMode
 from adaprec.engine import saved_derive
 from adaprec.engine.saved_bytes import DERIVED, PACKED, SavedBytes, SavedRow
 from adaprec.errors import CheckpointError, SavedTensorModifiedError, UsageError
-from adaprec.formats.storage import PackedTensor, StorageFormat, pack, storage_format, unpack
+from adaprec.formats.storage import PackedTensor, StorageFormat, _codec_takes, pack, storage_format, unpack
 
 __all__ = ["SavedTensorStorage", "FormatFor", "DEFAULT_MIN_NUMEL"]
 
@@ -129,8 +129,8 @@ def _pack_pieces(t: torch.Tensor, spec: StorageFormat) -> list[PackedTensor]:
     packed whole. Not a codec: :mod:`adaprec.formats.storage` does the packing.
     """
     n = t.numel()
-    if spec.granularity not in ("row", "block") or n <= _PIECE or t.dim() == 0:
-        return [pack(t, spec)]
+    if spec.granularity not in ("row", "block") or n <= _PIECE or t.dim() == 0 or _codec_takes(t, spec):
+        return [pack(t, spec)]  # the C int8 codec packs in one pass without temporaries: whole
     if spec.granularity == "row":
         cols = t.shape[-1]
         rows = t.reshape(-1, cols)
@@ -203,7 +203,9 @@ class _Derived(_Packed):
     def tensor(self) -> torch.Tensor:
         if self.original is not None:
             return self.original
-        return saved_derive.replay(_value(self.source), self.steps)
+        src = self.source
+        fresh = isinstance(src, _Packed) and src.original is None and not isinstance(src, _Derived)
+        return saved_derive.replay(_value(src), self.steps, owned=fresh)  # an unpacked copy is ours to change
 
 
 def _read_saved(node: Any, attr: str) -> Any:

@@ -352,6 +352,18 @@ def _grouped(x: torch.Tensor, fmt: StorageFormat) -> torch.Tensor:
     return flat.view(-1, b)
 
 
+def _codec_takes(x: torch.Tensor, fmt: StorageFormat, dtype: torch.dtype | None = None) -> bool:
+    """Whether the C int8 codec (:mod:`adaprec.formats.int8_codec`) packs or unpacks this: int8 block or row
+    codes of an fp32 or bf16 CPU tensor, the kernel built, and no compiled path asked for."""
+    if fmt.base != "int8" or fmt.mapping != "linear" or fmt.granularity not in ("block", "row") or \
+            x.device.type != "cpu" or (dtype or x.dtype) not in (torch.float32, torch.bfloat16) or \
+            x.numel() == 0 or _use_compiled.get():
+        return False
+    from adaprec.formats import int8_codec
+
+    return int8_codec.available()[0]
+
+
 def pack(x: torch.Tensor, fmt: StorageFormat | str) -> PackedTensor:
     """Keep ``x`` in ``fmt``; :func:`unpack` gives it back in its own dtype and shape.
 
@@ -368,6 +380,12 @@ def pack(x: torch.Tensor, fmt: StorageFormat | str) -> PackedTensor:
         if fmt.mapping == "sqrt":
             return PackedTensor(fmt, _compand(x.float()).to(fmt.code_dtype), None, shape, dtype)
         return PackedTensor(fmt, x.to(fmt.code_dtype), None, shape, dtype)
+    if _codec_takes(x, fmt):
+        from adaprec.formats import int8_codec  # imports storage: loaded on first use
+
+        packed = int8_codec.encode(x, fmt)
+        if packed is not None:  # None: a value is not finite, the general rule below handles it
+            return packed
     g = _grouped(x.float(), fmt)
     if fmt.mapping == "sqrt":
         g = _compand(g)
@@ -516,6 +534,10 @@ def unpack(p: PackedTensor) -> torch.Tensor:
     if n == 0:
         return torch.empty(p.shape, dtype=p.dtype, device=p.codes.device)
     assert p.scales is not None
+    if p.codes.device.type == "cpu" and _codec_takes(p.codes, fmt, p.dtype):
+        from adaprec.formats import int8_codec
+
+        return int8_codec.decode(p)
     c = _from_nibbles(p.codes, fmt.signed) if fmt.bits < 8 else p.codes
     decode = _compiled_decode() if (_use_compiled.get() and fmt.bits >= 8) else _decode_eager
     y = decode(c, p.scales, fmt.kind == "float", float(fmt.nan_code if fmt.nan_code is not None else 0))

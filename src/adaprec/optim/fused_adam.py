@@ -7,11 +7,8 @@ moments in a quarter of the bytes cost step time. This module runs the same upda
 (``fused_adam.c``): decode a block's codes, update the moments and the parameter in fp32, encode the block
 again. It reads and writes 15 bytes per parameter where fp32 Adam moves 28.
 
-The C file is built on first use with the system C compiler (the one ``torch.compile`` needs on CPU),
-without Python or torch headers, into a cache keyed by the source, the compiler and this CPU's flags
-(``-march=native``), and loaded with ctypes; nothing else is imported, so it costs no resident memory
-beyond the small library (``torch.compile`` would add about 140 MiB of compiler modules to the process).
-Where no compiler works, :func:`available` says why and adaprec keeps the eager update.
+The C file is built on first use with the system C compiler and cached (:mod:`adaprec.ckernel`). Where no
+compiler works, :func:`available` says why and adaprec keeps the eager update.
 
 Only the format pair adaprec's ``"int8"`` optimizer state uses (int8 block codes of sqrt(m), fp8 E4M3 block
 codes of sqrt(v), fp32 scales) and fp32 parameters and gradients on CPU take this path
@@ -24,18 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from adaprec import ckernel
 from adaprec.formats.storage import PackedTensor, StorageFormat, _scale_cap
 
 __all__ = ["available", "applies", "takes_formats", "covers", "AUTO_MIN_NUMEL", "adam_step_int8_", "to_e4m3", "MAX_BLOCK"]
@@ -48,61 +40,15 @@ _MIN_SHARE = 1 << 16  # elements: the least a thread is given
 AUTO_MIN_NUMEL = 1 << 20
 _SOURCE = Path(__file__).with_name("fused_adam.c")
 _TINY = torch.finfo(torch.float32).tiny
-# no contraction into fused multiply-adds (the eager update's order of roundings, as far as C can); no errno
-# or trap semantics, so the loops vectorise; 512-bit vectors where the CPU has them
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-          "-mprefer-vector-width=512", "-shared", "-fPIC"]
 _lock = threading.Lock()
-
-
-def _cpu_key() -> str:
-    """What ``-march=native`` compiles for: the CPU's model and flags (a cached library built on another
-    CPU could hold instructions this one lacks)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(lines)))
-
-
-def _cache_dir() -> Path:
-    from adaprec.hardware.cache import default_cache_dir  # $ADAPREC_CACHE_DIR, else ~/.cache/adaprec
-
-    return default_cache_dir() / "kernels"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded library, "") or (None, why not): built once per source, compiler and CPU, cached on disk."""
-    if platform.system() != "Linux" and platform.system() != "Darwin":
-        return None, f"the fused 8-bit Adam kernel is built for Linux and macOS, not {platform.system()}"
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler found (cc, gcc or clang; set CC): the eager update is kept"
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), _cpu_key().encode()]))
-    target = _cache_dir() / f"fused_adam-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then moved in atomically
-                out = Path(tmp) / target.name
-                run = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"],
-                                     capture_output=True, text=True, timeout=120)
-                if run.returncode != 0:
-                    return None, f"the fused 8-bit Adam kernel did not build with {cc}: {run.stderr.strip()[:300]}"
-                os.replace(out, target)
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"the fused 8-bit Adam kernel could not be built in {target.parent}: {e}"
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as e:
-        return None, f"the fused 8-bit Adam kernel did not load: {e}"
+    """(the loaded library, "") or (None, why not): built once per source, compiler and CPU (adaprec.ckernel)."""
+    lib, why = ckernel.load(_SOURCE, "the fused 8-bit Adam kernel")
+    if lib is None:
+        return None, f"{why}: the eager update is kept"
     f, i64, vp = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
     lib.adaprec_adam_int8_blocks.restype = ctypes.c_int
     lib.adaprec_adam_int8_blocks.argtypes = [vp] * 6 + [i64] * 4 + [f] * 8 + [ctypes.c_int] + [f] * 3
