@@ -24,6 +24,16 @@ def _eager(x: torch.Tensor, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.reshape(-1), scales.reshape(-1)
 
 
+def _codec(x: torch.Tensor, spec: str):
+    fmt = S.storage_format(spec)
+    group = x.shape[-1] if fmt.granularity == "row" else fmt.block_size
+    return int8_codec.encode(x, group, 127.0, S._scale_cap(127.0, False)), group
+
+
+def _codec_values(coded, group: int, x: torch.Tensor) -> torch.Tensor:
+    return int8_codec.decode(coded[0], coded[1], x.shape, x.dtype, group, -128)
+
+
 def _eager_values(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     y = S._decode(codes, scales, False, -128.0)
     return y.reshape(-1)[: x.numel()].view(x.shape).to(x.dtype)
@@ -40,12 +50,11 @@ def test_codes_scales_and_values_equal_the_eager_rule(rows, cols, spec, dtype, s
     x[0, 0] = 0.0
     if transposed:
         x = x.t()  # a strided view: the codec packs a contiguous copy, as the eager rule's reshape does
-    fmt = S.storage_format(spec)
-    got = int8_codec.encode(x, fmt)
+    got, group = _codec(x, spec)
     assert got is not None
     codes, scales = _eager(x, spec)
-    assert torch.equal(got.codes.reshape(-1), codes) and torch.equal(got.scales, scales)
-    values = int8_codec.decode(got)
+    assert torch.equal(got[0], codes) and torch.equal(got[1], scales)
+    values = _codec_values(got, group, x)
     assert values.dtype == x.dtype and values.shape == x.shape
     assert torch.equal(values, _eager_values(codes, scales, x))
 
@@ -55,11 +64,10 @@ def test_every_bf16_value_round_trips_like_the_eager_rule():
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     x = bits.view(torch.bfloat16)
     x = x[torch.isfinite(x.float())]
-    fmt = S.storage_format("int8/block256")
-    got = int8_codec.encode(x, fmt)
+    got, group = _codec(x, "int8/block256")
     codes, scales = _eager(x, "int8/block256")
-    assert torch.equal(got.codes, codes) and torch.equal(got.scales, scales)
-    assert torch.equal(int8_codec.decode(got), _eager_values(codes, scales, x))
+    assert torch.equal(got[0], codes) and torch.equal(got[1], scales)
+    assert torch.equal(_codec_values(got, group, x), _eager_values(codes, scales, x))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -67,7 +75,7 @@ def test_a_non_finite_value_is_left_to_the_general_rule(bad):
     x = torch.randn(3, 300)
     x[1, 7] = bad
     fmt = S.storage_format("int8/block256")
-    assert int8_codec.encode(x, fmt) is None
+    assert _codec(x, "int8/block256")[0] is None
     p = S.pack(x, fmt)  # the general rule: NaN's code, the block scale from the finite values
     y = S.unpack(p)  # decoded by the codec: the NaN code comes back NaN
     assert torch.isnan(y[1, 7]) and torch.isfinite(y[0]).all()
@@ -85,20 +93,21 @@ def test_pack_and_unpack_take_the_codec_and_give_what_the_eager_path_gives():
 
 def test_large_tensors_split_between_threads_give_the_same_codes(monkeypatch):
     x = torch.randn(3 * (1 << 18) + 17)
-    fmt = S.storage_format("int8/block256")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    threaded = int8_codec.encode(x, fmt)
+    threaded, group = _codec(x, "int8/block256")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    single = int8_codec.encode(x, fmt)
-    assert torch.equal(threaded.codes, single.codes) and torch.equal(threaded.scales, single.scales)
+    single, _ = _codec(x, "int8/block256")
+    assert torch.equal(threaded[0], single[0]) and torch.equal(threaded[1], single[1])
+    one = _codec_values(single, group, x)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    assert torch.equal(int8_codec.decode(threaded), int8_codec.decode(single))
+    assert torch.equal(_codec_values(threaded, group, x), one)
 
 
 def test_what_it_does_not_take():
-    fmt = S.storage_format("int8/block256")
-    assert not int8_codec.applies(torch.randn(8, 8, dtype=torch.float16), fmt)
-    assert not int8_codec.applies(torch.randn(8, 8), S.storage_format("fp8_e4m3"))
-    assert not int8_codec.applies(torch.randn(8, 8), S.storage_format("int8/block256/sqrt"))
-    assert not int8_codec.applies(torch.empty(0), fmt)
-    assert int8_codec.applies(torch.randn(8, 8), fmt)
+    assert not int8_codec.applies(torch.randn(8, 8, dtype=torch.float16))
+    assert not int8_codec.applies(torch.empty(0))
+    assert not int8_codec.applies(torch.tensor(1.0))
+    assert int8_codec.applies(torch.randn(8, 8)) and int8_codec.applies(torch.randn(8, dtype=torch.bfloat16))
+    for spec in ("fp8_e4m3", "int8/block256/sqrt", "uint8/block256", "int4/block128"):
+        assert not S._codec_takes(torch.randn(8, 8), S.storage_format(spec))
+    assert S._codec_takes(torch.randn(8, 8), S.storage_format("int8/row"))

@@ -7,8 +7,9 @@ narrow storage made the step slower than plain fp32. ``int8_codec.c`` does each 
 the eager rule's arithmetic (bit for bit the same codes, scales and values: tested against
 :func:`adaprec.formats.storage.pack`), split between ``torch.get_num_threads()`` threads for large tensors.
 
-Takes contiguous fp32 or bf16 CPU tensors in a signed int8 format with linear mapping and block or row
-scales (:func:`applies`); a tensor with a non-finite value, and every other case, keeps the eager path.
+Takes fp32 or bf16 CPU tensors (:func:`applies`); :mod:`adaprec.formats.storage` calls it for signed int8
+codes with linear mapping and block or row scales. A tensor with a non-finite value, and every other case,
+keeps the eager path. Knows nothing of storage formats (storage imports it, not the other way round).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 import torch
 
 from adaprec import ckernel
-from adaprec.formats.storage import PackedTensor, StorageFormat, _scale_cap
 
 __all__ = ["available", "applies", "encode", "decode"]
 
@@ -58,18 +58,10 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adaprec-int8")
 
 
-def _takes(fmt: StorageFormat) -> bool:
-    return fmt.base == "int8" and fmt.mapping == "linear" and fmt.granularity in ("block", "row")
-
-
-def applies(x: torch.Tensor, fmt: StorageFormat) -> bool:
-    """Whether :func:`encode` takes ``x`` in ``fmt`` (it may still decline a tensor with a non-finite value)."""
-    return (_takes(fmt) and x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() > 0 and x.dim() > 0
-            and available()[0])
-
-
-def _group(shape: torch.Size, fmt: StorageFormat) -> int:
-    return int(shape[-1]) if fmt.granularity == "row" else int(fmt.block_size or 1)
+def applies(x: torch.Tensor) -> bool:
+    """Whether the kernel takes ``x``: an fp32 or bf16 CPU tensor with at least one dimension and one value.
+    Which formats it serves is :mod:`adaprec.formats.storage`'s call (signed int8, linear, block or row)."""
+    return x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() > 0 and x.dim() > 0 and available()[0]
 
 
 def _run(call, groups: int, group: int) -> list:
@@ -82,36 +74,32 @@ def _run(call, groups: int, group: int) -> list:
     return [call(cuts[0], cuts[1])] + [f.result() for f in futures]
 
 
-def encode(x: torch.Tensor, fmt: StorageFormat) -> PackedTensor | None:
-    """``pack(x, fmt)`` in one pass, or None where a value is not finite (the eager path's general rule)."""
+def encode(x: torch.Tensor, group: int, max_code: float, cap: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Codes (``groups * group`` int8, the last group padded with zeros) and fp32 scales of ``x`` in groups of
+    ``group`` consecutive elements; None where a value is not finite (the eager path's general rule)."""
     lib = _library()[0]
-    assert lib is not None and applies(x, fmt)
+    assert lib is not None and applies(x)
     src = x.detach().contiguous()
-    n, group = src.numel(), _group(src.shape, fmt)
+    n = src.numel()
     groups = -(-n // group)
     codes = torch.empty(groups * group, dtype=torch.int8)
     scales = torch.empty(groups, dtype=torch.float32)
-    cap = _scale_cap(float(fmt.max_code), False)
     bf16 = int(src.dtype == torch.bfloat16)
     results = _run(lambda g0, g1: lib.adaprec_int8_encode(
-        src.data_ptr(), bf16, n, group, g0, g1, codes.data_ptr(), scales.data_ptr(), float(fmt.max_code), cap,
-        _TINY), groups, group)
-    if any(results):
-        return None
-    if fmt.granularity == "row":
-        codes = codes.view(groups, group)
-    return PackedTensor(fmt, codes, scales, x.shape, x.dtype)
+        src.data_ptr(), bf16, n, group, g0, g1, codes.data_ptr(), scales.data_ptr(), max_code, cap, _TINY),
+        groups, group)
+    return None if any(results) else (codes, scales)
 
 
-def decode(p: PackedTensor) -> torch.Tensor:
-    """``unpack(p)`` in one pass, for a packed tensor :func:`encode` could have made."""
+def decode(codes: torch.Tensor, scales: torch.Tensor, shape: torch.Size, dtype: torch.dtype, group: int,
+           nan_code: int) -> torch.Tensor:
+    """The values of ``codes`` (groups of ``group``, one scale each) as a ``dtype`` tensor of ``shape``; NaN
+    for the NaN code."""
     lib = _library()[0]
-    assert lib is not None and p.scales is not None
-    n = p.numel()
-    group = _group(p.shape, p.fmt)
-    out = torch.empty(p.shape, dtype=p.dtype)
-    codes, scales = p.codes.contiguous(), p.scales.contiguous()
+    assert lib is not None
+    out = torch.empty(shape, dtype=dtype)
+    codes, scales = codes.contiguous(), scales.contiguous()
     _run(lambda g0, g1: lib.adaprec_int8_decode(
-        codes.data_ptr(), scales.data_ptr(), n, group, g0, g1, out.data_ptr(), int(p.dtype == torch.bfloat16),
-        int(p.fmt.nan_code)), scales.numel(), group)
+        codes.data_ptr(), scales.data_ptr(), out.numel(), group, g0, g1, out.data_ptr(),
+        int(dtype == torch.bfloat16), nan_code), scales.numel(), group)
     return out

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from adaprec.errors import FormatSpecError, UnknownFormatError
+from adaprec.formats import int8_codec
 from adaprec.formats.quantize import _use_compiled
 
 __all__ = [
@@ -357,10 +358,8 @@ def _codec_takes(x: torch.Tensor, fmt: StorageFormat, dtype: torch.dtype | None 
     codes of an fp32 or bf16 CPU tensor, the kernel built, and no compiled path asked for."""
     if fmt.base != "int8" or fmt.mapping != "linear" or fmt.granularity not in ("block", "row") or \
             x.device.type != "cpu" or (dtype or x.dtype) not in (torch.float32, torch.bfloat16) or \
-            x.numel() == 0 or _use_compiled.get():
+            x.numel() == 0 or x.dim() == 0 or _use_compiled.get():
         return False
-    from adaprec.formats import int8_codec
-
     return int8_codec.available()[0]
 
 
@@ -381,11 +380,12 @@ def pack(x: torch.Tensor, fmt: StorageFormat | str) -> PackedTensor:
             return PackedTensor(fmt, _compand(x.float()).to(fmt.code_dtype), None, shape, dtype)
         return PackedTensor(fmt, x.to(fmt.code_dtype), None, shape, dtype)
     if _codec_takes(x, fmt):
-        from adaprec.formats import int8_codec  # imports storage: loaded on first use
-
-        packed = int8_codec.encode(x, fmt)
-        if packed is not None:  # None: a value is not finite, the general rule below handles it
-            return packed
+        group = int(shape[-1]) if fmt.granularity == "row" else int(fmt.block_size or 1)
+        coded = int8_codec.encode(x, group, float(fmt.max_code), _scale_cap(fmt.max_code, False))
+        if coded is not None:  # None: a value is not finite, the general rule below handles it
+            codes, scales = coded
+            return PackedTensor(fmt, codes.view(-1, group) if fmt.granularity == "row" else codes, scales, shape,
+                                dtype)
     g = _grouped(x.float(), fmt)
     if fmt.mapping == "sqrt":
         g = _compand(g)
@@ -534,10 +534,9 @@ def unpack(p: PackedTensor) -> torch.Tensor:
     if n == 0:
         return torch.empty(p.shape, dtype=p.dtype, device=p.codes.device)
     assert p.scales is not None
-    if p.codes.device.type == "cpu" and _codec_takes(p.codes, fmt, p.dtype):
-        from adaprec.formats import int8_codec
-
-        return int8_codec.decode(p)
+    if p.codes.device.type == "cpu" and len(p.shape) > 0 and _codec_takes(p.codes, fmt, p.dtype):
+        group = int(p.shape[-1]) if fmt.granularity == "row" else int(fmt.block_size or 1)
+        return int8_codec.decode(p.codes, p.scales, p.shape, p.dtype, group, int(fmt.nan_code or 0))
     c = _from_nibbles(p.codes, fmt.signed) if fmt.bits < 8 else p.codes
     decode = _compiled_decode() if (_use_compiled.get() and fmt.bits >= 8) else _decode_eager
     y = decode(c, p.scales, fmt.kind == "float", float(fmt.nan_code if fmt.nan_code is not None else 0))
