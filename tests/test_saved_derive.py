@@ -24,8 +24,8 @@ from adaprec.errors import SavedTensorModifiedError
 
 
 def _steps(t: torch.Tensor, source: torch.Tensor):
-    sources = {(source.grad_fn, source.output_nr): "source"}
-    return saved_derive.find(t, sources, lambda h: source.dtype, lambda h: tuple(source.shape), getattr)
+    sources = {(source.grad_fn, source.output_nr): source}  # the tensor itself stands for its handle
+    return saved_derive.find(t, sources, getattr)
 
 
 def _leaf(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_layout_and_cast_chains_replay_exactly(rows, cols, depth, ops, seed):
     found = _steps(t, x)
     assert found is not None
     source, steps = found
-    assert source == "source"
+    assert source is x
     assert torch.equal(saved_derive.replay(x.detach(), steps), t.detach())
 
 
@@ -170,30 +170,30 @@ def test_elementwise_format_gives_the_same_gradients_bit_for_bit_on_layout_chain
     assert torch.equal(g0, g1)
 
 
-def test_in_place_change_after_save_raises_for_a_recipe_too():
+def _transposed_matmul(fmt: str) -> tuple[SavedTensorStorage, torch.Tensor, torch.Tensor]:
+    """``sin(h) + (h.t() @ a)``: sin saves h (packed), the matmul saves ``t = h.t()`` (a recipe over h)."""
     a = torch.randn(8, 8, requires_grad=True)
-    storage = SavedTensorStorage("bf16", min_numel=1)
+    storage = SavedTensorStorage(fmt, min_numel=1)
     with storage:
         h = a * 2
         s = h.sin()
         t = h.t()
-        y = t @ a  # saves t: a recipe over h
+        loss = (t @ a).sum() + s.sum()
+    return storage, t, loss
+
+
+def test_in_place_change_after_save_raises_for_a_recipe_too():
+    storage, t, loss = _transposed_matmul("bf16")
     assert "derived" in storage.stats().by("reason")
     t.mul_(2)
     with pytest.raises(SavedTensorModifiedError):
-        (y.sum() + s.sum()).backward()
+        loss.backward()
 
 
 def test_a_recipe_whose_original_outlives_forward_goes_back_to_it():
-    a = torch.randn(8, 8, requires_grad=True)
-    storage = SavedTensorStorage("int8/block256", min_numel=1)
-    with storage:
-        h = a * 2
-        s = h.sin()
-        t = h.t()  # held below through backward
-        y = t @ a
+    storage, t, loss = _transposed_matmul("int8/block256")  # t held below through backward
     assert storage.stats().by("reason")["derived"][0] == t.numel() * 4
-    (y.sum() + s.sum()).backward()
+    loss.backward()
     reasons = storage.stats().by("reason")
     assert "derived" not in reasons
     assert reasons["alive anyway"][0] >= t.numel() * 4

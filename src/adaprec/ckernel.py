@@ -13,15 +13,22 @@ compiler works, :func:`load` says why and the caller keeps its eager path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-__all__ = ["load", "FLAGS"]
+import torch
+
+__all__ = ["load", "available", "split", "FLAGS"]
 
 # no contraction into fused multiply-adds (the eager path's order of roundings, as far as C can); no errno
 # or trap semantics, so the loops vectorise; 512-bit vectors where the CPU has them
@@ -75,3 +82,33 @@ def load(source: Path, what: str) -> tuple[ctypes.CDLL | None, str]:
         return ctypes.CDLL(str(target)), ""
     except OSError as e:
         return None, f"{what} did not load: {e}"
+
+
+_lock = threading.Lock()
+
+
+def available(library: Callable[[], tuple[ctypes.CDLL | None, str]]) -> tuple[bool, str]:
+    """Whether ``library()`` (a kernel module's cached loader) gives a library, and why not; one build at a time."""
+    with _lock:
+        lib, why = library()
+    return lib is not None, why
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adaprec-kernel")
+
+
+def split(call: Callable[[int, int], Any], groups: int, elements: int, min_share: int) -> list[Any]:
+    """``call(g0, g1)`` over ``groups`` groups holding ``elements`` values, in shares for the threads torch uses.
+
+    A thread gets ``min_share`` elements at least: handing a range to a pool thread costs tens of microseconds
+    (measured for the fused Adam step: 65 Ki elements took about 1.5x as long split in two as on one thread).
+    ctypes releases the GIL, so pool threads run the later shares while the calling thread runs the first.
+    """
+    workers = max(1, min(torch.get_num_threads(), elements // min_share))
+    if workers == 1:
+        return [call(0, groups)]
+    cuts = [groups * k // workers for k in range(workers + 1)]
+    futures = [_pool(workers - 1).submit(call, cuts[k], cuts[k + 1]) for k in range(1, workers)]
+    return [call(cuts[0], cuts[1])] + [f.result() for f in futures]

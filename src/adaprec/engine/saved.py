@@ -113,6 +113,11 @@ class _Kept:
     def __init__(self, t: torch.Tensor) -> None:
         self.t, self.version = t.detach(), t._version
 
+    # as a packed handle has them: recipes over either read the same names (saved_derive)
+    shape = property(lambda self: self.t.shape)
+    dtype = property(lambda self: self.t.dtype)
+    device = property(lambda self: self.t.device)
+
 
 _PIECE = 1 << 20  # elements packed at a time by scaled formats (4 MiB of fp32)
 
@@ -206,10 +211,6 @@ class _Derived(_Packed):
         src = self.source
         fresh = isinstance(src, _Packed) and src.original is None and not isinstance(src, _Derived)
         return saved_derive.replay(_value(src), self.steps, owned=fresh)  # an unpacked copy is ours to change
-
-
-def _read_saved(node: Any, attr: str) -> Any:
-    return getattr(node, attr)
 
 
 def _value(h: _Kept | _Packed) -> torch.Tensor:
@@ -475,16 +476,14 @@ class SavedTensorStorage:
             return None
         self._peeking, self._peeked_packed = True, False
         try:
-            found = saved_derive.find(t, self._sources, lambda h: h.dtype if isinstance(h, _Packed) else h.t.dtype,
-                                      lambda h: h.shape if isinstance(h, _Packed) else h.t.shape, _read_saved,
+            found = saved_derive.find(t, self._sources, getattr,
                                       functions=spec.bits <= 8)  # rerun GELU / norms where they replace a quantize
         finally:
             self._peeking = False
         if found is None or self._peeked_packed:  # a norm's statistics packed: not exact enough to rerun from
             return None
         source, steps = found
-        device = source.device if isinstance(source, _Packed) else source.t.device
-        if device != t.device or not _exact_enough(source, spec):
+        if source.device != t.device or not _exact_enough(source, spec):
             return None
         return _Derived(t, spec, (module, role, str(spec), DERIVED), source, steps)
 

@@ -122,12 +122,12 @@ def _args(name: str, node: Any, shape: tuple[int, ...], read: Read) -> tuple[Any
     return ()
 
 
-def find(t: torch.Tensor, sources: dict[Edge, Any], source_dtype: Callable[[Any], torch.dtype],
-         source_shape: Callable[[Any], tuple[int, ...]], read: Read,
+def find(t: torch.Tensor, sources: dict[Edge, Any], read: Read,
          functions: bool = True) -> tuple[Any, tuple[Step, ...]] | None:
     """``(handle, steps)`` if ``t`` can be recomputed from a tensor saved earlier in this pass, else None.
 
-    ``sources``: (grad_fn, output_nr) of each tensor saved so far -> its handle. ``read``: a node's saved
+    ``sources``: (grad_fn, output_nr) of each tensor saved so far -> its handle (anything with the saved
+    tensor's ``shape`` and ``dtype``). ``read``: a node's saved
     attribute (layer norm's statistics and affine parameters). ``functions=False``: layout and cast steps
     only (no GELU, no layer norm), for where packing is a plain cast and rerunning them would cost more.
     """
@@ -154,8 +154,8 @@ def find(t: torch.Tensor, sources: dict[Edge, Any], source_dtype: Callable[[Any]
         steps.append(Step(name, shape, dtype, args))
         shape = in_shape
         if name == "ToCopyBackward0":
-            dtype = source_dtype(src)
-    if shape != tuple(source_shape(src)) or dtype != source_dtype(src):
+            dtype = src.dtype
+    if shape != tuple(src.shape) or dtype != src.dtype:
         return None
     return src, tuple(reversed(steps))
 

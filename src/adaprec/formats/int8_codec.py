@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,7 +28,6 @@ _SOURCE = Path(__file__).with_name("int8_codec.c")
 _TINY = torch.finfo(torch.float32).tiny
 _DTYPES = (torch.float32, torch.bfloat16)
 _MIN_SHARE = 1 << 18  # elements a thread is given at least: below it a hand-off costs more than it saves
-_lock = threading.Lock()
 
 
 @functools.cache
@@ -48,30 +45,13 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 def available() -> tuple[bool, str]:
     """Whether the kernel runs here, and why not (builds it on the first call: under a second)."""
-    with _lock:
-        lib, why = _library()
-    return lib is not None, why
-
-
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adaprec-int8")
+    return ckernel.available(_library)
 
 
 def applies(x: torch.Tensor) -> bool:
     """Whether the kernel takes ``x``: an fp32 or bf16 CPU tensor with at least one dimension and one value.
     Which formats it serves is :mod:`adaprec.formats.storage`'s call (signed int8, linear, block or row)."""
     return x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() > 0 and x.dim() > 0 and available()[0]
-
-
-def _run(call, groups: int, group: int) -> list:
-    """``call(g0, g1)`` over the groups, in shares for the threads torch uses (the caller runs the first)."""
-    workers = max(1, min(torch.get_num_threads(), groups * group // _MIN_SHARE))
-    if workers == 1:
-        return [call(0, groups)]
-    cuts = [groups * k // workers for k in range(workers + 1)]
-    futures = [_pool(workers).submit(call, cuts[k], cuts[k + 1]) for k in range(1, workers)]
-    return [call(cuts[0], cuts[1])] + [f.result() for f in futures]
 
 
 def encode(x: torch.Tensor, group: int, max_code: float, cap: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -85,9 +65,9 @@ def encode(x: torch.Tensor, group: int, max_code: float, cap: float) -> tuple[to
     codes = torch.empty(groups * group, dtype=torch.int8)
     scales = torch.empty(groups, dtype=torch.float32)
     bf16 = int(src.dtype == torch.bfloat16)
-    results = _run(lambda g0, g1: lib.adaprec_int8_encode(
+    results = ckernel.split(lambda g0, g1: lib.adaprec_int8_encode(
         src.data_ptr(), bf16, n, group, g0, g1, codes.data_ptr(), scales.data_ptr(), max_code, cap, _TINY),
-        groups, group)
+        groups, n, _MIN_SHARE)
     return None if any(results) else (codes, scales)
 
 
@@ -99,7 +79,7 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, shape: torch.Size, dtype: 
     assert lib is not None
     out = torch.empty(shape, dtype=dtype)
     codes, scales = codes.contiguous(), scales.contiguous()
-    _run(lambda g0, g1: lib.adaprec_int8_decode(
+    ckernel.split(lambda g0, g1: lib.adaprec_int8_decode(
         codes.data_ptr(), scales.data_ptr(), out.numel(), group, g0, g1, out.data_ptr(),
-        int(dtype == torch.bfloat16), nan_code), scales.numel(), group)
+        int(dtype == torch.bfloat16), nan_code), scales.numel(), out.numel(), _MIN_SHARE)
     return out

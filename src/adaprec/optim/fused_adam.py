@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,7 +38,6 @@ _MIN_SHARE = 1 << 16  # elements: the least a thread is given
 AUTO_MIN_NUMEL = 1 << 20
 _SOURCE = Path(__file__).with_name("fused_adam.c")
 _TINY = torch.finfo(torch.float32).tiny
-_lock = threading.Lock()
 
 
 @functools.cache
@@ -59,14 +56,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 def available() -> tuple[bool, str]:
     """Whether the fused kernel runs here, and why not (builds it on the first call: about a second)."""
-    with _lock:
-        lib, why = _library()
-    return lib is not None, why
-
-
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adaprec-adam")
+    return ckernel.available(_library)
 
 
 def _is(fmt: StorageFormat, base: str) -> bool:
@@ -128,15 +118,7 @@ def adam_step_int8_(
             v.scales.data_ptr(), n, block]
     tail = [decay, l2, 1.0 - beta1, beta2, 1.0 - beta2, bc2_sqrt, eps, -step_size, int(maximize), m_cap, v_cap,
             _TINY]
-    # a thread's share at least _MIN_SHARE elements: handing a block range to a pool thread costs tens of
-    # microseconds (measured: 65 Ki elements took about 1.5x as long split in two as on the calling thread)
-    workers = max(1, min(torch.get_num_threads(), n // _MIN_SHARE))
-    cuts = [blocks * k // workers for k in range(workers + 1)]
-    # ctypes releases the GIL: pool threads run the later ranges while this thread runs the first
-    futures = [_pool(workers - 1).submit(lib.adaprec_adam_int8_blocks, *args, a, b, *tail)
-               for a, b in zip(cuts[1:-1], cuts[2:], strict=True)] if workers > 1 else []
-    bad = lib.adaprec_adam_int8_blocks(*args, cuts[0], cuts[1], *tail)
-    bad = max([bad, *(f.result() for f in futures)])
+    bad = max(ckernel.split(lambda a, b: lib.adaprec_adam_int8_blocks(*args, a, b, *tail), blocks, n, _MIN_SHARE))
     if bad:
         raise RuntimeError(f"the fused 8-bit Adam kernel refused block size {block} (at most {MAX_BLOCK})")
 
