@@ -131,6 +131,65 @@ def test_the_source_itself_is_not_a_recipe():
     assert _steps(x, x) is None
 
 
+# --- GEMMs and bias adds rerun from their activation operand ------------------------------------
+
+def _projection(path: str, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A Linear's output four ways torch builds it: addmm (contiguous input), matmul then a bias add
+    (non-contiguous input), mm (no bias), and a split of a packed projection cast to bf16 (attention's q)."""
+    torch.manual_seed(5)
+    w, b = nn.Parameter(torch.randn(96, 32) / 6), nn.Parameter(torch.randn(96))
+    if path == "addmm":
+        return F.linear(x, w, b), [w, b]
+    if path == "matmul":
+        return F.linear(x.transpose(0, 1), w, b), [w, b]
+    if path == "no bias":
+        return F.linear(x.transpose(0, 1), w), [w]
+    wq, bq = w.to(torch.bfloat16).chunk(3)[1], b.to(torch.bfloat16).chunk(3)[1]
+    return F.linear(x.transpose(0, 1).to(torch.bfloat16), wq, bq).transpose(1, 2), [w, b]
+
+
+@pytest.mark.parametrize("path", ["addmm", "matmul", "no bias", "split bf16"])
+def test_a_linear_output_replays_bit_for_bit_from_its_input(path):
+    x = _leaf(6, 5, 32) * 1.0
+    h, _ = _projection(path, x)
+    found = _steps(h, x)
+    assert found is not None
+    kinds = {s.kind for s in found[1]}
+    assert kinds & {"AddmmBackward0", "MmBackward0"}
+    assert ("AddBackward0" in kinds) == (path in ("matmul", "split bf16"))
+    got = saved_derive.replay(x.detach(), found[1])
+    assert got.dtype == h.dtype and got.shape == h.shape
+    assert torch.equal(got, h.detach())
+
+
+def test_a_gemm_of_two_activations_is_not_rerun():
+    x = _leaf(4, 5) * 1.0
+    assert _steps(x @ x.t(), x) is None
+    assert _steps(x + x * 2, x) is None  # a residual add: both operands are activations
+
+
+def test_gelu_input_is_a_recipe_under_8_bit_codes_only(batch):
+    for fmt, expected in (("int8/block256", "derived"), ("bf16", "packed")):
+        storage = SavedTensorStorage(fmt, min_numel=1)
+        _grads(Block(), batch, storage)
+        gelu = [r for r in storage.stats().rows if r.role == "gelu"]
+        assert [r.reason for r in gelu] == [expected], fmt
+
+
+def test_a_bias_changed_between_forward_and_backward_raises():
+    x = _leaf(6, 5, 32) * 1.0
+    storage = SavedTensorStorage("int8/block256", min_numel=1)
+    with storage:
+        h, (w, b) = _projection("matmul", x)
+        loss = F.gelu(h).sum()
+    del h  # held through backward, the original would be used (exact): not what is tested
+    assert [r.reason for r in storage.stats().rows if r.role == "gelu"] == ["derived"]
+    with torch.no_grad():
+        b.add_(1.0)
+    with pytest.raises(SavedTensorModifiedError, match="recomputed"):
+        loss.backward()
+
+
 # --- inside SavedTensorStorage --------------------------------------------------------------------
 
 def test_block_keeps_fewer_bytes_and_gradients_within_the_formats_error(batch):

@@ -450,6 +450,7 @@ class SavedTensorStorage:
         hit = self._cache.get(key)
         if hit is not None and not hit.sref.expired():  # the same memory, saved again by another op
             self._count((module, role, hit.key[2], "shared"), 0, 0)
+            self._source(t, hit)  # another view of it: what derives from this one finds it too
             return hit
         h = self._derived(t, spec, module, role) if self.derive else None
         if h is None:

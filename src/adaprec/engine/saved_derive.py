@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from adaprec.errors import SavedTensorModifiedError
+
 __all__ = ["Step", "find", "replay", "MAX_DEPTH"]
 
 MAX_DEPTH = 10
@@ -40,6 +42,12 @@ _SAME = frozenset({"AliasBackward0", "_OnBackwardBackward", "CloneBackward0"})  
 _RESHAPE = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 _LAYOUT = _SAME | _RESHAPE | frozenset({"PermuteBackward0", "TransposeBackward0", "TBackward0", "ToCopyBackward0"})
 _FUNCTIONS = frozenset({"GeluBackward0", "NativeLayerNormBackward0"})
+# GEMMs with one activation operand (which input it is) and the other from a parameter: rerun from the activation
+_GEMMS = {"AddmmBackward0": 1, "MmBackward0": 0}
+# how a weight or bias operand is made from its parameter (casts, transposes, splits of a packed projection)
+_TO_PARAMETER = frozenset({"ToCopyBackward0", "TBackward0", "_OnBackwardBackward", "AliasBackward0",
+                           "SplitBackward0", "SplitWithSizesBackward0"})
+_MAX_OPERAND = 1 << 16  # a bias made again from its parameter at pack time and held: small tensors only
 
 
 @dataclass(frozen=True)
@@ -66,17 +74,72 @@ def _walk(t: torch.Tensor, sources: dict[Edge, Any], functions: bool) -> tuple[A
         src = sources.get((node, nr))
         if src is not None:
             return (src, nodes) if nodes else None
-        name = type(node).__name__
-        if name not in _LAYOUT and not (functions and name in _FUNCTIONS):
+        main = _main_input(type(node).__name__, node, functions)
+        if main is None:
             return None
-        inputs = node.next_functions
-        if not inputs or inputs[0][0] is None:
-            return None
+        nodes.append(node)
+        node, nr = node.next_functions[main]
+    return None
+
+
+def _main_input(name: str, node: Any, functions: bool) -> int | None:
+    """Which input of ``node`` the walk follows (the activation), or None where the node is not ours to rerun."""
+    inputs = node.next_functions
+    if name in _LAYOUT or (functions and name in _FUNCTIONS):
+        main = 0
         if name != "NativeLayerNormBackward0" and any(f is not None for f, _ in inputs[1:]):
             return None  # a view or cast has one tensor input; anything else is not ours to rerun
-        nodes.append(node)
-        node, nr = inputs[0]
+    elif functions and name in _GEMMS:
+        main = _GEMMS[name]
+        if not all(f is None or _leaf(f) is not None for i, (f, _) in enumerate(inputs) if i != main):
+            return None  # the other operands must come from parameters
+    elif functions and name == "AddBackward0" and len(inputs) == 2 and float(node._saved_alpha) == 1:
+        from_parameter = [f is not None and _leaf(f) is not None for f, _ in inputs]
+        if from_parameter.count(True) != 1:
+            return None  # a bias add only: a residual add has two activations
+        main = from_parameter.index(False)
+    else:
+        return None
+    return main if len(inputs) > main and inputs[main][0] is not None else None
+
+
+def _leaf(node: Any) -> Any:
+    """The AccumulateGrad node a weight or bias operand comes from (through casts, transposes and splits only)."""
+    for _ in range(MAX_DEPTH):
+        if node is None or type(node).__name__ == "AccumulateGrad":
+            return node
+        if type(node).__name__ not in _TO_PARAMETER:
+            return None
+        inputs = [f for f, _ in node.next_functions if f is not None]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
     return None
+
+
+def _operand(edge: Edge, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(the operand as forward used it, its parameter, the parameter's version), made again from the parameter
+    along the edge's casts, transposes and splits; None where it is large or the path has more than one cast."""
+    path: list[Edge] = []
+    node, nr = edge
+    while type(node).__name__ != "AccumulateGrad":
+        path.append((node, nr))
+        node, nr = next(e for e in node.next_functions if e[0] is not None)
+    param = node.variable
+    if param.numel() > _MAX_OPERAND or sum(type(n).__name__ == "ToCopyBackward0" for n, _ in path) > 1:
+        return None
+    x = param.detach()
+    for node, nr in reversed(path):
+        name = type(node).__name__
+        if name == "ToCopyBackward0":
+            x = x.to(dtype)
+        elif name == "TBackward0":
+            x = x.t()
+        elif name == "SplitBackward0":
+            x = torch.split(x, int(node._saved_split_size), _dim(node._saved_dim, x.dim()))[nr]
+        elif name == "SplitWithSizesBackward0":
+            x = torch.split(x, [int(k) for k in node._saved_split_sizes], _dim(node._saved_dim, x.dim()))[nr]
+    return (x, param, param._version) if x.dtype == dtype else None
 
 
 def _dim(d: int, ndim: int) -> int:
@@ -103,10 +166,14 @@ def _in_shape(name: str, node: Any, out: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(shape)
     if name == "TBackward0":
         return tuple(reversed(out))
+    if name == "AddmmBackward0":
+        return tuple(int(s) for s in node._saved_mat1_sym_sizes)
+    if name == "MmBackward0":
+        return tuple(int(s) for s in node._saved_self_sym_sizes)
     return out
 
 
-def _args(name: str, node: Any, shape: tuple[int, ...], read: Read) -> tuple[Any, ...] | None:
+def _args(name: str, node: Any, shape: tuple[int, ...], dtype: torch.dtype, read: Read) -> tuple[Any, ...] | None:
     if name == "PermuteBackward0":
         return (tuple(_dim(d, len(shape)) for d in node._saved_dims),)
     if name == "TransposeBackward0":
@@ -119,7 +186,29 @@ def _args(name: str, node: Any, shape: tuple[int, ...], read: Read) -> tuple[Any
         if mean is None or rstd is None:
             return None
         return (mean, rstd, weight, bias)
+    if name in _GEMMS:
+        return _gemm_args(name, node, dtype, read)
+    if name == "AddBackward0":
+        main = _main_input(name, node, True)
+        operand = _operand(node.next_functions[1 - main], dtype) if main is not None else None
+        return None if operand is None else (operand,)
     return ()
+
+
+def _gemm_args(name: str, node: Any, dtype: torch.dtype, read: Read) -> tuple[Any, ...] | None:
+    """(weight operand, its version, bias operand or None): the weight as the GEMM saved it (a kept cast of a
+    parameter), the bias made again from its parameter now (addmm does not save it)."""
+    if name == "AddmmBackward0" and (float(node._saved_alpha) != 1 or float(node._saved_beta) != 1):
+        return None
+    mat2 = read(node, "_saved_mat2")
+    if mat2 is None:
+        return None
+    bias = None
+    if name == "AddmmBackward0" and node.next_functions[0][0] is not None:
+        bias = _operand(node.next_functions[0], dtype)
+        if bias is None:
+            return None
+    return (mat2, mat2._version, bias)
 
 
 def find(t: torch.Tensor, sources: dict[Edge, Any], read: Read,
@@ -145,7 +234,7 @@ def find(t: torch.Tensor, sources: dict[Edge, Any], read: Read,
             if casts > 1:  # the dtype between two casts is not in the graph
                 return None
         try:
-            args = _args(name, node, shape, read)
+            args = _args(name, node, shape, dtype, read)
             in_shape = _in_shape(name, node, shape)
         except (ValueError, OverflowError):  # a saved attribute torch cannot hand back
             return None
@@ -173,6 +262,21 @@ def _layer_norm(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight:
     return y.to(x.dtype)
 
 
+def _unchanged(operand: tuple[torch.Tensor, torch.Tensor, int] | None) -> None:
+    if operand is not None and operand[1]._version != operand[2]:
+        raise SavedTensorModifiedError(
+            "a parameter a GEMM or bias add used in forward was modified in place before backward recomputed its "
+            "output (adaprec's saved-tensor recipes); step the optimizer after backward, or pass derive=False")
+
+
+def _gemm(x: torch.Tensor, mat2: torch.Tensor, mat2_version: int,
+          bias: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+    """The GEMM forward ran, again, from its activation operand."""
+    _unchanged((mat2, mat2, mat2_version))
+    _unchanged(bias)
+    return torch.mm(x, mat2) if bias is None else torch.addmm(bias[0], x, mat2)
+
+
 def replay(x: torch.Tensor, steps: tuple[Step, ...], owned: bool = False) -> torch.Tensor:
     """The saved tensor again, from its source's value: the steps :func:`find` read, in forward order.
 
@@ -195,4 +299,9 @@ def replay(x: torch.Tensor, steps: tuple[Step, ...], owned: bool = False) -> tor
                 x, owned = F.gelu(x, approximate=s.args[0]), True
             elif s.kind == "NativeLayerNormBackward0":
                 x, owned = _layer_norm(x, *s.args, owned=owned), True
+            elif s.kind in _GEMMS:
+                x, owned = _gemm(x, *s.args), True
+            elif s.kind == "AddBackward0":
+                _unchanged(s.args[0])
+                x = x.add_(s.args[0][0]) if owned else x + s.args[0][0]
         return x.contiguous()

@@ -77,10 +77,22 @@ def amax(x: torch.Tensor) -> float:
     return float(_amax_t(x))
 
 
+_AMAX_PIECE = 1 << 20  # elements per piece: the fp32 temporaries of a large activation stay at 4 MiB
+
+
 def _amax_t(x: torch.Tensor) -> torch.Tensor:
+    """Largest finite magnitude as a 0-dim fp32 tensor (no host sync); a large tensor a piece at a time, so a
+    monitored step does not hold an fp32 copy of its widest activation (32 MiB for a bf16 FFN hidden state)."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    a = x.detach().abs().to(torch.float32)  # a fresh tensor: safe to clean in place
+    flat = x.detach().reshape(-1)
+    if flat.numel() <= _AMAX_PIECE:
+        return _amax_piece(flat)
+    return torch.stack([_amax_piece(p) for p in flat.split(_AMAX_PIECE)]).amax()
+
+
+def _amax_piece(a: torch.Tensor) -> torch.Tensor:
+    a = a.abs().to(torch.float32)  # a fresh tensor: safe to clean in place
     return torch.nan_to_num_(a, nan=0.0, posinf=0.0).amax()
 
 
@@ -261,7 +273,7 @@ def prepare(
         pending = Pending(xs, _amax_t(x), formats, scalings)
         blocky = [i for i, (n, sc) in enumerate(zip(formats, scalings, strict=True)) if _is_block(n, sc)]
         if blocky:
-            blocks = _sample_blocks(x.to(torch.float32), recipe.block_size, max_elems)
+            blocks = _sample_blocks(x, recipe.block_size, max_elems).to(torch.float32)  # sample, then widen
             blocks = torch.where(torch.isfinite(blocks), blocks, torch.zeros_like(blocks))
             signal = xs.to(torch.float64).square().sum()
             ratio = xs.numel() / max(1, blocks.numel())

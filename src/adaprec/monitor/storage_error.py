@@ -38,7 +38,7 @@ def prepare_storage(x: torch.Tensor, specs: Sequence[str], max_elems: int = MAX_
     fmts = [storage_format(s, role="activation") for s in specs]
     block = max([f.block_size or 1 for f in fmts] + [1])
     with torch.no_grad():
-        blocks = _sample_blocks(x.detach().to(torch.float32), block, max_elems)
+        blocks = _sample_blocks(x.detach(), block, max_elems).to(torch.float32)  # sample, then widen: no full copy
         blocks = torch.where(torch.isfinite(blocks), blocks, torch.zeros_like(blocks))
         xs = blocks.reshape(-1)
         pending = Pending(xs, _amax_t(x.detach()), tuple(f.spec for f in fmts), ("block",) * len(fmts))
