@@ -190,6 +190,55 @@ def test_a_bias_changed_between_forward_and_backward_raises():
         loss.backward()
 
 
+# --- one recomputed value for every reader (ReplayCache) -----------------------------------------
+
+class ThreeProjections(nn.Module):
+    """Attention's pattern: one norm's output projected three times (three GEMMs, each saving its own copy)."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(d)
+        self.q, self.k, self.v = (nn.Linear(d, d) for _ in range(3))
+        self.scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x * self.scale).transpose(0, 1)  # non-contiguous: each projection copies it
+        return x + (self.q(h) * self.k(h) + self.v(h).sin()).transpose(0, 1)
+
+
+def test_the_replay_cache_reruns_a_shared_norm_once_with_the_same_gradients(batch, monkeypatch):
+    calls = []
+    real = saved_derive._layer_norm
+    monkeypatch.setattr(saved_derive, "_layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads, reruns = {}, {}
+    for budget in (0, saved_derive.REPLAY_CACHE_BYTES):
+        calls.clear()
+        # the norm's input packed (a source), its statistics kept (exact: the norm may be rerun)
+        storage = SavedTensorStorage("int8/block256", min_numel=1024, replay_cache_bytes=budget)
+        grads[budget] = _grads(ThreeProjections(), batch, storage)
+        reruns[budget] = len(calls)
+        assert storage._replays.nbytes == 0  # every entry went with the handles it came from
+    assert reruns[0] >= 3 and reruns[saved_derive.REPLAY_CACHE_BYTES] == 1
+    assert torch.equal(grads[0], grads[saved_derive.REPLAY_CACHE_BYTES])
+
+
+def test_the_replay_cache_keeps_to_its_bound_and_drops_what_its_source_outlived():
+    cache = saved_derive.ReplayCache(max_bytes=3 * 4 * 100)
+    sources = [saved_derive.Step("x", (), None) for _ in range(4)]  # any object a weak reference can point to
+    values = [torch.full((100,), float(i)) for i in range(4)]
+    for i, (src, v) in enumerate(zip(sources, values, strict=True)):
+        cache.put(("k", i), src, v)
+        assert cache.nbytes <= cache.max_bytes
+    assert cache.get(("k", 0), sources[0]) is None  # the oldest went to make room
+    assert cache.get(("k", 3), sources[3]) is values[3]
+    assert cache.get(("k", 3), sources[2]) is None  # the same key over another source is another value
+    cache.put(("big",), sources[0], torch.zeros(1000))  # larger than the bound: not kept
+    assert cache.get(("big",), sources[0]) is None
+    del sources[3], src  # the last reference to the newest source
+    assert cache.get(("k", 3), object()) is None and cache.nbytes == 2 * 4 * 100
+
+
 # --- inside SavedTensorStorage --------------------------------------------------------------------
 
 def test_block_keeps_fewer_bytes_and_gradients_within_the_formats_error(batch):

@@ -108,7 +108,7 @@ def _weight_cast(node: Any) -> bool:
 class _Kept:
     """A saved tensor kept as it is; the version it had, to catch later in-place changes."""
 
-    __slots__ = ("t", "version")
+    __slots__ = ("t", "version", "__weakref__")
 
     def __init__(self, t: torch.Tensor) -> None:
         self.t, self.version = t.detach(), t._version
@@ -194,13 +194,15 @@ class _Derived(_Packed):
     """A saved tensor kept as a recipe: another saved tensor (``source``) and the cheap steps that made it from it
     (:mod:`adaprec.engine.saved_derive`); no bytes of its own."""
 
-    __slots__ = ("source", "steps")
+    __slots__ = ("source", "steps", "replays", "recipe")
 
-    def __init__(self, t: torch.Tensor, spec: Any, key: tuple, source: Any, steps: tuple) -> None:
+    def __init__(self, t: torch.Tensor, spec: Any, key: tuple, source: Any, steps: tuple,
+                 replays: saved_derive.ReplayCache) -> None:
         self.packed = None
         self._note(t, spec, key)
         self.after = 0
-        self.source, self.steps = source, steps
+        self.source, self.steps, self.replays = source, steps, replays
+        self.recipe = saved_derive.recipe_key(source, steps)
 
     def keep_original(self, t: torch.Tensor) -> None:
         self.original, self.source, self.steps = t.detach(), None, ()
@@ -209,8 +211,12 @@ class _Derived(_Packed):
         if self.original is not None:
             return self.original
         src = self.source
-        fresh = isinstance(src, _Packed) and src.original is None and not isinstance(src, _Derived)
-        return saved_derive.replay(_value(src), self.steps, owned=fresh)  # an unpacked copy is ours to change
+        value = self.replays.get(self.recipe, src)  # the same recipe read by another node in this backward
+        if value is None:
+            fresh = isinstance(src, _Packed) and src.original is None and not isinstance(src, _Derived)
+            value = saved_derive.replay(_value(src), self.steps, owned=fresh)  # an unpacked copy is ours to change
+            self.replays.put(self.recipe, src, value)
+        return value
 
 
 def _value(h: _Kept | _Packed) -> torch.Tensor:
@@ -278,7 +284,10 @@ class SavedTensorStorage:
     ``"scaled_dot_product_attention"``...; None when ``roles=False``).
     ``min_numel``: smaller tensors are kept. ``sweep``: when backward starts,
     packed tensors whose original is still alive go back to the original
-    (module docstring). ``enabled=False`` makes the context a no-op.
+    (module docstring). ``derive``: tensors reached by cheap steps from a
+    tensor saved earlier are kept as recipes (:mod:`adaprec.engine.saved_derive`);
+    ``replay_cache_bytes`` bounds the recomputed values backward keeps for
+    their next reader (0: none). ``enabled=False`` makes the context a no-op.
 
     Enter it around the whole forward pass, once per pass (not nested, not
     inside a checkpointed function); the tally of the latest pass is
@@ -295,6 +304,7 @@ class SavedTensorStorage:
         roles: bool = True,
         sweep: bool = True,
         derive: bool = True,
+        replay_cache_bytes: int = saved_derive.REPLAY_CACHE_BYTES,
         enabled: bool = True,
     ) -> None:
         if model is not None and module_name is not None:
@@ -306,6 +316,7 @@ class SavedTensorStorage:
         self.min_numel, self.roles, self.sweep, self.enabled = int(min_numel), roles, sweep, enabled
         self.derive = derive
         self._sources: dict[tuple, _Kept | _Packed] = {}  # (grad_fn, output_nr) -> handle, this pass only
+        self._replays = saved_derive.ReplayCache(replay_cache_bytes)
         self._peeking = False
         self._peeked_packed = False
         self._specs: dict[Any, Any] = {}
@@ -486,7 +497,7 @@ class SavedTensorStorage:
         source, steps = found
         if source.device != t.device or not _exact_enough(source, spec):
             return None
-        return _Derived(t, spec, (module, role, str(spec), DERIVED), source, steps)
+        return _Derived(t, spec, (module, role, str(spec), DERIVED), source, steps, self._replays)
 
     def _unpack(self, h: _Kept | _Packed) -> torch.Tensor:
         if self._peeking:  # a node's saved statistics read while packing (saved_derive): no sweep, nothing checked

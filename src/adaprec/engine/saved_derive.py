@@ -26,6 +26,9 @@ know ends it, and the tensor is packed as before.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 
 from adaprec.errors import SavedTensorModifiedError
 
-__all__ = ["Step", "find", "replay", "MAX_DEPTH"]
+__all__ = ["Step", "find", "replay", "recipe_key", "ReplayCache", "MAX_DEPTH", "REPLAY_CACHE_BYTES"]
 
 MAX_DEPTH = 10
 _SAME = frozenset({"AliasBackward0", "_OnBackwardBackward", "CloneBackward0"})  # same shape, dtype and values
@@ -47,6 +50,7 @@ _GEMMS = {"AddmmBackward0": 1, "MmBackward0": 0}
 # how a weight or bias operand is made from its parameter (casts, transposes, splits of a packed projection)
 _TO_PARAMETER = frozenset({"ToCopyBackward0", "TBackward0", "_OnBackwardBackward", "AliasBackward0",
                            "SplitBackward0", "SplitWithSizesBackward0"})
+REPLAY_CACHE_BYTES = 8 << 20  # recent recipe values kept in backward (ReplayCache)
 _MAX_OPERAND = 1 << 16  # a bias made again from its parameter at pack time and held: small tensors only
 
 
@@ -305,3 +309,75 @@ def replay(x: torch.Tensor, steps: tuple[Step, ...], owned: bool = False) -> tor
                 _unchanged(s.args[0])
                 x = x.add_(s.args[0][0]) if owned else x + s.args[0][0]
         return x.contiguous()
+
+
+def recipe_key(source: Any, steps: tuple[Step, ...]) -> tuple:
+    """What makes two recipes the same value: one source handle, the same steps with the same arguments."""
+    return (id(source),) + tuple((s.kind, s.shape, s.dtype, _arg_key(s.args)) for s in steps)
+
+
+def _arg_key(a: Any) -> Any:
+    """A hashable stand-in for a step's argument: a tensor by its memory and version (the graph hands back a
+    new wrapper of the same parameter on each read), tuples element by element."""
+    if isinstance(a, torch.Tensor):
+        return (a.data_ptr(), a.storage_offset(), tuple(a.shape), a.stride(), a.dtype, a._version)
+    if isinstance(a, tuple):
+        return tuple(_arg_key(x) for x in a)
+    return a
+
+
+class ReplayCache:
+    """Recent recipe values, bounded in bytes, each dropped when the handle it was recomputed from is freed.
+
+    Why: one recomputed tensor is read several times in backward. Attention's
+    q, k and v projections each save their own copy of the norm's output (three
+    recipes over the norm's input, one value) and q, k and v are recipes over
+    those: without the cache the norm reruns six times per layer in backward.
+    Values are only ever read (autograd does not write what it saved, and a
+    replay never works in place on a recipe's value), so one copy serves every
+    reader. The bound caps what backward holds beyond what it would hold
+    anyway (``REPLAY_CACHE_BYTES``; 0 turns it off).
+    """
+
+    def __init__(self, max_bytes: int = REPLAY_CACHE_BYTES) -> None:
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[tuple, tuple[weakref.ref[Any], torch.Tensor, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: tuple, source: Any) -> torch.Tensor | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0]() is not source:
+                return None
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, key: tuple, source: Any, value: torch.Tensor) -> None:
+        n = value.numel() * value.element_size()
+        if n > self.max_bytes:
+            return
+        with self._lock:
+            self._drop(key)
+            while self._entries and self._bytes + n > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+            self._entries[key] = (weakref.ref(source, lambda _, key=key: self.discard(key)), value, n)
+            self._bytes += n
+
+    def discard(self, key: tuple) -> None:
+        with self._lock:
+            self._drop(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def _drop(self, key: tuple) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[2]
