@@ -165,6 +165,9 @@ def test_a_linear_output_replays_bit_for_bit_from_its_input(path):
 def test_a_gemm_of_two_activations_is_not_rerun():
     x = _leaf(4, 5) * 1.0
     assert _steps(x @ x.t(), x) is None
+    frozen = nn.Linear(5, 3)
+    frozen.bias.requires_grad_(False)  # addmm's bias has no autograd edge: it cannot be made again
+    assert _steps(frozen(x), x) is None
     assert _steps(x + x * 2, x) is None  # a residual add: both operands are activations
 
 
@@ -176,7 +179,7 @@ def test_gelu_input_is_a_recipe_under_8_bit_codes_only(batch):
         assert [r.reason for r in gelu] == [expected], fmt
 
 
-def test_a_bias_changed_between_forward_and_backward_raises():
+def _w_grad_after_a_bias_change(change: bool) -> torch.Tensor:
     x = _leaf(6, 5, 32) * 1.0
     storage = SavedTensorStorage("int8/block256", min_numel=1)
     with storage:
@@ -184,9 +187,27 @@ def test_a_bias_changed_between_forward_and_backward_raises():
         loss = F.gelu(h).sum()
     del h  # held through backward, the original would be used (exact): not what is tested
     assert [r.reason for r in storage.stats().rows if r.role == "gelu"] == ["derived"]
+    if change:
+        with torch.no_grad():
+            b.add_(1.0)  # addmm/add save no bias: autograd itself would not object
+    loss.backward()
+    return w.grad
+
+
+def test_a_bias_changed_between_forward_and_backward_leaves_the_gradients_as_forward_made_them():
+    assert torch.equal(_w_grad_after_a_bias_change(True), _w_grad_after_a_bias_change(False))
+
+
+def test_a_weight_changed_between_forward_and_backward_raises():
+    x = _leaf(6, 5, 32) * 1.0
+    storage = SavedTensorStorage("int8/block256", min_numel=1)
+    with storage:
+        h, (w, b) = _projection("addmm", x)
+        loss = F.gelu(h).sum()
+    del h
     with torch.no_grad():
-        b.add_(1.0)
-    with pytest.raises(SavedTensorModifiedError, match="recomputed"):
+        w.mul_(2.0)
+    with pytest.raises((SavedTensorModifiedError, RuntimeError), match="modified"):
         loss.backward()
 
 
