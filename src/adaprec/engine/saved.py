@@ -114,9 +114,13 @@ class _Kept:
         self.t, self.version = t.detach(), t._version
 
     # as a packed handle has them: recipes over either read the same names (saved_derive)
+    combined = False
     shape = property(lambda self: self.t.shape)
     dtype = property(lambda self: self.t.dtype)
     device = property(lambda self: self.t.device)
+
+    def tensor(self) -> torch.Tensor:
+        return self.t
 
 
 _PIECE = 1 << 20  # elements packed at a time by scaled formats (4 MiB of fp32)
@@ -165,6 +169,7 @@ class _Packed:
 
     __slots__ = ("packed", "original", "shape", "dtype", "device", "spec", "version", "ref", "sref", "key", "before",
                  "after", "__weakref__")
+    combined = False  # a recipe with a residual add somewhere below it (_Derived): no second one over it
 
     def __init__(self, t: torch.Tensor, spec: Any, key: tuple) -> None:
         self.packed: list[PackedTensor] | None = _pack_pieces(t, spec)
@@ -194,7 +199,7 @@ class _Derived(_Packed):
     """A saved tensor kept as a recipe: another saved tensor (``source``) and the cheap steps that made it from it
     (:mod:`adaprec.engine.saved_derive`); no bytes of its own."""
 
-    __slots__ = ("source", "steps", "replays", "recipe")
+    __slots__ = ("source", "steps", "replays", "recipe", "combined")
 
     def __init__(self, t: torch.Tensor, spec: Any, key: tuple, source: Any, steps: tuple,
                  replays: saved_derive.ReplayCache) -> None:
@@ -203,6 +208,8 @@ class _Derived(_Packed):
         self.after = 0
         self.source, self.steps, self.replays = source, steps, replays
         self.recipe = saved_derive.recipe_key(source, steps)
+        others = saved_derive.handles(steps)
+        self.combined = bool(others) or source.combined or any(h.combined for h in others)
 
     def keep_original(self, t: torch.Tensor) -> None:
         self.original, self.source, self.steps = t.detach(), None, ()
@@ -495,8 +502,11 @@ class SavedTensorStorage:
         if found is None or self._peeked_packed:  # a norm's statistics packed: not exact enough to rerun from
             return None
         source, steps = found
-        if source.device != t.device or not _exact_enough(source, spec):
+        others = saved_derive.handles(steps)
+        if any(h.device != t.device or not _exact_enough(h, spec) for h in [source, *others]):
             return None
+        if others and any(h.combined for h in [source, *others]):
+            return None  # residual adds over residual adds: each replay would rerun every layer below
         return _Derived(t, spec, (module, role, str(spec), DERIVED), source, steps, self._replays)
 
     def _unpack(self, h: _Kept | _Packed) -> torch.Tensor:
