@@ -384,7 +384,7 @@ class ReplayCache:
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict[tuple, tuple[weakref.ref[Any], torch.Tensor, int]] = OrderedDict()
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a weak reference callback may come back in while a put holds it
 
     @property
     def nbytes(self) -> int:
