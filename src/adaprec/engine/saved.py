@@ -92,17 +92,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _weight_cast(node: Any) -> bool:
     """True if ``node`` is a short chain of casts/views whose one source is a parameter (AccumulateGrad)."""
-    for _ in range(8):
-        name = type(node).__name__
-        if name == "AccumulateGrad":
-            return True
-        if name not in _CAST_OR_VIEW:
-            return False
-        sources = [f for f, _ in node.next_functions if f is not None]
-        if len(sources) != 1:
-            return False
-        node = sources[0]
-    return False
+    return saved_derive.leaf(node, _CAST_OR_VIEW, depth=8) is not None
 
 
 class _Kept:
@@ -221,13 +211,9 @@ class _Derived(_Packed):
         value = self.replays.get(self.recipe, src)  # the same recipe read by another node in this backward
         if value is None:
             fresh = isinstance(src, _Packed) and src.original is None and not isinstance(src, _Derived)
-            value = saved_derive.replay(_value(src), self.steps, owned=fresh)  # an unpacked copy is ours to change
+            value = saved_derive.replay(src.tensor(), self.steps, owned=fresh)  # an unpacked copy is ours to change
             self.replays.put(self.recipe, src, value)
         return value
-
-
-def _value(h: _Kept | _Packed) -> torch.Tensor:
-    return h.t if isinstance(h, _Kept) else h.tensor()
 
 
 def _exact_enough(source: _Kept | _Packed, spec: Any) -> bool:
@@ -512,7 +498,7 @@ class SavedTensorStorage:
     def _unpack(self, h: _Kept | _Packed) -> torch.Tensor:
         if self._peeking:  # a node's saved statistics read while packing (saved_derive): no sweep, nothing checked
             self._peeked_packed = self._peeked_packed or not isinstance(h, _Kept)
-            return _value(h)
+            return h.tensor()
         if self._sweep_due:
             self._do_sweep()
         if isinstance(h, _Kept):

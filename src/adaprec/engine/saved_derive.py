@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from adaprec.errors import SavedTensorModifiedError
 
-__all__ = ["Step", "find", "handles", "replay", "recipe_key", "ReplayCache", "MAX_DEPTH", "REPLAY_CACHE_BYTES"]
+__all__ = ["Step", "find", "handles", "leaf", "replay", "recipe_key", "ReplayCache", "MAX_DEPTH", "REPLAY_CACHE_BYTES"]
 
 MAX_DEPTH = 10
 _SAME = frozenset({"AliasBackward0", "_OnBackwardBackward", "CloneBackward0"})  # same shape, dtype and values
@@ -99,10 +99,10 @@ def _main_input(name: str, node: Any, functions: bool) -> int | None:
             return None  # a view or cast has one tensor input; anything else is not ours to rerun
     elif functions and name in _GEMMS:
         main = _GEMMS[name]
-        if not all(f is None or _leaf(f) is not None for i, (f, _) in enumerate(inputs) if i != main):
+        if not all(f is None or leaf(f) is not None for i, (f, _) in enumerate(inputs) if i != main):
             return None  # the other operands must come from parameters
     elif functions and name == "AddBackward0" and len(inputs) == 2 and float(node._saved_alpha) == 1:
-        from_parameter = [f is not None and _leaf(f) is not None for f, _ in inputs]
+        from_parameter = [f is not None and leaf(f) is not None for f, _ in inputs]
         if from_parameter.count(True) > 1 or any(f is None for f, _ in inputs):
             return None
         main = from_parameter.index(False)  # a bias add, or a residual add (the other branch walked on its own)
@@ -111,12 +111,14 @@ def _main_input(name: str, node: Any, functions: bool) -> int | None:
     return main if len(inputs) > main and inputs[main][0] is not None else None
 
 
-def _leaf(node: Any) -> Any:
-    """The AccumulateGrad node a weight or bias operand comes from (through casts, transposes and splits only)."""
-    for _ in range(MAX_DEPTH):
+def leaf(node: Any, through: frozenset[str] = _TO_PARAMETER, depth: int = MAX_DEPTH) -> Any:
+    """The AccumulateGrad node (a parameter) ``node``'s output comes from through a chain of one-input nodes
+    named in ``through`` (by default casts, transposes and splits: how a weight or bias operand is made),
+    at most ``depth`` long; None otherwise."""
+    for _ in range(depth):
         if node is None or type(node).__name__ == "AccumulateGrad":
             return node
-        if type(node).__name__ not in _TO_PARAMETER:
+        if type(node).__name__ not in through:
             return None
         inputs = [f for f, _ in node.next_functions if f is not None]
         if len(inputs) != 1:
@@ -256,7 +258,7 @@ def _find(edge: Edge, shape: tuple[int, ...], dtype: torch.dtype | None, sources
             casts += 1
             if casts > 1:  # the dtype between two casts is not in the graph
                 return None
-        if name == "AddBackward0" and not any(_leaf(f) is not None for f, _ in node.next_functions):
+        if name == "AddBackward0" and not any(leaf(f) is not None for f, _ in node.next_functions):
             other = _find(node.next_functions[1], shape, None, sources, read, functions, empty=True,
                           residual=False) if residual else None
             if other is None:
@@ -309,6 +311,7 @@ def _gemm(x: torch.Tensor, mat2: torch.Tensor, mat2_version: int, bias: torch.Te
 
 
 def _value(handle: Any) -> torch.Tensor:
+    """A handle's value (``tensor()``); a plain tensor stands for itself."""
     return handle if isinstance(handle, torch.Tensor) else handle.tensor()
 
 
