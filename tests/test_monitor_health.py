@@ -104,6 +104,26 @@ def test_diversity_window_resets():
     assert m.snapshot(0, 0, PLAN).grad_diversity["a"] == pytest.approx(1.0)
 
 
+def test_diversity_window_keeps_fp32_sums_and_float64_norms():
+    """The running sum is the monitor's largest buffer: fp32 (4 bytes per sampled coordinate, in memory and in the
+    checkpoint), while the squared norms are summed in float64, so nearly cancelling gradients keep the oracle's
+    diversity."""
+    torch.manual_seed(0)
+    w, n = 4, 4096
+    base = torch.randn(n)
+    grads = [base * (1 if i % 2 == 0 else -1) + 1e-3 * torch.randn(n) for i in range(w)]  # cancel pairwise
+    m = HealthMonitor(diversity_window=w, grad_sample=n)
+    for g in grads[:-1]:
+        m.observe_grads("a", g)
+    window = m.state_dict()["div_window"]["a"]["sum"]
+    assert window.dtype == torch.float32 and window.numel() == n
+    m.observe_grads("a", grads[-1])
+    g64 = [g.double() for g in grads]
+    oracle = sum(float(g.square().sum()) for g in g64) / float(sum(g64).square().sum())
+    assert oracle > 1e4  # the case float32 squares of a small sum would blur
+    assert m.snapshot(0, 0, PLAN).grad_diversity["a"] == pytest.approx(oracle, rel=1e-4)
+
+
 def test_reduce_distributed_is_a_noop_without_a_process_group():
     m = HealthMonitor()
     m.observe_loss(1.0)

@@ -55,6 +55,11 @@ def _dist_reduce(t: torch.Tensor, op: str) -> None:
             t.div_(dist.get_world_size())
 
 
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    """The squared norm of ``x``, summed in float64."""
+    return x.to(torch.float64).square().sum()
+
+
 def _transformed(x: torch.Tensor) -> bool:
     """Whether ``x`` is a tensor of a running ``torch.func`` transform (vmap, grad, jacrev)."""
     try:
@@ -187,20 +192,22 @@ class HealthMonitor:
             self._window_add(module, self._grad_sample_of(g))
 
     def _grad_sample_of(self, g: torch.Tensor) -> torch.Tensor:
-        return torch.nan_to_num(sample(g, self.grad_sample), nan=0.0, posinf=0.0, neginf=0.0).to(torch.float64)
+        # fp32: the window's running sum is the monitor's largest buffer (grad_sample elements per module); the
+        # squared norms are taken in float64 (_sq) so a window of nearly cancelling gradients keeps its precision
+        return torch.nan_to_num(sample(g, self.grad_sample), nan=0.0, posinf=0.0, neginf=0.0).to(torch.float32)
 
     def _window_add(self, module: str, gs: torch.Tensor, completed: tuple[Any, Any] | None = None) -> None:
         """Feed one gradient sample to the diversity window; ``completed``: the (reduced) figures to keep if it closes."""
         if module in self._gsum and self._gsum[module].shape == gs.shape:
             self._gsum[module] += gs
-            self._gsq[module] += gs.square().sum()
+            self._gsq[module] += _sq(gs)
             self._gcount[module] += 1
         else:
             self._gsum[module] = gs.clone()
-            self._gsq[module] = gs.square().sum()
+            self._gsq[module] = _sq(gs)
             self._gcount[module] = 1
         if self._gcount[module] >= self.diversity_window:
-            self._div[module] = completed or (self._gsq[module], self._gsum[module].square().sum())
+            self._div[module] = completed or (self._gsq[module], _sq(self._gsum[module]))
             del self._gsum[module], self._gsq[module], self._gcount[module]
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
@@ -260,8 +267,8 @@ class HealthMonitor:
             packer.add(f"g|{m}|norm", (norm.to(torch.float64).square() if sharded else norm.to(torch.float64)), op)
             ongoing = m in self._gsum and self._gsum[m].shape == gs.shape  # else a new window starts (>= 2 long)
             if ongoing and self._gcount[m] + 1 >= self.diversity_window:
-                num = self._gsq[m] + gs.square().sum()
-                den = (self._gsum[m] + gs).square().sum()
+                num = self._gsq[m] + _sq(gs)
+                den = _sq(self._gsum[m] + gs)
                 packer.add(f"d|{m}", torch.stack([num, den]), op)
 
     def unpack(self, values: Mapping[str, Sequence[float]], grads_ok: bool = True) -> None:
@@ -469,7 +476,7 @@ class HealthMonitor:
             self._epoch_sum = float(d["epoch_sum"])
             self._epoch_count = int(d["epoch_count"])
             self._grad_norm = {m: float(v) for m, v in d["grad_norm"].items()}
-            self._gsum = {m: w["sum"].to(torch.float64).clone() for m, w in d["div_window"].items()}
+            self._gsum = {m: w["sum"].to(torch.float32).clone() for m, w in d["div_window"].items()}
             self._gsq = {m: torch.tensor(float(w["sq"]), dtype=torch.float64) for m, w in d["div_window"].items()}
             self._gcount = {m: int(w["count"]) for m, w in d["div_window"].items()}
             self._div = {m: (float(a), float(b)) for m, (a, b) in d["div_last"].items()}
