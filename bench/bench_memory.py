@@ -34,7 +34,10 @@ mean next-character loss on fixed held-out windows after the run.
 emulated and 20-100x slower on a CPU without bf16 units; memory is steady
 after the first steps); their loss is then after fewer steps and marked so.
 
-Run: ``python bench/bench_memory.py [--steps 24] [--warmup 12] [--regimes activation,parameter,quickstart] [--write]``
+``--repeat N`` runs every variant in N fresh processes and reports medians, with the range of the process
+peak: the process figure moves by tens of MiB from run to run while the live tensors do not.
+
+Run: ``python bench/bench_memory.py [--steps 24] [--warmup 12] [--regimes activation,parameter,quickstart] [--repeat 3] [--write]``
 """
 
 from __future__ import annotations
@@ -220,10 +223,25 @@ def _run_child(variant: str, key: str, steps: int, warmup: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _merge(runs: list[dict]) -> dict:
+    """One row from repeated runs of a variant: the median of each figure, with the process peak's range."""
+    out = dict(runs[0])
+    for key in ("peak_bytes", "live_bytes", "val_loss", "step_ms"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    peaks = [r["peak_bytes"] for r in runs if r.get("peak_bytes") is not None]
+    out["peak_range"] = (min(peaks), max(peaks)) if len(peaks) > 1 else None
+    out["runs"] = len(runs)
+    return out
+
+
 def _ratio(r: dict, b: dict, key: str) -> str:
     if r.get(key) is None:
         return "n/a"
     mib = f"{r[key] / 2**20:,.0f}"
+    if key == "peak_bytes" and r.get("peak_range"):
+        lo, hi = r["peak_range"]
+        mib += f" [{lo / 2**20:,.0f}-{hi / 2**20:,.0f}]"
     return f"{mib} ({r[key] / b[key]:.2f}x)" if b.get(key) else mib
 
 
@@ -247,6 +265,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=12, help="adaprec's error-budget warm-up (default policy: 100)")
     ap.add_argument("--regimes", default="activation,parameter,quickstart")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in EXTRA_VARIANTS))
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="fresh processes per variant: the table gives medians, and the process peak's range")
     ap.add_argument("--peer-steps", type=int, default=None, help="steps of the autocast variants (default: --steps)")
     ap.add_argument("--write", action="store_true", help="write the table to docs/BENCHMARKS.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -255,6 +275,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, REGIMES[args.regime_key], args.steps, args.warmup)))
         return
+    if args.repeat < 1:
+        raise SystemExit("bench_memory: --repeat must be at least 1")
     if args.warmup + 3 >= args.steps:
         raise SystemExit("bench_memory: --steps must exceed --warmup by more than 3 (the measured steps)")
     variants = [v.strip() for v in args.variants.split(",")]
@@ -268,18 +290,23 @@ def main() -> None:
         for variant in variants:
             print(f"[{REGIMES[key].name}] {variant} ...", flush=True)
             steps = args.peer_steps if (args.peer_steps and variant.startswith("autocast")) else args.steps
-            rows.append(_run_child(variant, key, steps, min(args.warmup, steps - 3)))
-            r = rows[-1]
-            print(f"    peak {r['peak_bytes'] / 2**20 if r['peak_bytes'] else math.nan:,.0f} MiB ({r['method']}), "
-                  f"live {r['live_bytes'] / 2**20 if r['live_bytes'] else math.nan:,.0f} MiB, "
-                  f"val loss {r['val_loss']:.4f}, {r['step_ms']:.0f} ms/step", flush=True)
+            runs = []
+            for _ in range(args.repeat):
+                runs.append(_run_child(variant, key, steps, min(args.warmup, steps - 3)))
+                r = runs[-1]
+                print(f"    peak {r['peak_bytes'] / 2**20 if r['peak_bytes'] else math.nan:,.0f} MiB ({r['method']}), "
+                      f"live {r['live_bytes'] / 2**20 if r['live_bytes'] else math.nan:,.0f} MiB, "
+                      f"val loss {r['val_loss']:.4f}, {r['step_ms']:.0f} ms/step", flush=True)
+            rows.append(_merge(runs))
     table = _table(rows)
     print(table)
     if args.write:
         write_section(
             "Steady-state peak memory",
             f"`python bench/bench_memory.py --steps {args.steps} --warmup {args.warmup}"
-            f"{f' --peer-steps {args.peer_steps}' if args.peer_steps else ''}`: each variant in a fresh process. Live "
+            f"{f' --peer-steps {args.peer_steps}' if args.peer_steps else ''}"
+            f"{f' --repeat {args.repeat}' if args.repeat > 1 else ''}`: each variant in a fresh process"
+            f"{f', {args.repeat} times: medians, with the process peak range in brackets; ratios are of medians' if args.repeat > 1 else ''}. Live "
             "tensors = the peak of allocated tensor bytes during the last step (`adaprec.memory.live_tensor_peak`, "
             "allocator events); process RSS = VmHWM from a reset once the warm-up steps are done to the start of "
             "that last step (its profiler's records are not the variant's) (`adaprec.memory.PeakMemory`), under "

@@ -237,3 +237,33 @@ def test_ledger_caches_pricing_and_round_trips_state(tmp_path, monkeypatch) -> N
         EnergyLedger("7nm").load_state_dict(ledger.state_dict())
     with pytest.raises(CheckpointError, match="missing"):
         EnergyLedger("45nm").load_state_dict({"rows": []})
+
+
+def test_ledger_rows_share_what_steps_share_and_keep_little_per_step(tmp_path) -> None:
+    """A long run's ledger grows by a step's own figures only (step, plan, wall time, meter), not a copy of
+    everything priced: rows of one priced signature share one dict, in memory and after a reload."""
+    import tracemalloc
+
+    plan = PrecisionPlan.uniform(NAMES, "bf16")
+    cost = _step_cost(plan.get("1"))
+    ledger = EnergyLedger("45nm")
+    ledger.record(0, plan, cost, wall_s=0.1)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for step in range(1, 2001):
+        ledger.record(step, plan, cost, measured_reason="no meter", wall_s=0.1)
+    per_step = (tracemalloc.get_traced_memory()[0] - before) / 2000
+    tracemalloc.stop()
+    assert per_step < 400, f"{per_step:.0f} bytes per recorded step"  # a dict per step copied ~1.7 KB
+    steps = ledger.steps()
+    assert len(steps) == 2001 and steps[5]["wall_s"] == 0.1 and steps[5]["macs"] == steps[0]["macs"]
+    steps[5]["bytes_by_class"]["extra"] = 1.0  # a reader's copy: the ledger's shared figures stay as they were
+    assert "extra" not in ledger.steps()[6]["bytes_by_class"]
+    ledger.attribute_measured([(7, 2.5)], meter="test meter")
+    assert ledger.steps()[7]["measured_j"] == 2.5 and ledger.steps()[8]["measured_j"] is None
+    path = tmp_path / "ledger.pt"
+    torch.save(ledger.state_dict(), path)
+    other = EnergyLedger("45nm")
+    other.load_state_dict(torch.load(path, weights_only=True))
+    assert other.steps() == ledger.steps() and other.summary() == ledger.summary()
+    assert other._rows[3].shared is other._rows[1500].shared
