@@ -19,9 +19,12 @@ parameter-heavy (8 x 1024, 101 M parameters, context 32, batch 2) and the
 quickstart's model size (2 x 256, context 128, batch 16).
 
 Each variant runs in a new Python process (``python bench_memory.py --child ...``),
-so no allocator cache or library state of one variant reaches another. Two
-peaks: the process high-water mark (``VmHWM``) after a reset through
-``/proc/self/clear_refs`` once the warm-up steps are done
+so no allocator cache or library state of one variant reaches another. Three
+peaks: the process high-water mark (``VmHWM``) over the last quarter of the steps, after a reset through
+``/proc/self/clear_refs`` (the steady state: with 32 steps and a warm-up of 12, adaprec's first decisions
+after warm-up, its speed check included, are over by then; with 24 the window caught the parameter-heavy
+default's switch to fp32 GEMMs at step 18, whose step peaked ~100 MiB above the steps after it),
+the same over the whole run, warm-up included (what a memory limit must allow)
 (:class:`adaprec.memory.PeakMemory`: everything the process holds,
 Python, libraries and the allocator's cache included, under each variant's
 own allocator settings: glibc's defaults for the peers, adaprec's
@@ -37,7 +40,7 @@ after the first steps); their loss is then after fewer steps and marked so.
 ``--repeat N`` runs every variant in N fresh processes and reports medians, with the range of the process
 peak: the process figure moves by tens of MiB from run to run while the live tensors do not.
 
-Run: ``python bench/bench_memory.py [--steps 24] [--warmup 12] [--regimes activation,parameter,quickstart] [--repeat 3] [--write]``
+Run: ``python bench/bench_memory.py [--steps 32] [--warmup 12] [--regimes activation,parameter,quickstart] [--repeat 3] [--write]``
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ def child(variant: str, regime: Regime, steps: int, warmup: int) -> dict:
     live = None
     for step in range(steps):
         if step == steps - max(2, steps // 4):
+            warm = peak.read()  # the warm-up's and the policy's first decisions' peak, for the whole-run column
             peak.reset()  # the steady state: after warm-up, before the last steps
         x, y = _windows(train, regime.block, regime.batch, g)
         t0 = time.perf_counter()
@@ -197,7 +201,9 @@ def child(variant: str, regime: Regime, steps: int, warmup: int) -> dict:
             train_step(x, y)
         times.append(time.perf_counter() - t0)
     val_loss = validation_loss(model, val, regime, autocast)
+    run_peak = max((r.peak_bytes for r in (warm, reading) if r.peak_bytes is not None), default=None)
     out = {"variant": variant, "regime": regime.name, "params": params, "peak_bytes": reading.peak_bytes,
+           "run_peak_bytes": run_peak,
            "method": reading.method, "reason": reading.reason, "val_loss": val_loss,
            "live_bytes": live.peak_bytes if live is not None else None, "steps": steps,
            "step_ms": 1e3 * statistics.median(times[warmup:] or times), "macs": "", "setup": setup.summary(),
@@ -226,7 +232,7 @@ def _run_child(variant: str, key: str, steps: int, warmup: int) -> dict:
 def _merge(runs: list[dict]) -> dict:
     """One row from repeated runs of a variant: the median of each figure, with the process peak's range."""
     out = dict(runs[0])
-    for key in ("peak_bytes", "live_bytes", "val_loss", "step_ms"):
+    for key in ("peak_bytes", "run_peak_bytes", "live_bytes", "val_loss", "step_ms"):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     peaks = [r["peak_bytes"] for r in runs if r.get("peak_bytes") is not None]
@@ -246,22 +252,22 @@ def _ratio(r: dict, b: dict, key: str) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| regime | variant | live tensors, step peak (MiB) | process RSS peak (MiB) | val loss (steps) | vs fp32 "
-             "| what adaprec kept narrow | allocator |",
-             "|---|---|---:|---:|---:|---:|---|---|"]
+    lines = ["| regime | variant | live tensors, step peak (MiB) | process RSS peak, steady (MiB) "
+             "| process RSS peak, whole run (MiB) | val loss (steps) | vs fp32 | what adaprec kept narrow | allocator |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
     base = {r["regime"]: r for r in rows if r["variant"] == "plain fp32"}
     for r in rows:
         b = base.get(r["regime"], r)  # without a plain fp32 row, ratios are to the variant itself
         dl = "-" if r["steps"] != b["steps"] else f"{100 * (r['val_loss'] - b['val_loss']) / b['val_loss']:+.2f} %"
         lines.append(f"| {r['regime']} ({r['params'] / 1e6:.1f} M params) | {r['variant']} | {_ratio(r, b, 'live_bytes')} "
-                     f"| {_ratio(r, b, 'peak_bytes')} | {r['val_loss']:.4f} ({r['steps']}) | {dl} | {r['kept'] or '-'} "
+                     f"| {_ratio(r, b, 'peak_bytes')} | {_ratio(r, b, 'run_peak_bytes')} | {r['val_loss']:.4f} ({r['steps']}) | {dl} | {r['kept'] or '-'} "
                      f"| {r['allocator']} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=12, help="adaprec's error-budget warm-up (default policy: 100)")
     ap.add_argument("--regimes", default="activation,parameter,quickstart")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in EXTRA_VARIANTS))

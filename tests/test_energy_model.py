@@ -267,3 +267,19 @@ def test_ledger_rows_share_what_steps_share_and_keep_little_per_step(tmp_path) -
     other.load_state_dict(torch.load(path, weights_only=True))
     assert other.steps() == ledger.steps() and other.summary() == ledger.summary()
     assert other._rows[3].shared is other._rows[1500].shared
+    # the checkpoint keeps columns: a few numbers a step (version 2's dict per step pickled to ~450 bytes)
+    import pickle
+
+    short = EnergyLedger("45nm")
+    short.load_state_dict(torch.load(path, weights_only=True))
+    short._rows = short._rows[:1001]
+    per_step = (len(pickle.dumps(ledger.state_dict())) - len(pickle.dumps(short.state_dict()))) / 1000
+    assert per_step < 64, f"{per_step:.0f} checkpoint bytes per step"
+    # a version-2 checkpoint (a dict per step) still loads, its rows sharing again
+    old = EnergyLedger("45nm")
+    old.load_state_dict(dict(ledger.state_dict(), version=2, rows=ledger.steps()))
+    assert old.steps() == ledger.steps() and old.summary() == ledger.summary()
+    assert old._rows[3].shared is old._rows[1500].shared
+    with pytest.raises(CheckpointError, match="malformed rows"):
+        old.load_state_dict(dict(ledger.state_dict(), rows={"shared": [], "columns": {}}))
+    assert old.steps() == ledger.steps()  # a bad state changed nothing

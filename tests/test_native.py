@@ -485,9 +485,9 @@ RESUME = SETUP + textwrap.dedent("""
 
 def _strip_wall_time(state):
     """The adaprec state without measured wall times (a clock reading differs between any two runs)."""
-    state = dict(state, energy=dict(state["energy"]))
-    state["energy"]["rows"] = [dict(r, wall_s=None) for r in state["energy"]["rows"]]
-    return state
+    rows = state["energy"]["rows"]  # columns: one list per field
+    columns = dict(rows["columns"], wall_s=[None] * len(rows["columns"]["wall_s"]))
+    return dict(state, energy=dict(state["energy"], rows=dict(rows, columns=columns)))
 
 
 def test_resume_in_a_fresh_process_is_bit_exact_with_native_int8_and_stochastic_rounding(tmp_path):

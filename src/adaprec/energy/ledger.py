@@ -376,11 +376,11 @@ class EnergyLedger:
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values only: loadable with ``torch.load(weights_only=True)``."""
         return {
-            "version": 2,
+            "version": 3,
             "profile": self.profile.name,
             "target": None if self.target is None else self.target.name,
             "grid_intensity_g_per_kwh": self.grid_intensity_g_per_kwh,
-            "rows": [_copy_row(r) for r in self._rows],
+            "rows": _rows_state(self._rows),
             "modules": {n: dict(v) for n, v in self._modules.items()},
             "macs_by_format": dict(self._macs_by_format),
             "bytes_by_format": dict(self._bytes_by_format),
@@ -406,9 +406,14 @@ class EnergyLedger:
             raise CheckpointError(
                 f"energy ledger state simulated target {d.get('target')!r}, this ledger {target!r}; use the same target="
             )
+        try:
+            rows = _rows_from_state(d["rows"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # before anything is reset: all or nothing
+            raise CheckpointError(f"energy ledger state has malformed rows ({e!r}); pass the dict written by "
+                                  "EnergyLedger.state_dict()") from None
         self._reset()
         self.grid_intensity_g_per_kwh = d["grid_intensity_g_per_kwh"]
-        self._rows = _rows_from_state(d["rows"])
+        self._rows = rows
         self._index = {r["step"]: i for i, r in enumerate(self._rows)}
         self._modules = {n: dict(v) for n, v in d["modules"].items()}
         self._macs_by_format = dict(d["macs_by_format"])
@@ -480,8 +485,42 @@ class _Row(Mapping[str, Any]):
         return len(self.shared) + len(_Row._OWN) + (len(self.extra) if self.extra is not None else 0)
 
 
-def _rows_from_state(rows: Iterable[Mapping[str, Any]]) -> list[_Row]:
-    """Rows of a saved ledger, the figures of steps with equal ones shared again."""
+def _rows_state(rows: Sequence[_Row]) -> dict[str, Any]:
+    """The rows as columns, each set of shared figures once: a checkpoint grows by a few numbers a step.
+
+    Version 2 wrote a dict per step (about 450 bytes pickled); a list per field costs tens of bytes a step,
+    strings repeated from step to step being one object that pickle writes once."""
+    by_id: dict[int, int] = {}
+    by_value: dict[str, int] = {}  # a resumed run's new rows share equal figures, not the loaded dict itself
+    tables: list[dict[str, Any]] = []
+    columns: dict[str, list[Any]] = {k: [] for k in ("shared", *_Row._OWN)}
+    extra: dict[str, dict[str, Any]] = {}
+    for i, r in enumerate(rows):
+        j = by_id.get(id(r.shared))
+        if j is None:
+            j = by_id[id(r.shared)] = by_value.setdefault(repr(r.shared), len(tables))
+            if j == len(tables):
+                tables.append(_copy_row(r.shared))
+        columns["shared"].append(j)
+        for k in _Row._OWN:
+            columns[k].append(getattr(r, k))
+        if r.extra:
+            extra[str(i)] = {k: (_copy_row(v) if k == "world" else v) for k, v in r.extra.items()}
+    return {"shared": tables, "columns": columns, "extra": extra}
+
+
+def _rows_from_state(rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> list[_Row]:
+    """Rows of a saved ledger (columns, or version 2's dict per step), the figures steps share shared again."""
+    if isinstance(rows, Mapping):
+        tables = [_copy_row(t) for t in rows["shared"]]
+        cols = rows["columns"]
+        out = [_Row(tables[j], int(step), sys.intern(str(plan)), source, wall, joules, reason)
+               for j, step, plan, source, wall, joules, reason
+               in zip(cols["shared"], *(cols[k] for k in _Row._OWN), strict=True)]
+        for i, more in rows.get("extra", {}).items():
+            for k, v in more.items():
+                out[int(i)][k] = _copy_row(v) if k == "world" else v
+        return out
     shared: dict[str, Mapping[str, Any]] = {}
     out = []
     for r in rows:
