@@ -97,6 +97,8 @@ def test_a_plan_slower_than_fp32_falls_back_to_fp32_for_the_rest_of_the_run(tmp_
     assert not _narrow(ap)
     _train(ap, model, opt, 10)
     assert not _narrow(ap)  # the policy was restricted: it never narrows again
+    # nor does it keep packing what autograd saves in bf16: that cost is part of what the check refused
+    assert {mp.saved for mp in ap.plan.modules.values()} == {"fp32"} and not ap.saved.active
     assert "speed check: the policy's plan (bf16) ran 10.0 ms" in ap.report()
     assert "so bf16 is dropped" in ap.report()
     events = [e for e in ap.timeline.events if "bf16 ran slower here" in (e.reason or "")]

@@ -450,6 +450,13 @@ class ErrorBudgetPolicy(Policy):
         format whose measured round trip on the module's activation keeps ``saved_target`` dB (widened at once,
         narrowed after ``patience`` checks)."""
         mp = mp.with_storage("optimizer_state", self._moments(module))
+        if mp.saved not in self.saved_ladder:
+            # no longer offered here (the speed check dropped bf16, so storage="auto" keeps fp32): to the widest
+            # offered at once, measured or not (the monitor stops measuring a role with nothing to choose);
+            # kept, the module went on packing every saved tensor at the cost the check had just refused
+            widest = self.saved_ladder[-1]
+            reasons[(module, "saved")] = f"saved {widest}: {mp.saved} is no longer offered on this device"
+            return self._flow(module, mp.with_storage("saved", widest))
         if stats is None:
             return self._flow(module, mp)
         target = self.saved_target + (self.target(module, "activation", step) - self.targets["activation"])
