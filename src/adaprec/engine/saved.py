@@ -192,14 +192,13 @@ class _Derived(_Packed):
     __slots__ = ("source", "steps", "replays", "recipe", "combined")
 
     def __init__(self, t: torch.Tensor, spec: Any, key: tuple, source: Any, steps: tuple,
-                 replays: saved_derive.ReplayCache) -> None:
+                 replays: saved_derive.ReplayCache, residual: bool) -> None:
         self.packed = None
         self._note(t, spec, key)
         self.after = 0
         self.source, self.steps, self.replays = source, steps, replays
         self.recipe = saved_derive.recipe_key(source, steps)
-        others = saved_derive.handles(steps)
-        self.combined = bool(others) or source.combined or any(h.combined for h in others)
+        self.combined = residual or source.combined  # ``residual``: its steps hold a residual add
 
     def keep_original(self, t: torch.Tensor) -> None:
         self.original, self.source, self.steps = t.detach(), None, ()
@@ -493,7 +492,7 @@ class SavedTensorStorage:
             return None
         if others and any(h.combined for h in [source, *others]):
             return None  # residual adds over residual adds: each replay would rerun every layer below
-        return _Derived(t, spec, (module, role, str(spec), DERIVED), source, steps, self._replays)
+        return _Derived(t, spec, (module, role, str(spec), DERIVED), source, steps, self._replays, bool(others))
 
     def _unpack(self, h: _Kept | _Packed) -> torch.Tensor:
         if self._peeking:  # a node's saved statistics read while packing (saved_derive): no sweep, nothing checked

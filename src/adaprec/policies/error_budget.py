@@ -463,7 +463,7 @@ class ErrorBudgetPolicy(Policy):
         verdicts = [self._check(stats, f, target, "saved") for f in self.saved_ladder]
         best = next(i for i, (ok, _) in enumerate(verdicts) if ok)  # fp32 always passes
         current = mp.saved
-        pos = self.saved_ladder.index(current) if current in self.saved_ladder else len(self.saved_ladder) - 1
+        pos = self.saved_ladder.index(current)  # in the ladder: a format no longer offered left above
         key = (module, "saved")
         new = None
         if best > pos:  # the format in force broke the budget: widen now
